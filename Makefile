@@ -1,0 +1,33 @@
+# Set-up is two commands (see README): `make serve` and `make test`.
+# Both create .venv and install the package on first run; re-install only when pyproject.toml changes.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: serve test demo lint load clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/llmtally serve --config config.toml
+
+demo: $(STAMP)
+	$(BIN)/llmtally demo
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests load_tests
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests load_tests
+	$(BIN)/ruff format --check src tests load_tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

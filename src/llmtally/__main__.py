@@ -1,0 +1,5 @@
+import sys
+
+from llmtally.cli import main
+
+sys.exit(main())

@@ -1,0 +1,157 @@
+"""``llmtally serve | demo | count | price``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from decimal import Decimal
+from pathlib import Path
+
+import orjson
+
+from llmtally.config import Config, ConfigError, load_config
+
+
+def _config_from(args: argparse.Namespace) -> Config:
+    path = args.config or os.environ.get("LLMTALLY_CONFIG")
+    if path is None and Path("config.toml").is_file():
+        path = "config.toml"
+    return load_config(path)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from llmtally.proxy.server import run
+
+    run(_config_from(args), host=args.host, port=args.port)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from llmtally.demo import run_demo
+
+    return run_demo()
+
+
+def _cmd_count(args: argparse.Namespace) -> int:
+    from llmtally.counters import build_counters
+    from llmtally.providers.infer import infer_provider
+
+    config = _config_from(args)
+    provider = args.provider or infer_provider(args.model)
+    if provider is None:
+        print(
+            f"llmtally count: cannot tell the provider of model {args.model!r}; pass --provider",
+            file=sys.stderr,
+        )
+        return 2
+    counter = build_counters(config.counters)[provider]
+    source = args.file
+    data = sys.stdin.buffer.read() if source in (None, "-") else Path(source).read_bytes()
+    text = data.decode("utf-8")
+    count = counter.count_text(args.model, [text])
+    out = {
+        "model": args.model,
+        "provider": provider,
+        "input_tokens": count.input_tokens,
+        "exact": count.exact,
+        "tokenizer": count.tokenizer,
+    }
+    sys.stdout.write(orjson.dumps(out).decode() + "\n")
+    return 0
+
+
+def _cmd_price(args: argparse.Namespace) -> int:
+    from llmtally.pipeline import decimal_text
+    from llmtally.pricing import PriceBook
+    from llmtally.providers.infer import infer_provider
+    from llmtally.record import TokenUsage
+
+    config = _config_from(args)
+    provider = args.provider or infer_provider(args.model)
+    if provider is None:
+        print(
+            f"llmtally price: cannot tell the provider of model {args.model!r}; pass --provider",
+            file=sys.stderr,
+        )
+        return 2
+    usage = TokenUsage(
+        input_tokens=args.input,
+        output_tokens=args.output,
+        cache_read_tokens=args.cache_read,
+        cache_write_tokens=args.cache_write,
+        cache_write_1h_tokens=args.cache_write_1h,
+        reasoning_tokens=args.reasoning,
+    )
+    quote = PriceBook(config.pricing).quote(provider, args.model, usage)
+
+    def money(value: Decimal | None) -> object:
+        return orjson.Fragment(decimal_text(value)) if value is not None else None
+
+    out = {
+        "model": args.model,
+        "provider": provider,
+        "input_cost": money(quote.cost.input_cost if quote.cost else None),
+        "output_cost": money(quote.cost.output_cost if quote.cost else None),
+        "total_cost": money(quote.cost.total_cost if quote.cost else None),
+        "currency": "USD",
+        "price_source": quote.price_source,
+        "price_version": quote.price_version,
+    }
+    sys.stdout.write(orjson.dumps(out).decode() + "\n")
+    return 0 if quote.cost is not None else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmtally", description="LLM usage metering proxy and library.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the metering proxy")
+    serve.add_argument(
+        "--config", help="config file (default: ./config.toml if present, else built-in defaults)"
+    )
+    serve.add_argument("--host", help="listen address (overrides [server] host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides [server] port)")
+    serve.set_defaults(func=_cmd_serve)
+
+    demo = sub.add_parser("demo", help="run the proxy against a built-in fake upstream and show the records")
+    demo.set_defaults(func=_cmd_demo)
+
+    count = sub.add_parser("count", help="count the tokens of a text file (or stdin)")
+    count.add_argument("--model", required=True)
+    count.add_argument("--provider", choices=["openai", "anthropic", "gemini"])
+    count.add_argument("--config")
+    count.add_argument("file", nargs="?", help="file to count, or - for stdin")
+    count.set_defaults(func=_cmd_count)
+
+    price = sub.add_parser("price", help="price a usage (tokens in the record's normalised meaning)")
+    price.add_argument("--model", required=True)
+    price.add_argument("--provider", choices=["openai", "anthropic", "gemini"])
+    price.add_argument("--config")
+    price.add_argument(
+        "--input", type=int, default=0, help="all input tokens, cache reads and writes included"
+    )
+    price.add_argument("--output", type=int, default=0, help="all output tokens, reasoning included")
+    price.add_argument("--cache-read", type=int, default=0)
+    price.add_argument("--cache-write", type=int, default=0, help="all cache-write tokens")
+    price.add_argument("--cache-write-1h", type=int, default=0, help="of --cache-write, the 1-hour ones")
+    price.add_argument("--reasoning", type=int, default=None, help="of --output, the reasoning ones")
+    price.set_defaults(func=_cmd_price)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:
+        print(f"llmtally: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Configuration: ``config.toml``, then ``LLMTALLY_<SECTION>_<KEY>`` environment variables.
+
+Precedence, highest first: environment variable → config file → built-in default.
+Every section is a frozen dataclass; one generic loader validates the TOML against the
+dataclass field types so an error names the key and the problem, and unknown keys are refused
+(a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+ENV_PREFIX = "LLMTALLY_"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the source, the key and the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8787
+    #: Seconds in-flight requests and streams get to finish after SIGTERM.
+    shutdown_grace_s: float = 30.0
+    #: Largest request body read into memory for metered endpoints (others are streamed).
+    max_request_body_mb: int = 64
+    #: Add ``x-llmtally-overhead-ms`` to every proxied response.
+    overhead_header: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamsConfig:
+    openai: str = "https://api.openai.com"
+    anthropic: str = "https://api.anthropic.com"
+    gemini: str = "https://generativelanguage.googleapis.com"
+    connect_timeout_s: float = 10.0
+    #: Longest silence between two upstream bytes before the call fails with 504.
+    read_timeout_s: float = 600.0
+    #: Keep-alive connections kept per upstream host.
+    pool_size: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class MeteringConfig:
+    #: Add ``stream_options.include_usage`` to OpenAI streams that lack it (and hide what it adds).
+    inject_stream_usage: bool = True
+    #: ``cancel``: close the upstream call when the client goes away; ``drain``: read it to the end.
+    on_client_disconnect: Literal["cancel", "drain"] = "cancel"
+    #: Most upstream streams drained in the background at once; past that, cancel.
+    max_drains: int = 64
+    #: Longest a background drain may take.
+    drain_timeout_s: float = 300.0
+    #: Largest response body kept for parsing; a larger non-streamed body is forwarded but not metered.
+    max_response_body_mb: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    #: Where usage records go: ``stdout`` or a file path (JSON lines). Diagnostics go to stderr.
+    destination: str = "stdout"
+    #: Level of diagnostic logs on stderr.
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """A configured price, USD per 1M tokens. Missing cache prices fall back as documented."""
+
+    input: Decimal
+    output: Decimal
+    cache_read: Decimal | None = None
+    #: 5-minute cache write.
+    cache_write: Decimal | None = None
+    cache_write_1h: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PricingConfig:
+    #: Per-model overrides, ``[pricing.models."<model>"]``; they win over genai-prices.
+    models: dict[str, ModelPrice] = field(default_factory=dict)
+    #: ``"my-deployment" = "gpt-4o"``: price a name as another model.
+    aliases: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class GeminiCounterConfig:
+    #: Path of the Gemma 3 ``tokenizer.json`` (optionally ``.gz``) or SentencePiece ``.model``;
+    #: empty means the copy bundled with llmtally.
+    tokenizer: str = ""
+    #: Load the tokenizer at start (costs ~2 s and ~0.5 GB) instead of on first use.
+    preload: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CountersConfig:
+    gemini: GeminiCounterConfig = field(default_factory=GeminiCounterConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstreams: UpstreamsConfig = field(default_factory=UpstreamsConfig)
+    metering: MeteringConfig = field(default_factory=MeteringConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
+    counters: CountersConfig = field(default_factory=CountersConfig)
+
+
+#: Environment variables that are not ``<SECTION>_<KEY>`` of a section.
+ENV_ALIASES: dict[str, tuple[str, ...]] = {
+    "GEMINI_TOKENIZER": ("counters", "gemini", "tokenizer"),
+}
+#: Environment variables read elsewhere (not configuration keys).
+ENV_RESERVED = frozenset({"CONFIG"})
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Load ``path`` (or defaults when None), then apply ``LLMTALLY_*`` environment overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    env = os.environ if env is None else env
+    _apply_env(raw, env)
+    config: Config = _build(Config, raw, source, ())
+    return config
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :]
+        if rest in ENV_RESERVED:
+            continue
+        target = ENV_ALIASES.get(rest) or _env_target(rest)
+        if target is None:
+            raise ConfigError(f"environment: {name} names no configuration key")
+        node = raw
+        for part in target[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment: {name}: [{part}] is not a section in the config file")
+        # Marked so the builder coerces it from text and names the variable in errors.
+        node[target[-1]] = _EnvValue(name, value)
+
+
+def _env_target(rest: str) -> tuple[str, ...] | None:
+    """Map ``SERVER_PORT`` → (server, port), ``COUNTERS_GEMINI_PRELOAD`` → (counters, gemini, preload)."""
+    return _match_fields(Config, rest.lower())
+
+
+def _match_fields(cls: type, rest: str) -> tuple[str, ...] | None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if rest == f.name and not dataclasses.is_dataclass(hints[f.name]):
+            return (f.name,)
+        if rest.startswith(f.name + "_") and dataclasses.is_dataclass(hints[f.name]):
+            sub = _match_fields(hints[f.name], rest[len(f.name) + 1 :])
+            if sub is not None:
+                return (f.name, *sub)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _EnvValue:
+    name: str
+    text: str
+
+
+def _where(source: str, path: tuple[str, ...]) -> str:
+    if not path:
+        return source
+    section = ".".join(f'"{p}"' if not p.isidentifier() else p for p in path[:-1])
+    key = path[-1]
+    return f"{source}: [{section}] {key}" if section else f"{source}: {key}"
+
+
+def _build(cls: type, raw: Any, source: str, path: tuple[str, ...]) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{_where(source, path)}: expected a table, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        known = ", ".join(sorted(names))
+        raise ConfigError(f"{_where(source, (*path, unknown[0]))}: unknown key (known: {known})")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, source, (*path, name))
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required key is missing
+        missing = str(exc).split("argument")[-1].strip(": '")
+        raise ConfigError(f"{_where(source, path)}: missing required key {missing}") from None
+
+
+def _coerce(tp: Any, value: Any, source: str, path: tuple[str, ...]) -> Any:
+    where = _where(source, path)
+    if isinstance(value, _EnvValue):
+        where = f"environment: {value.name}"
+        value = _parse_env_text(tp, value.text, where)
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, source, path)  # type: ignore[arg-type]
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, source, path)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        return value
+    if origin is dict:
+        _, val_tp = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {_describe(value)}")
+        return {str(k): _coerce(val_tp, v, source, (*path, str(k))) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {_describe(value)}")
+        if value < 0:
+            raise ConfigError(f"{where}: must not be negative, got {value}")
+        if path[-1] == "port" and not 0 <= value <= 65535:
+            raise ConfigError(f"{where}: port must be 0-65535, got {value}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {_describe(value)}")
+        if value < 0:
+            raise ConfigError(f"{where}: must not be negative, got {value}")
+        return float(value)
+    if tp is Decimal:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigError(f"{where}: expected a price in USD per 1M tokens, got {_describe(value)}")
+        try:
+            # str() first: Decimal(0.1) would carry the float's binary error into money.
+            dec = Decimal(str(value))
+        except InvalidOperation:
+            raise ConfigError(f"{where}: not a number: {value!r}") from None
+        if not dec.is_finite() or dec < 0:
+            raise ConfigError(f"{where}: price must be a finite number >= 0, got {value!r}")
+        return dec
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {_describe(value)}")
+        if path[0] == "upstreams" and path[-1] in ("openai", "anthropic", "gemini"):
+            _check_url(value, where)
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover - schema bug
+
+
+def _parse_env_text(tp: Any, text: str, where: str) -> Any:
+    if get_origin(tp) in (types.UnionType, typing.Union):
+        tp = next(a for a in get_args(tp) if a is not type(None))
+    if tp is bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {text!r}")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {text!r}") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {text!r}") from None
+    return text
+
+
+def _check_url(value: str, where: str) -> None:
+    from yarl import URL
+
+    try:
+        url = URL(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not a URL: {value!r} ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(f"{where}: must be an http(s) URL with a host, got {value!r}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return f"{type(value).__name__} {value!r}"

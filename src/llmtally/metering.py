@@ -1,0 +1,144 @@
+"""From an observed exchange to a priced :class:`~llmtally.record.UsageRecord`.
+
+The proxy fills an :class:`Exchange` while it forwards bytes; :func:`build_record` runs later in
+the record pipeline (off the request path): it picks provider usage when there is some, estimates
+otherwise, and prices the result.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from llmtally.counters import TokenCount, TokenCounter
+from llmtally.pricing import PriceBook
+from llmtally.providers import MeteredRequest, ProviderAdapter, ResponseSummary
+from llmtally.record import Provider, TokenUsage, UsageRecord, UsageSource
+
+log = logging.getLogger("llmtally.metering")
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the proxy saw of one metered call."""
+
+    request_id: str
+    provider: Provider
+    request: MeteredRequest
+    started_at: datetime
+    summary: ResponseSummary | None = None
+    #: A non-streamed response body (decoded), parsed later in the pipeline worker.
+    response_body: bytes | None = None
+    status: int | None = None
+    latency_ms: float = 0.0
+    ttfb_ms: float | None = None
+    client_disconnected: bool = False
+    tags: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    upstream_request_id: str | None = None
+    #: Local count of the request's input tokens (None when not counted).
+    input_estimate: TokenCount | None = None
+    #: A background drain owns this exchange and submits its record when done.
+    deferred: bool = False
+
+
+def estimate_input(counter: TokenCounter, request: MeteredRequest) -> TokenCount | None:
+    """Count a request's input locally; None when the body could not be parsed or counting failed."""
+    if request.payload is None:
+        return None
+    model = request.model or ""
+    try:
+        return counter.count_request(model, request.endpoint.name, request.payload)
+    except Exception as exc:  # counting must never break metering
+        log.warning("input estimate failed for %s: %s", model, exc)
+        return None
+
+
+def _estimate_output(counter: TokenCounter, model: str, summary: ResponseSummary) -> TokenCount | None:
+    try:
+        return counter.count_text(model, summary.output_text)
+    except Exception as exc:
+        log.warning("output estimate failed for %s: %s", model, exc)
+        return None
+
+
+def build_record(
+    exchange: Exchange, adapter: ProviderAdapter, counter: TokenCounter, prices: PriceBook
+) -> UsageRecord:
+    """Parse what is left to parse, choose the usage (provider's, else an estimate), price it."""
+    request = exchange.request
+    summary = exchange.summary
+    if summary is None:
+        if exchange.response_body is not None:
+            summary = adapter.parse_response(request, exchange.response_body)
+        else:
+            summary = ResponseSummary()
+    if exchange.input_estimate is None and counter.ready(request.model or ""):
+        exchange.input_estimate = estimate_input(counter, request)
+    model = summary.model or request.model
+    errors = [e for e in (exchange.error, request.error, summary.error) if e]
+
+    usage: TokenUsage
+    source: UsageSource
+    if summary.usage is not None:
+        usage, source = summary.usage, "provider"
+    elif _worth_estimating(exchange):
+        # usage_source = "estimated" flags it; not an error (Gemini embeddings never report usage).
+        usage, source = _estimated_usage(exchange, counter, model or "", summary)
+    else:
+        usage, source = TokenUsage(), "none"
+
+    quote = prices.quote(exchange.provider, model, usage, exchange.started_at)
+    estimate = exchange.input_estimate
+    return UsageRecord(
+        timestamp=_rfc3339(exchange.started_at),
+        request_id=exchange.request_id,
+        provider=exchange.provider,
+        endpoint=request.endpoint.name,
+        request_model=request.model,
+        model=model,
+        stream=request.stream,
+        status=exchange.status,
+        usage=usage,
+        usage_source=source,
+        cost=quote.cost if source != "none" else None,
+        price_source=quote.price_source,
+        price_version=quote.price_version,
+        latency_ms=round(exchange.latency_ms, 3),
+        ttfb_ms=round(exchange.ttfb_ms, 3) if exchange.ttfb_ms is not None else None,
+        client_disconnected=exchange.client_disconnected,
+        tags=exchange.tags,
+        error="; ".join(errors) or None,
+        estimated_input_tokens=estimate.input_tokens if estimate else None,
+        upstream_request_id=exchange.upstream_request_id or summary.upstream_request_id,
+        service_tier=summary.service_tier or request.service_tier,
+    )
+
+
+def _worth_estimating(exchange: Exchange) -> bool:
+    """Estimate when the call went through (or was cut off) but no usage came back."""
+    status = exchange.status
+    if exchange.client_disconnected:
+        return True
+    return status is not None and 200 <= status < 300
+
+
+def _estimated_usage(
+    exchange: Exchange, counter: TokenCounter, model: str, summary: ResponseSummary
+) -> tuple[TokenUsage, UsageSource]:
+    estimate = exchange.input_estimate
+    output = _estimate_output(counter, model, summary)
+    if estimate is None and output is None:
+        return TokenUsage(), "none"
+    return (
+        TokenUsage(
+            input_tokens=estimate.input_tokens if estimate else 0,
+            output_tokens=output.input_tokens if output else 0,
+        ),
+        "estimated",
+    )
+
+
+def _rfc3339(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

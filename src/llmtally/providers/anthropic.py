@@ -1,0 +1,168 @@
+"""Anthropic: the Messages API, streamed and not.
+
+Usage mapping: Anthropic's ``input_tokens`` excludes cache writes and reads, so
+``input = input_tokens + cache_creation_input_tokens + cache_read_input_tokens``. In a stream,
+``message_start.message.usage`` is the base and each ``message_delta.usage`` is cumulative and may
+repeat input and cache fields: later values replace earlier ones, they are never added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from llmtally.providers.base import (
+    Endpoint,
+    MeteredRequest,
+    ResponseSummary,
+    as_int,
+    get_path,
+)
+from llmtally.providers.streams import SSESplitter
+from llmtally.record import Provider, TokenUsage
+
+
+def usage_from_anthropic(usage: Any) -> TokenUsage | None:
+    if not isinstance(usage, dict):
+        return None
+    cache_write = as_int(usage.get("cache_creation_input_tokens"))
+    cache_read = as_int(usage.get("cache_read_input_tokens"))
+    write_1h = as_int(get_path(usage, "cache_creation", "ephemeral_1h_input_tokens"))
+    return TokenUsage(
+        input_tokens=as_int(usage.get("input_tokens")) + cache_write + cache_read,
+        output_tokens=as_int(usage.get("output_tokens")),
+        cache_read_tokens=cache_read,
+        cache_write_tokens=cache_write,
+        cache_write_1h_tokens=min(write_1h, cache_write) if cache_write else write_1h,
+        reasoning_tokens=None,  # thinking is billed inside output_tokens and not reported apart
+    )
+
+
+def _error(obj: Any) -> str | None:
+    if isinstance(obj, dict) and obj.get("type") == "error":
+        kind = get_path(obj, "error", "type")
+        return f"upstream error: {kind or 'error'}"
+    return None
+
+
+class AnthropicAdapter:
+    name: Provider = "anthropic"
+    request_id_header: str | None = "request-id"
+
+    def route(self, subpath: str) -> Endpoint | None:
+        if subpath.rstrip("/") == "v1/messages":
+            return Endpoint(provider="anthropic", name="messages")
+        return None
+
+    def prepare(
+        self, endpoint: Endpoint, body: bytes, query: Mapping[str, str], inject_stream_usage: bool
+    ) -> MeteredRequest:
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return MeteredRequest(endpoint, body, None, False, None, error=f"request body is not JSON: {exc}")
+        if not isinstance(payload, dict):
+            return MeteredRequest(
+                endpoint, body, None, False, None, error="request body is not a JSON object"
+            )
+        model = payload.get("model")
+        stream = payload.get("stream") is True
+        tier = payload.get("service_tier")
+        return MeteredRequest(
+            endpoint=endpoint,
+            body=body,
+            model=model if isinstance(model, str) else None,
+            stream=stream,
+            payload=payload,
+            stream_format="sse" if stream else None,
+            service_tier=tier if isinstance(tier, str) else None,
+        )
+
+    def parse_response(self, request: MeteredRequest, body: bytes) -> ResponseSummary:
+        summary = ResponseSummary(complete=True)
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            summary.error = f"response body is not JSON: {exc}"
+            return summary
+        if not isinstance(obj, dict):
+            summary.error = "response body is not a JSON object"
+            return summary
+        summary.error = _error(obj)
+        if isinstance(obj.get("model"), str):
+            summary.model = obj["model"]
+        usage = obj.get("usage")
+        summary.usage = usage_from_anthropic(usage)
+        tier = get_path(usage, "service_tier")
+        summary.service_tier = tier if isinstance(tier, str) else None
+        return summary
+
+    def stream_parser(self, request: MeteredRequest) -> _AnthropicStreamParser:
+        return _AnthropicStreamParser()
+
+
+class _AnthropicStreamParser:
+    __slots__ = ("_kept", "_splitter", "_usage", "summary")
+
+    def __init__(self) -> None:
+        self._splitter = SSESplitter()
+        self._usage: dict[str, Any] = {}
+        self._kept = [0]
+        self.summary = ResponseSummary()
+
+    def feed(self, chunk: bytes) -> bytes:
+        for event in self._splitter.feed(chunk):
+            self._on_data(event.data)
+        return chunk
+
+    def finish(self) -> tuple[bytes, ResponseSummary]:
+        events, _ = self._splitter.finish()
+        for event in events:
+            self._on_data(event.data)
+        return b"", self.summary
+
+    def _on_data(self, data: str | None) -> None:
+        if not data:
+            return
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.summary.error = "stream event is not JSON"
+            return
+        if not isinstance(obj, dict):
+            return
+        kind = obj.get("type")
+        summary = self.summary
+        if kind == "content_block_delta":
+            delta = obj.get("delta")
+            if isinstance(delta, dict):
+                for key in ("text", "thinking", "partial_json"):
+                    text = delta.get(key)
+                    if isinstance(text, str):
+                        summary.keep_text(text, self._kept)
+        elif kind == "message_start":
+            message = obj.get("message")
+            if isinstance(message, dict):
+                if isinstance(message.get("model"), str):
+                    summary.model = message["model"]
+                self._merge_usage(message.get("usage"))
+        elif kind == "message_delta":
+            self._merge_usage(obj.get("usage"))
+        elif kind == "message_stop":
+            summary.complete = True
+        elif kind == "error":
+            summary.error = _error(obj)
+
+    def _merge_usage(self, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        # Cumulative: a later non-null value replaces the earlier one.
+        for key, value in usage.items():
+            if value is not None:
+                self._usage[key] = value
+        self.summary.usage = usage_from_anthropic(self._usage)
+        tier = self._usage.get("service_tier")
+        if isinstance(tier, str):
+            self.summary.service_tier = tier

@@ -1,0 +1,135 @@
+"""What every provider module offers the proxy and the library.
+
+A provider module knows its URL layout, its request and response bodies and its usage fields;
+the proxy (transport) and the pipeline never look inside a body themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from llmtally.record import Provider, TokenUsage
+
+#: Output text kept per response for estimating when no usage arrives (a disconnect).
+MAX_KEPT_TEXT_CHARS = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A metered API operation, e.g. ``chat.completions`` or ``streamGenerateContent``."""
+
+    provider: Provider
+    name: str
+    #: Model named by the URL (Gemini) rather than the body.
+    url_model: str | None = None
+    #: The response is a stream whatever the body says (Gemini ``:streamGenerateContent``).
+    always_stream: bool = False
+
+
+@dataclass(slots=True)
+class MeteredRequest:
+    """A parsed request: what metering needs, and the exact bytes to send upstream."""
+
+    endpoint: Endpoint
+    body: bytes
+    model: str | None
+    stream: bool
+    #: The parsed JSON body, or None when it is not JSON (then ``error`` says why).
+    payload: dict[str, Any] | None
+    #: True when llmtally added ``stream_options.include_usage`` and must hide its effects.
+    injected_usage: bool = False
+    #: Stream framing of the response: ``sse``, ``json-array`` or ``None`` (a single JSON body).
+    stream_format: str | None = None
+    service_tier: str | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class ResponseSummary:
+    """What a response body told us."""
+
+    model: str | None = None
+    usage: TokenUsage | None = None
+    #: Output text seen, used to estimate output tokens when no usage arrives.
+    output_text: list[str] = field(default_factory=list)
+    upstream_request_id: str | None = None
+    service_tier: str | None = None
+    error: str | None = None
+    #: The stream reached its documented end (final usage / terminal event).
+    complete: bool = False
+
+    def keep_text(self, text: str, kept: list[int]) -> None:
+        """Remember output text up to MAX_KEPT_TEXT_CHARS (``kept`` is a 1-item running count)."""
+        if text and kept[0] < MAX_KEPT_TEXT_CHARS:
+            self.output_text.append(text)
+            kept[0] += len(text)
+
+
+class StreamParser(Protocol):
+    """Incremental parser of one streamed response.
+
+    ``feed`` gets each upstream chunk as it arrives and returns the bytes to send to the client:
+    the same object unless the provider must hide what an injection added.
+    """
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def finish(self) -> tuple[bytes, ResponseSummary]:
+        """End of stream: bytes still held back (if any) and the summary."""
+        ...
+
+
+class ProviderAdapter(Protocol):
+    """One provider's parsing, registered in :mod:`llmtally.providers`."""
+
+    name: Provider
+    #: Response header carrying the provider's request id, if it sends one.
+    request_id_header: str | None
+
+    def route(self, subpath: str) -> Endpoint | None:
+        """Map the path after ``/<provider>/`` to a metered endpoint, or None to pass through."""
+        ...
+
+    def prepare(
+        self, endpoint: Endpoint, body: bytes, query: Mapping[str, str], inject_stream_usage: bool
+    ) -> MeteredRequest:
+        """Parse a request body; never raises (a bad body gives ``error`` and is forwarded as is)."""
+        ...
+
+    def parse_response(self, request: MeteredRequest, body: bytes) -> ResponseSummary:
+        """Parse a complete (non-streamed) response body; never raises."""
+        ...
+
+    def stream_parser(self, request: MeteredRequest) -> StreamParser:
+        """A new incremental parser for one streamed response."""
+        ...
+
+
+def as_int(value: Any) -> int:
+    """A usage field as an int; absent, null or malformed counts as 0."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return 0
+
+
+def get_path(obj: Any, *keys: str) -> Any:
+    """``obj[k1][k2]...`` or None when any step is missing or not a mapping."""
+    for key in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def header_value(headers: Mapping[str, str], *names: str) -> str | None:
+    for name in names:
+        value = headers.get(name)
+        if value:
+            return value
+    return None

@@ -1,0 +1,186 @@
+"""Google Gemini (Generative Language API): generate, stream, embed; ``/v1beta/`` and ``/v1/``.
+
+Usage mapping: ``promptTokenCount`` includes ``cachedContentTokenCount``; tool-use prompt tokens
+are input too; output is ``candidatesTokenCount + thoughtsTokenCount``. In a stream every chunk's
+``usageMetadata`` is cumulative: the last one wins, they are never added.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from llmtally.providers.base import (
+    Endpoint,
+    MeteredRequest,
+    ResponseSummary,
+    as_int,
+    get_path,
+)
+from llmtally.providers.streams import JSONArraySplitter, SSESplitter
+from llmtally.record import Provider, TokenUsage
+
+_PATH = re.compile(
+    r"^(?:v1beta|v1|v1alpha)/((?:models|tunedModels)/[^/:]+)"
+    r":(generateContent|streamGenerateContent|embedContent|batchEmbedContents)/?$"
+)
+_EMBED = frozenset({"embedContent", "batchEmbedContents"})
+
+
+def usage_from_gemini(meta: Any, embedding: bool = False) -> TokenUsage | None:
+    if not isinstance(meta, dict):
+        return None
+    thoughts = as_int(meta.get("thoughtsTokenCount"))
+    output = 0 if embedding else as_int(meta.get("candidatesTokenCount")) + thoughts
+    return TokenUsage(
+        input_tokens=as_int(meta.get("promptTokenCount")) + as_int(meta.get("toolUsePromptTokenCount")),
+        output_tokens=output,
+        cache_read_tokens=as_int(meta.get("cachedContentTokenCount")),
+        reasoning_tokens=None if embedding else thoughts,
+    )
+
+
+def _error(obj: Any) -> str | None:
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(err, dict):
+        return f"upstream error: {err.get('status') or err.get('code') or 'error'}"
+    return None
+
+
+class GeminiAdapter:
+    name: Provider = "gemini"
+    request_id_header: str | None = None
+
+    def route(self, subpath: str) -> Endpoint | None:
+        match = _PATH.match(subpath)
+        if match is None:
+            return None
+        resource, method = match.groups()
+        model = resource.split("/", 1)[1]
+        return Endpoint(
+            provider="gemini",
+            name=method,
+            url_model=model,
+            always_stream=method == "streamGenerateContent",
+        )
+
+    def prepare(
+        self, endpoint: Endpoint, body: bytes, query: Mapping[str, str], inject_stream_usage: bool
+    ) -> MeteredRequest:
+        stream = endpoint.always_stream
+        request = MeteredRequest(
+            endpoint=endpoint,
+            body=body,
+            model=endpoint.url_model,
+            stream=stream,
+            payload=None,
+            stream_format=("sse" if query.get("alt") == "sse" else "json-array") if stream else None,
+        )
+        try:
+            payload = orjson.loads(body) if body else {}
+        except orjson.JSONDecodeError as exc:
+            request.error = f"request body is not JSON: {exc}"
+            return request
+        if isinstance(payload, dict):
+            request.payload = payload
+            tier = get_path(payload, "serviceTier") or get_path(payload, "generationConfig", "serviceTier")
+            request.service_tier = tier if isinstance(tier, str) else None
+        else:
+            request.error = "request body is not a JSON object"
+        return request
+
+    def parse_response(self, request: MeteredRequest, body: bytes) -> ResponseSummary:
+        state = _GeminiState(request.endpoint.name in _EMBED)
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            state.summary.error = f"response body is not JSON: {exc}"
+            return state.summary
+        state.on_object(obj)
+        state.summary.complete = True
+        return state.summary
+
+    def stream_parser(self, request: MeteredRequest) -> _GeminiStreamParser:
+        return _GeminiStreamParser(request.stream_format == "sse")
+
+
+class _GeminiState:
+    __slots__ = ("_embedding", "_kept", "summary")
+
+    def __init__(self, embedding: bool = False) -> None:
+        self._embedding = embedding
+        self._kept = [0]
+        self.summary = ResponseSummary()
+
+    def on_object(self, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            self.summary.error = "response is not a JSON object"
+            return
+        summary = self.summary
+        error = _error(obj)
+        if error:
+            summary.error = error
+            return
+        if isinstance(obj.get("modelVersion"), str):
+            summary.model = obj["modelVersion"]
+        if isinstance(obj.get("responseId"), str):
+            summary.upstream_request_id = obj["responseId"]
+        meta = obj.get("usageMetadata")
+        usage = usage_from_gemini(meta, self._embedding)
+        if usage is not None and isinstance(meta, dict):
+            summary.usage = usage  # cumulative: the last one wins
+            tier = meta.get("serviceTier") or meta.get("trafficType")
+            if isinstance(tier, str):
+                summary.service_tier = tier
+        for candidate in obj.get("candidates") or ():
+            if not isinstance(candidate, dict):
+                continue
+            if candidate.get("finishReason"):
+                summary.complete = True
+            for part in get_path(candidate, "content", "parts") or ():
+                if not isinstance(part, dict):
+                    continue
+                text = part.get("text")
+                if isinstance(text, str):
+                    summary.keep_text(text, self._kept)
+                call = part.get("functionCall")
+                if isinstance(call, dict):
+                    summary.keep_text(orjson.dumps(call).decode(), self._kept)
+
+
+class _GeminiStreamParser:
+    __slots__ = ("_array", "_sse", "_state")
+
+    def __init__(self, sse: bool) -> None:
+        self._sse = SSESplitter() if sse else None
+        self._array = None if sse else JSONArraySplitter()
+        self._state = _GeminiState()
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._sse is not None:
+            for event in self._sse.feed(chunk):
+                self._on_json(event.data)
+        elif self._array is not None:
+            for element in self._array.feed(chunk):
+                self._on_json(element)
+        return chunk
+
+    def finish(self) -> tuple[bytes, ResponseSummary]:
+        if self._sse is not None:
+            events, _ = self._sse.finish()
+            for event in events:
+                self._on_json(event.data)
+        return b"", self._state.summary
+
+    def _on_json(self, data: str | bytes | None) -> None:
+        if not data:
+            return
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self._state.summary.error = "stream chunk is not JSON"
+            return
+        self._state.on_object(obj)

@@ -1,0 +1,254 @@
+"""OpenAI: chat completions, responses, completions and embeddings.
+
+Usage mapping (already OTel-shaped): ``prompt_tokens``/``input_tokens`` include cached tokens;
+``completion_tokens``/``output_tokens`` include reasoning tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from llmtally.providers.base import (
+    Endpoint,
+    MeteredRequest,
+    ResponseSummary,
+    as_int,
+    get_path,
+)
+from llmtally.providers.streams import SSESplitter
+from llmtally.record import Provider, TokenUsage
+
+_ROUTES = {
+    "v1/chat/completions": "chat.completions",
+    "v1/responses": "responses",
+    "v1/completions": "completions",
+    "v1/embeddings": "embeddings",
+}
+#: Endpoints whose streams report usage only when asked with stream_options.include_usage.
+_USAGE_OPT_IN = frozenset({"chat.completions", "completions"})
+_INJECTED = b'"stream_options":{"include_usage":true}'
+_USAGE_NULL_FORMS = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
+
+
+def usage_from_openai(usage: Any) -> TokenUsage | None:
+    """Map an OpenAI ``usage`` object (chat/completions/embeddings or responses shape)."""
+    if not isinstance(usage, dict):
+        return None
+    if "input_tokens" in usage:  # Responses API
+        input_tokens = as_int(usage.get("input_tokens"))
+        output_tokens = as_int(usage.get("output_tokens"))
+        cached = as_int(get_path(usage, "input_tokens_details", "cached_tokens"))
+        reasoning = get_path(usage, "output_tokens_details", "reasoning_tokens")
+    else:
+        input_tokens = as_int(usage.get("prompt_tokens"))
+        output_tokens = as_int(usage.get("completion_tokens"))
+        cached = as_int(get_path(usage, "prompt_tokens_details", "cached_tokens"))
+        reasoning = get_path(usage, "completion_tokens_details", "reasoning_tokens")
+    return TokenUsage(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cache_read_tokens=cached,
+        reasoning_tokens=as_int(reasoning) if reasoning is not None else None,
+    )
+
+
+def error_from_body(obj: Any) -> str | None:
+    """A short, key-free description of an OpenAI-style error body (messages may echo key prefixes)."""
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(err, dict):
+        kind = err.get("type") or err.get("code") or "error"
+        return f"upstream error: {kind}"
+    return None
+
+
+class OpenAIAdapter:
+    name: Provider = "openai"
+    request_id_header: str | None = "x-request-id"
+
+    def route(self, subpath: str) -> Endpoint | None:
+        name = _ROUTES.get(subpath.rstrip("/"))
+        return Endpoint(provider="openai", name=name) if name else None
+
+    def prepare(
+        self, endpoint: Endpoint, body: bytes, query: Mapping[str, str], inject_stream_usage: bool
+    ) -> MeteredRequest:
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return MeteredRequest(endpoint, body, None, False, None, error=f"request body is not JSON: {exc}")
+        if not isinstance(payload, dict):
+            return MeteredRequest(
+                endpoint, body, None, False, None, error="request body is not a JSON object"
+            )
+        model = payload.get("model")
+        stream = payload.get("stream") is True
+        request = MeteredRequest(
+            endpoint=endpoint,
+            body=body,
+            model=model if isinstance(model, str) else None,
+            stream=stream,
+            payload=payload,
+            stream_format="sse" if stream else None,
+            service_tier=_str_or_none(payload.get("service_tier")),
+        )
+        if stream and inject_stream_usage and endpoint.name in _USAGE_OPT_IN:
+            options = payload.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                request.body = _inject_include_usage(body, payload)
+                request.injected_usage = True
+        return request
+
+    def parse_response(self, request: MeteredRequest, body: bytes) -> ResponseSummary:
+        summary = ResponseSummary(complete=True)
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            summary.error = f"response body is not JSON: {exc}"
+            return summary
+        if not isinstance(obj, dict):
+            summary.error = "response body is not a JSON object"
+            return summary
+        summary.error = error_from_body(obj)
+        summary.model = _str_or_none(obj.get("model"))
+        summary.service_tier = _str_or_none(obj.get("service_tier"))
+        summary.usage = usage_from_openai(obj.get("usage"))
+        if request.endpoint.name == "embeddings" and summary.usage is not None:
+            summary.usage = TokenUsage(input_tokens=summary.usage.input_tokens)
+        return summary
+
+    def stream_parser(self, request: MeteredRequest) -> _OpenAIStreamParser:
+        return _OpenAIStreamParser(request)
+
+
+def _inject_include_usage(body: bytes, payload: dict[str, Any]) -> bytes:
+    """Ask for usage in the stream, editing the bytes rather than re-encoding the body."""
+    if "stream_options" not in payload:
+        start = body.find(b"{")
+        rest = body[start + 1 :]
+        sep = b"" if rest.lstrip().startswith(b"}") else b","
+        return body[: start + 1] + _INJECTED + sep + rest
+    # The client set other stream options: merge (re-encoding is unavoidable here).
+    options = dict(payload["stream_options"]) if isinstance(payload["stream_options"], dict) else {}
+    options["include_usage"] = True
+    return orjson.dumps({**payload, "stream_options": options})
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+class _OpenAIStreamParser:
+    """Parses an OpenAI SSE stream; hides the usage chunk and ``usage: null`` when llmtally asked."""
+
+    __slots__ = ("_endpoint", "_injected", "_kept", "_splitter", "summary")
+
+    def __init__(self, request: MeteredRequest) -> None:
+        self._endpoint = request.endpoint.name
+        self._injected = request.injected_usage
+        self._splitter = SSESplitter(keep_raw=self._injected)
+        self._kept = [0]
+        self.summary = ResponseSummary()
+
+    def feed(self, chunk: bytes) -> bytes:
+        events = self._splitter.feed(chunk)
+        if not self._injected:
+            for event in events:
+                self._on_event(event.event, event.data)
+            return chunk
+        out = bytearray()
+        for event in events:
+            out += self._filter(event.raw, self._on_event(event.event, event.data))
+        return bytes(out)
+
+    def finish(self) -> tuple[bytes, ResponseSummary]:
+        events, tail = self._splitter.finish()
+        out = bytearray()
+        for event in events:
+            keep = self._on_event(event.event, event.data)
+            if self._injected:
+                out += self._filter(event.raw, keep)
+        if self._injected:
+            out += tail
+        return bytes(out), self.summary
+
+    def _filter(self, raw: bytes, obj: Any) -> bytes:
+        if not isinstance(obj, dict) or "usage" not in obj:
+            return raw
+        if obj["usage"] is not None and obj.get("choices") == []:
+            return b""  # the usage-only chunk the injection added
+        if obj["usage"] is None:
+            for form in _USAGE_NULL_FORMS:
+                if form in raw:
+                    return raw.replace(form, b"", 1)
+        return raw
+
+    def _on_event(self, event: str | None, data: str | None) -> Any:
+        """Update the summary; return the parsed chunk object (or None)."""
+        if data is None:
+            return None
+        if data == "[DONE]":
+            self.summary.complete = True
+            return None
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.summary.error = "stream chunk is not JSON"
+            return None
+        if not isinstance(obj, dict):
+            return None
+        summary = self.summary
+        if self._endpoint == "responses":
+            self._on_responses_event(obj)
+            return obj
+        if "error" in obj:
+            summary.error = error_from_body(obj)
+        model = obj.get("model")
+        if isinstance(model, str):
+            summary.model = model
+        tier = obj.get("service_tier")
+        if isinstance(tier, str):
+            summary.service_tier = tier
+        usage = usage_from_openai(obj.get("usage"))
+        if usage is not None:
+            summary.usage = usage
+        for choice in obj.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            if "text" in choice:  # legacy completions
+                self._keep(choice.get("text"))
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                self._keep(delta.get("content"))
+                self._keep(delta.get("refusal"))
+                for call in delta.get("tool_calls") or ():
+                    self._keep(get_path(call, "function", "arguments"))
+        return obj
+
+    def _on_responses_event(self, obj: dict[str, Any]) -> None:
+        kind = obj.get("type")
+        if kind in ("response.output_text.delta", "response.function_call_arguments.delta"):
+            self._keep(obj.get("delta"))
+            return
+        response = obj.get("response")
+        if isinstance(response, dict):
+            if isinstance(response.get("model"), str):
+                self.summary.model = response["model"]
+            if isinstance(response.get("service_tier"), str):
+                self.summary.service_tier = response["service_tier"]
+            usage = usage_from_openai(response.get("usage"))
+            if usage is not None:
+                self.summary.usage = usage
+        if kind in ("response.completed", "response.incomplete", "response.failed"):
+            self.summary.complete = True
+            if kind == "response.failed":
+                err = get_path(obj, "response", "error", "code")
+                self.summary.error = f"upstream error: {err or 'response.failed'}"
+        elif kind == "error":
+            self.summary.error = f"upstream error: {obj.get('code') or 'error'}"
+
+    def _keep(self, text: Any) -> None:
+        if isinstance(text, str):
+            self.summary.keep_text(text, self._kept)

@@ -1,0 +1,422 @@
+"""The proxy's transport: route, forward unchanged, stream back, hand an Exchange to metering.
+
+Forward first, meter second: nothing here can fail a call because metering failed. Body parsing
+lives in :mod:`llmtally.providers`; counting and pricing run in the record pipeline's worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from llmtally.config import Config
+from llmtally.counters import TokenCounter, build_counters
+from llmtally.metering import Exchange, build_record
+from llmtally.pipeline import RecordPipeline
+from llmtally.pricing import PriceBook
+from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter, StreamParser
+from llmtally.record import Provider
+
+log = logging.getLogger("llmtally.proxy")
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+TAG_PREFIX = "x-llmtally-tag-"
+OVERHEAD_HEADER = "x-llmtally-overhead-ms"
+_DECODABLE = ("gzip", "deflate", "identity")
+
+STATE_KEY: web.AppKey[ProxyState] = web.AppKey("llmtally_state")
+
+
+@dataclass(slots=True)
+class ProxyState:
+    config: Config
+    pipeline: RecordPipeline
+    prices: PriceBook
+    counters: dict[Provider, TokenCounter]
+    session: aiohttp.ClientSession | None = None
+    draining: bool = False
+    drains: set[asyncio.Task[None]] = field(default_factory=set)
+    upstreams: dict[Provider, URL] = field(default_factory=dict)
+
+
+def create_app(config: Config, pipeline: RecordPipeline, prices: PriceBook | None = None) -> web.Application:
+    """The proxy application; the caller owns running it (see :mod:`llmtally.proxy.server`)."""
+    state = ProxyState(
+        config=config,
+        pipeline=pipeline,
+        prices=prices or PriceBook(config.pricing),
+        counters=build_counters(config.counters, load_on_demand=False),
+        upstreams={
+            "openai": URL(config.upstreams.openai),
+            "anthropic": URL(config.upstreams.anthropic),
+            "gemini": URL(config.upstreams.gemini),
+        },
+    )
+    app = web.Application(client_max_size=config.server.max_request_body_mb * 1024 * 1024)
+    app[STATE_KEY] = state
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    for provider in ADAPTERS:
+        app.router.add_route("*", f"/{provider}/{{tail:.*}}", partial(_proxy, provider))
+    app.router.add_route("*", "/{tail:.*}", _not_found)
+    app.on_startup.append(_on_startup)
+    app.on_shutdown.append(_on_shutdown)
+    app.on_cleanup.append(_on_cleanup)
+    return app
+
+
+async def _on_startup(app: web.Application) -> None:
+    state = app[STATE_KEY]
+    up = state.config.upstreams
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=up.pool_size, ttl_dns_cache=300)
+    state.session = aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, connect=up.connect_timeout_s, sock_read=up.read_timeout_s),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),  # a proxy must not keep one client's cookies for another
+    )
+    state.pipeline.start()
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[STATE_KEY].draining = True
+
+
+async def _on_cleanup(app: web.Application) -> None:
+    state = app[STATE_KEY]
+    if state.drains:
+        await asyncio.gather(*state.drains, return_exceptions=True)
+    if state.session is not None:
+        await state.session.close()
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    if request.app[STATE_KEY].draining:
+        return web.json_response({"status": "draining"}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+def _json_error(status: int, kind: str, message: str) -> web.Response:
+    return web.json_response(
+        {"error": {"type": kind, "message": message, "source": "llmtally"}}, status=status
+    )
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    return _json_error(
+        404, "not_found", f"no route for {request.path}; use /openai/..., /anthropic/... or /gemini/..."
+    )
+
+
+def _upstream_headers(request: web.Request, metered: bool) -> tuple[CIMultiDict[str], dict[str, str]]:
+    """Headers to forward (hop-by-hop, Host and x-llmtally-* removed) and the tags found."""
+    connection_tokens = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    tags: dict[str, str] = {}
+    for name, value in request.headers.items():
+        low = name.lower()
+        if low.startswith("x-llmtally-"):
+            if low.startswith(TAG_PREFIX) and len(low) > len(TAG_PREFIX):
+                tags[low[len(TAG_PREFIX) :]] = value
+            continue
+        if low in HOP_BY_HOP or low in connection_tokens or low in ("host", "content-length"):
+            continue
+        if metered and low == "accept-encoding":
+            # Only ask for encodings llmtally can decode to read the usage.
+            codings = [c for c in value.split(",") if c.split(";")[0].strip().lower() in _DECODABLE]
+            if not codings:
+                continue
+            value = ",".join(codings).strip()
+        out.add(name, value)
+    return out, tags
+
+
+def _client_headers(upstream: CIMultiDictProxy[str], keep_length: bool) -> CIMultiDict[str]:
+    connection_tokens = {t.strip().lower() for t in upstream.get("Connection", "").split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        low = name.lower()
+        if low in HOP_BY_HOP or low in connection_tokens:
+            continue
+        if low == "content-length" and not keep_length:
+            continue
+        out.add(name, value)
+    return out
+
+
+class _Decoder:
+    """Decodes a copy of a gzip/deflate body for parsing; the client still gets the original bytes."""
+
+    __slots__ = ("_z",)
+
+    def __init__(self, encoding: str) -> None:
+        self._z = zlib.decompressobj(wbits=47) if encoding in ("gzip", "deflate", "x-gzip") else None
+
+    def __call__(self, chunk: bytes) -> bytes:
+        return self._z.decompress(chunk) if self._z is not None else chunk
+
+
+async def _proxy(provider: Provider, request: web.Request) -> web.StreamResponse:
+    t0 = time.perf_counter()
+    state = request.app[STATE_KEY]
+    adapter = ADAPTERS[provider]
+    subpath = request.match_info["tail"]
+    endpoint = adapter.route(subpath) if request.method == "POST" else None
+    upstream_url = _upstream_url(state.upstreams[provider], request.raw_path, provider)
+    if upstream_url is None:
+        return _json_error(400, "bad_path", "the request path does not map to the configured upstream")
+    headers, tags = _upstream_headers(request, metered=endpoint is not None)
+    if endpoint is None:
+        return await _passthrough(state, request, upstream_url, headers, t0)
+
+    body = await request.read()
+    metered = adapter.prepare(endpoint, body, request.query, state.config.metering.inject_stream_usage)
+    if metered.injected_usage:
+        headers["Accept-Encoding"] = "identity"  # the stream is edited: it must arrive uncompressed
+    exchange = Exchange(
+        request_id=uuid.uuid4().hex,
+        provider=provider,
+        request=metered,
+        started_at=datetime.now(UTC),
+        tags=tags,
+    )
+    try:
+        return await _forward_metered(state, request, adapter, metered, exchange, upstream_url, headers, t0)
+    finally:
+        if not exchange.deferred:  # one record per metered call, whatever happened
+            _submit(state, adapter, exchange)
+
+
+def _submit(state: ProxyState, adapter: ProviderAdapter, exchange: Exchange) -> None:
+    counter = state.counters[exchange.provider]
+    state.pipeline.submit(partial(build_record, exchange, adapter, counter, state.prices))
+
+
+def _upstream_url(base: URL, raw_path: str, provider: str) -> URL | None:
+    rest = raw_path[len(provider) + 1 :]  # keep the client's encoding and query as sent
+    url = URL(str(base).rstrip("/") + rest, encoded=True)
+    if url.host != base.host or url.port != base.port or url.scheme != base.scheme:
+        return None
+    return url
+
+
+async def _send_upstream(
+    state: ProxyState, request: web.Request, url: URL, headers: CIMultiDict[str], data: Any
+) -> aiohttp.ClientResponse:
+    assert state.session is not None
+    skip = {h for h in ("User-Agent", "Accept", "Accept-Encoding", "Content-Type") if h not in headers}
+    return await state.session.request(
+        request.method,
+        url,
+        headers=headers,
+        data=data,
+        allow_redirects=False,
+        skip_auto_headers=skip,
+    )
+
+
+def _upstream_failure(exc: BaseException) -> tuple[int, str, str]:
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return 504, "upstream_timeout", "the upstream did not answer in time"
+    return 502, "upstream_unreachable", f"cannot reach the upstream: {type(exc).__name__}: {exc}"
+
+
+async def _passthrough(
+    state: ProxyState, request: web.Request, url: URL, headers: CIMultiDict[str], t0: float
+) -> web.StreamResponse:
+    """Unmetered paths: stream the request body up and the response down, no record."""
+    data = request.content if request.body_exists else None
+    if request.headers.get("Content-Length"):
+        headers["Content-Length"] = request.headers["Content-Length"]
+    try:
+        upstream = await _send_upstream(state, request, url, headers, data)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        status, kind, message = _upstream_failure(exc)
+        return _json_error(status, kind, message)
+    try:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(_client_headers(upstream.headers, keep_length=True))
+        _overhead_header(state, response, t0)
+        await response.prepare(request)
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        upstream.release()
+
+
+def _overhead_header(state: ProxyState, response: web.StreamResponse, t0: float, wait: float = 0.0) -> None:
+    if state.config.server.overhead_header:
+        overhead = (time.perf_counter() - t0 - wait) * 1000
+        response.headers[OVERHEAD_HEADER] = f"{overhead:.3f}"
+
+
+async def _forward_metered(
+    state: ProxyState,
+    request: web.Request,
+    adapter: ProviderAdapter,
+    metered: MeteredRequest,
+    exchange: Exchange,
+    url: URL,
+    headers: CIMultiDict[str],
+    t0: float,
+) -> web.StreamResponse:
+    t_sent = time.perf_counter()
+    try:
+        upstream = await _send_upstream(state, request, url, headers, metered.body)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        status, kind, message = _upstream_failure(exc)
+        exchange.status = status
+        exchange.error = f"{kind}: {message}"
+        exchange.latency_ms = (time.perf_counter() - t0) * 1000
+        return _json_error(status, kind, message)
+    upstream_wait = time.perf_counter() - t_sent
+    exchange.status = upstream.status
+    if adapter.request_id_header:
+        exchange.upstream_request_id = upstream.headers.get(adapter.request_id_header)
+    ok = 200 <= upstream.status < 300
+    parser: StreamParser | None = adapter.stream_parser(metered) if ok and metered.stream else None
+    editing = parser is not None and metered.injected_usage
+    decode = _Decoder(upstream.headers.get("Content-Encoding", "identity").lower())
+    max_body = state.config.metering.max_response_body_mb * 1024 * 1024
+    kept: list[bytes] | None = [] if parser is None else None
+    kept_size = 0
+
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response.headers.extend(_client_headers(upstream.headers, keep_length=not editing))
+    _overhead_header(state, response, t0, upstream_wait)
+    try:
+        await response.prepare(request)
+        async for chunk in upstream.content.iter_any():
+            if exchange.ttfb_ms is None:
+                exchange.ttfb_ms = (time.perf_counter() - t0) * 1000
+            out = chunk
+            try:
+                if parser is not None:
+                    out = parser.feed(decode(chunk)) if editing else _feed_copy(parser, decode, chunk)
+                elif kept is not None:
+                    kept_size += len(chunk)
+                    if kept_size <= max_body:
+                        kept.append(chunk)
+                    else:
+                        kept = None
+                        exchange.error = "response body larger than metering.max_response_body_mb: not parsed"
+            except Exception as exc:  # a parser bug must not break the caller's stream
+                log.exception("metering parser failed; forwarding unchanged from here")
+                exchange.error = f"metering failed: {type(exc).__name__}"
+                if parser is not None and not editing:
+                    parser = None
+            if out:
+                await response.write(out)
+        if parser is not None:
+            tail, exchange.summary = parser.finish()
+            if tail:
+                await response.write(tail)
+        elif kept is not None:
+            exchange.response_body = _decode_all(decode, kept)
+        await response.write_eof()
+        return response
+    except (ConnectionResetError, asyncio.CancelledError) as exc:
+        transport = request.transport
+        if not isinstance(exc, asyncio.CancelledError) or transport is None or transport.is_closing():
+            exchange.client_disconnected = True
+            _on_client_gone(state, adapter, exchange, upstream, parser, decode)
+        raise
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        # The upstream failed mid-body: headers are sent, so all we can do is cut the client off.
+        status, kind, message = _upstream_failure(exc)
+        exchange.error = f"{kind} during the response body: {message}"
+        if parser is not None:
+            _, exchange.summary = parser.finish()
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    finally:
+        exchange.latency_ms = (time.perf_counter() - t0) * 1000
+        if not exchange.deferred:
+            upstream.release()
+
+
+def _feed_copy(parser: StreamParser, decode: _Decoder, chunk: bytes) -> bytes:
+    parser.feed(decode(chunk))
+    return chunk
+
+
+def _decode_all(decode: _Decoder, parts: list[bytes]) -> bytes:
+    return b"".join(decode(p) for p in parts)
+
+
+def _on_client_gone(
+    state: ProxyState,
+    adapter: ProviderAdapter,
+    exchange: Exchange,
+    upstream: aiohttp.ClientResponse,
+    parser: StreamParser | None,
+    decode: _Decoder,
+) -> None:
+    """The client left mid-response: cancel the upstream call (default) or drain it for exact usage."""
+    metering = state.config.metering
+    if (
+        parser is not None
+        and metering.on_client_disconnect == "drain"
+        and len(state.drains) < metering.max_drains
+    ):
+        task = asyncio.get_running_loop().create_task(
+            _drain(state, adapter, exchange, upstream, parser, decode), name="llmtally-drain"
+        )
+        state.drains.add(task)
+        task.add_done_callback(state.drains.discard)
+        exchange.deferred = True  # the drain submits the record
+        return
+    upstream.close()  # stop paying for tokens nobody reads
+    if parser is not None:
+        _, exchange.summary = parser.finish()
+
+
+async def _drain(
+    state: ProxyState,
+    adapter: ProviderAdapter,
+    exchange: Exchange,
+    upstream: aiohttp.ClientResponse,
+    parser: StreamParser,
+    decode: _Decoder,
+) -> None:
+    try:
+        async with asyncio.timeout(state.config.metering.drain_timeout_s):
+            async for chunk in upstream.content.iter_any():
+                parser.feed(decode(chunk))
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        exchange.error = f"drain after client disconnect failed: {type(exc).__name__}"
+    finally:
+        upstream.close()
+        _, exchange.summary = parser.finish()
+        _submit(state, adapter, exchange)

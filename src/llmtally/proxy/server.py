@@ -1,0 +1,109 @@
+"""Running the proxy: listen, and on SIGTERM stop accepting, drain, flush every record, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+from aiohttp import web
+
+from llmtally.config import Config
+from llmtally.pipeline import JsonLinesSink, RecordPipeline
+from llmtally.proxy.app import create_app
+
+log = logging.getLogger("llmtally.server")
+
+
+def configure_logging(level: str) -> None:
+    """Diagnostics go to stderr; stdout carries usage records only."""
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def build_pipeline(config: Config) -> RecordPipeline:
+    return RecordPipeline([JsonLinesSink(config.logging.destination)])
+
+
+async def serve(
+    config: Config,
+    ready: Callable[[int], Awaitable[None] | None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set); ``ready`` gets the bound port."""
+    pipeline = build_pipeline(config)
+    app = create_app(config, pipeline)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=config.server.shutdown_grace_s,
+        handle_signals=False,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
+    await site.start()
+    port = _bound_port(runner) or config.server.port
+    log.info("llmtally listening on http://%s:%d", config.server.host, port)
+    if config.counters.gemini.preload:
+        await _preload_gemini(app)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Not available off the main thread or on Windows; then only `stop` ends the server.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        result = ready(port)
+        if result is not None:
+            await result
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests (up to %.0f s)", config.server.shutdown_grace_s)
+    # cleanup(): stop listening → on_shutdown (readyz 503) → wait for handlers → on_cleanup.
+    await runner.cleanup()
+    await pipeline.close()
+    log.info("stopped; %d records delivered, %d dropped", pipeline.delivered, pipeline.dropped)
+
+
+async def _preload_gemini(app: web.Application) -> None:
+    from llmtally.proxy.app import STATE_KEY
+
+    counter = app[STATE_KEY].counters["gemini"]
+    load = getattr(counter, "load", None)
+    if load is not None:
+        try:
+            await asyncio.to_thread(load)
+        except Exception as exc:
+            log.error("Gemini tokenizer preload failed: %s", exc)
+
+
+def _bound_port(runner: web.AppRunner) -> int | None:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    return None
+
+
+def run(config: Config, host: str | None = None, port: int | None = None) -> None:
+    """Blocking entry point for ``llmtally serve``."""
+    if host is not None or port is not None:
+        server = replace(
+            config.server,
+            host=host if host is not None else config.server.host,
+            port=port if port is not None else config.server.port,
+        )
+        config = replace(config, server=server)
+    configure_logging(config.logging.level)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - optional on some platforms
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))

@@ -1,0 +1,116 @@
+"""The normalised token usage and the usage record every metered call produces.
+
+Normalisation follows the OpenTelemetry GenAI semantic conventions: ``input_tokens`` includes cache
+reads and cache writes, ``output_tokens`` includes reasoning/thinking tokens. Each provider module
+maps its own usage object onto :class:`TokenUsage`; nothing else knows provider field names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Literal
+
+Provider = Literal["openai", "anthropic", "gemini"]
+#: ``provider``: the provider reported the numbers (billing truth); ``estimated``: counted locally;
+#: ``none``: nothing to count (e.g. an error response with no usage).
+UsageSource = Literal["provider", "estimated", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """Token counts in normalised (OTel GenAI) meaning."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    #: Part of ``input_tokens`` read from the prompt cache.
+    cache_read_tokens: int = 0
+    #: Part of ``input_tokens`` written to the prompt cache (all durations).
+    cache_write_tokens: int = 0
+    #: Part of ``cache_write_tokens`` written with a 1-hour TTL (Anthropic).
+    cache_write_1h_tokens: int = 0
+    #: Part of ``output_tokens`` spent on reasoning/thinking; None when the provider does not say.
+    reasoning_tokens: int | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """What a call cost, in ``currency``; ``input_cost`` includes cache read and write costs."""
+
+    input_cost: Decimal
+    output_cost: Decimal
+    currency: str = "USD"
+
+    @property
+    def total_cost(self) -> Decimal:
+        return self.input_cost + self.output_cost
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """One metered call. Field names are the JSON record's (see docs/records.md)."""
+
+    timestamp: str
+    request_id: str
+    provider: Provider
+    endpoint: str
+    request_model: str | None
+    model: str | None
+    stream: bool
+    status: int | None
+    usage: TokenUsage
+    usage_source: UsageSource
+    cost: Cost | None
+    price_source: str
+    latency_ms: float
+    ttfb_ms: float | None
+    client_disconnected: bool = False
+    tags: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    #: Input tokens counted locally from the request (an estimate unless ``estimate_exact``).
+    estimated_input_tokens: int | None = None
+    upstream_request_id: str | None = None
+    service_tier: str | None = None
+    price_version: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """The record as the JSON log line's object (costs stay Decimal; the sink encodes them)."""
+        usage = self.usage
+        cost = self.cost
+        return {
+            "event": "llm.usage",
+            "timestamp": self.timestamp,
+            "request_id": self.request_id,
+            "provider": self.provider,
+            "endpoint": self.endpoint,
+            "request_model": self.request_model,
+            "model": self.model,
+            "stream": self.stream,
+            "status": self.status,
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cache_read_tokens": usage.cache_read_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+            "cache_write_1h_tokens": usage.cache_write_1h_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+            "total_tokens": usage.total_tokens,
+            "usage_source": self.usage_source,
+            "estimated_input_tokens": self.estimated_input_tokens,
+            "input_cost": cost.input_cost if cost else None,
+            "output_cost": cost.output_cost if cost else None,
+            "total_cost": cost.total_cost if cost else None,
+            "currency": cost.currency if cost else "USD",
+            "price_source": self.price_source,
+            "price_version": self.price_version,
+            "service_tier": self.service_tier,
+            "latency_ms": self.latency_ms,
+            "ttfb_ms": self.ttfb_ms,
+            "client_disconnected": self.client_disconnected,
+            "tags": self.tags,
+            "upstream_request_id": self.upstream_request_id,
+            "error": self.error,
+        }

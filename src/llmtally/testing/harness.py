@@ -1,0 +1,62 @@
+"""Run the real proxy in-process on loopback, in front of a fake (or any) upstream."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from llmtally.config import Config, MeteringConfig, UpstreamsConfig
+from llmtally.pipeline import MemorySink, RecordPipeline, Sink
+from llmtally.proxy.app import create_app
+
+
+def config_for_upstream(base_url: str, config: Config | None = None, **metering: Any) -> Config:
+    """``config`` with all three upstreams pointed at ``base_url`` (and metering overrides)."""
+    config = config or Config()
+    upstreams = dataclasses.replace(config.upstreams, openai=base_url, anthropic=base_url, gemini=base_url)
+    meter = dataclasses.replace(config.metering, **metering) if metering else config.metering
+    return dataclasses.replace(config, upstreams=upstreams, metering=meter)
+
+
+@dataclass
+class RunningProxy:
+    url: str
+    pipeline: RecordPipeline
+    memory: MemorySink
+    runner: web.AppRunner
+    app: web.Application
+    extra_sinks: list[Sink] = field(default_factory=list)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return self.memory.records
+
+    async def flush(self) -> list[dict[str, Any]]:
+        await self.pipeline.flush()
+        return self.memory.records
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+        await self.pipeline.close()
+
+
+async def start_proxy(
+    config: Config, sinks: list[Sink] | None = None, host: str = "127.0.0.1", port: int = 0
+) -> RunningProxy:
+    memory = MemorySink()
+    pipeline = RecordPipeline([memory, *(sinks or [])])
+    app = create_app(config, pipeline)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=config.server.shutdown_grace_s
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0][1]
+    return RunningProxy(f"http://{host}:{bound}", pipeline, memory, runner, app, list(sinks or []))
+
+
+__all__ = ["MeteringConfig", "RunningProxy", "UpstreamsConfig", "config_for_upstream", "start_proxy"]
