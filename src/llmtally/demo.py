@@ -38,9 +38,9 @@ async def _calls(base: str) -> list[tuple[str, Any]]:
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     done.append(("openai chat (stream)", text))
 
-    msg = await an.messages.create(model="claude-sonnet-4-5", max_tokens=100, messages=messages)
+    msg = await an.messages.create(model="claude-sonnet-5", max_tokens=100, messages=messages)
     done.append(("anthropic messages", msg.content[0].text))  # type: ignore[union-attr]
-    async with an.messages.stream(model="claude-sonnet-4-5", max_tokens=100, messages=messages) as s:
+    async with an.messages.stream(model="claude-sonnet-5", max_tokens=100, messages=messages) as s:
         text = "".join([t async for t in s.text_stream])
     done.append(("anthropic messages (stream)", text))
 

@@ -89,7 +89,7 @@ def build_record(
     else:
         usage, source = TokenUsage(), "none"
 
-    quote = prices.quote(exchange.provider, model, usage, exchange.started_at)
+    quote = prices.quote(exchange.provider, model, usage, exchange.started_at, request.model)
     estimate = exchange.input_estimate
     return UsageRecord(
         timestamp=_rfc3339(exchange.started_at),
@@ -105,6 +105,7 @@ def build_record(
         cost=quote.cost if source != "none" else None,
         price_source=quote.price_source,
         price_version=quote.price_version,
+        priced_model=quote.priced_as,
         latency_ms=round(exchange.latency_ms, 3),
         ttfb_ms=round(exchange.ttfb_ms, 3) if exchange.ttfb_ms is not None else None,
         client_disconnected=exchange.client_disconnected,

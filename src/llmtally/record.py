@@ -76,6 +76,8 @@ class UsageRecord:
     upstream_request_id: str | None = None
     service_tier: str | None = None
     price_version: str | None = None
+    #: The model name the price was found under (after aliases and snapshot fallback).
+    priced_model: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The record as the JSON log line's object (costs stay Decimal; the sink encodes them)."""
@@ -106,6 +108,7 @@ class UsageRecord:
             "currency": cost.currency if cost else "USD",
             "price_source": self.price_source,
             "price_version": self.price_version,
+            "priced_model": self.priced_model,
             "service_tier": self.service_tier,
             "latency_ms": self.latency_ms,
             "ttfb_ms": self.ttfb_ms,

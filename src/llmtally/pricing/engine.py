@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from datetime import datetime
@@ -71,14 +72,30 @@ def _genai_usage(usage: TokenUsage) -> GenaiUsage:
     )
 
 
+#: Dated snapshot and version suffixes: gpt-4o-2024-08-06, claude-sonnet-4-5-20250929,
+#: claude-3-5-sonnet@20240620, gemini-1.5-pro-002, gemini-2.5-flash-preview-09-2025, -latest.
+_SUFFIX = re.compile(r"(?:-\d{4}-\d{2}-\d{2}|-\d{8}|@\d{8}|-\d{3}|-latest|-preview-\d{2}-\d{4}|-exp-\d{4})$")
+
+
 def lookup_names(model: str) -> list[str]:
-    """Names to try for a model, most specific first (``models/`` prefix and ``ft:`` fine-tunes)."""
-    names = [model]
-    if model.startswith("models/"):
-        names.append(model[len("models/") :])
-    if model.startswith("ft:"):
-        # ft:gpt-4o-mini-2024-07-18:org::id → the base model
-        names.append(model.split(":")[1])
+    """Names to try for a model, most specific first: as given, without ``models/``, the ``ft:``
+    base model, then with dated snapshot/version suffixes removed."""
+    names: list[str] = []
+
+    def add(name: str) -> None:
+        if name and name not in names:
+            names.append(name)
+
+    add(model)
+    name = model.removeprefix("models/")
+    add(name)
+    if name.startswith("ft:"):
+        # ft:gpt-4o-mini-2024-07-18:org::id → gpt-4o-mini-2024-07-18
+        name = name.split(":")[1]
+        add(name)
+    while (stripped := _SUFFIX.sub("", name)) != name:
+        name = stripped
+        add(name)
     return names
 
 
@@ -88,7 +105,7 @@ class PriceBook:
     def __init__(self, config: PricingConfig) -> None:
         self._overrides = dict(config.models)
         self._aliases = dict(config.aliases)
-        self._resolved: dict[tuple[Provider, str], tuple[str, Any, str | None]] = {}
+        self._resolved: dict[tuple[Provider, str, str | None], tuple[str, Any, str | None]] = {}
         self._lock = threading.Lock()
         self._warned: set[tuple[Provider, str]] = set()
         self.version = self._hash()
@@ -106,12 +123,22 @@ class PriceBook:
         return digest[:12]
 
     def quote(
-        self, provider: Provider, model: str | None, usage: TokenUsage, when: datetime | None = None
+        self,
+        provider: Provider,
+        model: str | None,
+        usage: TokenUsage,
+        when: datetime | None = None,
+        request_model: str | None = None,
     ) -> Quote:
-        """Price ``usage`` of ``model``; never raises (a failure prices nothing and says why)."""
+        """Price ``usage`` of ``model`` (the response's), falling back to ``request_model``.
+
+        Never raises: a failure prices nothing and says why.
+        """
+        if not model:
+            model, request_model = request_model, None
         if not model:
             return Quote(None, SOURCE_UNKNOWN, self.version)
-        kind, target, priced_as = self._resolve(provider, model)
+        kind, target, priced_as = self._resolve(provider, model, request_model)
         if kind == SOURCE_CONFIG:
             return Quote(cost_from_rates(target, usage), SOURCE_CONFIG, self.version, priced_as)
         if kind == SOURCE_GENAI_PRICES:
@@ -132,25 +159,36 @@ class PriceBook:
         self._warn_unknown(provider, model)
         return Quote(None, SOURCE_UNKNOWN, self.version)
 
-    def _resolve(self, provider: Provider, model: str) -> tuple[str, Any, str | None]:
-        key = (provider, model)
+    def _resolve(
+        self, provider: Provider, model: str, request_model: str | None
+    ) -> tuple[str, Any, str | None]:
+        key = (provider, model, request_model)
         found = self._resolved.get(key)
         if found is not None:
             return found
         with self._lock:
             found = self._resolved.get(key)
             if found is None:
-                found = self._resolve_uncached(provider, model)
+                found = self._resolve_uncached(provider, model, request_model)
                 self._resolved[key] = found
         return found
 
-    def _resolve_uncached(self, provider: Provider, model: str) -> tuple[str, Any, str | None]:
-        names = []
-        for name in lookup_names(model):
-            names.append(name)
-            alias = self._aliases.get(name)
-            if alias:
-                names.extend(lookup_names(alias))
+    def _candidates(self, model: str, request_model: str | None) -> list[str]:
+        names: list[str] = []
+        for given in (model, request_model):
+            if not given:
+                continue
+            for name in lookup_names(given):
+                alias = self._aliases.get(name)
+                for candidate in (name, *(lookup_names(alias) if alias else ())):
+                    if candidate not in names:
+                        names.append(candidate)
+        return names
+
+    def _resolve_uncached(
+        self, provider: Provider, model: str, request_model: str | None
+    ) -> tuple[str, Any, str | None]:
+        names = self._candidates(model, request_model)
         for name in names:
             if name in self._overrides:
                 return SOURCE_CONFIG, self._overrides[name], name

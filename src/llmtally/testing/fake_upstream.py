@@ -92,6 +92,23 @@ def _pieces(cfg: FakeUpstreamConfig) -> list[str]:
     return out
 
 
+_GEMINI_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 500: "INTERNAL"}
+
+
+def _error_response(request: web.Request, status: int, kind: str, message: str) -> web.Response:
+    """An error body in the shape of the provider the path belongs to."""
+    path = request.path
+    if path.startswith("/v1/messages"):
+        body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
+    elif path.startswith(("/v1beta/", "/v1/models/")):
+        body = {
+            "error": {"code": status, "message": message, "status": _GEMINI_STATUS.get(status, "UNKNOWN")}
+        }
+    else:
+        body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return web.Response(body=_pretty(body), status=status, content_type="application/json")
+
+
 def _snapshot(model: str) -> str:
     return SNAPSHOTS.get(model, model)
 
@@ -130,7 +147,8 @@ class FakeUpstream:
         self.url = ""
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # Short shutdown: a "fake-hang" handler must not hold a test up for the default 60 s.
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -150,32 +168,18 @@ class FakeUpstream:
     ) -> tuple[dict[str, Any], web.Response | None]:
         self.requests += 1
         body = await request.read()
-        self.seen = Seen(request.method, request.path_qs, dict(request.headers), body)
+        self.seen = Seen(request.method, request.raw_path, dict(request.headers), body)
         if not any(request.headers.get(h) for h in auth):
-            return {}, web.json_response(
-                {"error": {"type": "authentication_error", "message": "no key"}}, status=401
-            )
+            return {}, _error_response(request, 401, "authentication_error", "missing API key")
         try:
             payload = orjson.loads(body) if body else {}
         except orjson.JSONDecodeError:
-            return {}, web.json_response(
-                {"error": {"type": "invalid_request_error", "message": "bad json"}}, status=400
-            )
+            return {}, _error_response(request, 400, "invalid_request_error", "bad JSON")
         model = str(payload.get("model") or request.match_info.get("model", ""))
         if model == "fake-hang":
             await asyncio.sleep(3600)
         if model == "fake-error-500":
-            return payload, web.json_response(
-                {
-                    "error": {
-                        "type": "server_error",
-                        "message": "fake failure",
-                        "code": 500,
-                        "status": "INTERNAL",
-                    }
-                },
-                status=500,
-            )
+            return payload, _error_response(request, 500, "server_error", "fake failure")
         if self.config.latency_s:
             await asyncio.sleep(self.config.latency_s)
         return payload, None
@@ -482,7 +486,7 @@ class FakeUpstream:
 
     async def _echo(self, request: web.Request) -> web.Response:
         body = await request.read()
-        self.seen = Seen(request.method, request.path_qs, dict(request.headers), body)
+        self.seen = Seen(request.method, request.raw_path, dict(request.headers), body)
         return web.Response(body=body, headers={"x-echo-length": str(len(body))})
 
     # ---- Anthropic ---------------------------------------------------------------------------

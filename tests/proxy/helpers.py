@@ -1,0 +1,46 @@
+"""Helpers for end-to-end proxy tests."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+
+from llmtally.testing import FakeUpstream
+from llmtally.testing.harness import RunningProxy
+
+PREFIX = {"openai": "/openai", "anthropic": "/anthropic", "gemini": "/gemini"}
+
+
+async def only_record(proxy: RunningProxy) -> dict[str, Any]:
+    records = await proxy.flush()
+    assert len(records) == 1, records
+    record = records[0]
+    proxy.records.clear()
+    return record
+
+
+def money(value: Any) -> Decimal | None:
+    """Record costs are Decimal in memory (JSON numbers on the wire)."""
+    return None if value is None else Decimal(str(value))
+
+
+async def replay(proxy: RunningProxy, upstream: FakeUpstream, provider: str) -> tuple[bytes, bytes]:
+    """Send the request the upstream last saw, directly and through the proxy; return both bodies."""
+    seen = upstream.seen
+    headers = {k: v for k, v in seen.headers.items() if k.lower() not in ("host", "content-length")}
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        async with session.post(upstream.url + seen.path_qs, data=seen.body, headers=headers) as direct:
+            direct_body = await direct.read()
+        async with session.post(
+            proxy.url + PREFIX[provider] + seen.path_qs, data=seen.body, headers=headers
+        ) as proxied:
+            proxied_body = await proxied.read()
+    return direct_body, proxied_body
+
+
+def assert_usage(record: dict[str, Any], **expected: Any) -> None:
+    got = {k: (money(record[k]) if k.endswith("_cost") else record[k]) for k in expected}
+    want = {k: (Decimal(v) if k.endswith("_cost") and v is not None else v) for k, v in expected.items()}
+    assert got == want, f"record {record}"

@@ -1,0 +1,313 @@
+"""Transport behaviour: routing, errors, headers, streaming, encodings, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gzip
+import socket
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from yarl import URL
+
+from llmtally.config import Config
+from llmtally.testing import FakeUpstream
+from llmtally.testing.harness import RunningProxy, config_for_upstream, start_proxy
+from tests.conftest import API_KEY, MakeProxy
+from tests.proxy.helpers import only_record
+
+CHAT = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
+AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+
+
+async def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any, bytes]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        # encoded=True: send the path exactly as written (no client-side normalisation).
+        async with session.post(URL(url, encoded=True), data=body, headers=headers or AUTH) as response:
+            return response.status, response.headers, await response.read()
+
+
+async def test_unknown_path_is_404_json(proxy: RunningProxy) -> None:
+    status, headers, body = await post(proxy.url + "/v1/chat/completions", CHAT)
+    assert status == 404
+    assert headers["Content-Type"].startswith("application/json")
+    assert orjson.loads(body)["error"]["type"] == "not_found"
+
+
+async def test_health_and_readiness(proxy: RunningProxy) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/healthz") as response:
+            assert response.status == 200
+        async with session.get(proxy.url + "/readyz") as response:
+            assert (response.status, await response.json()) == (200, {"status": "ready"})
+    await proxy.app.shutdown()  # what SIGTERM does first: readiness fails while draining
+    async with aiohttp.ClientSession() as session, session.get(proxy.url + "/readyz") as response:
+        assert response.status == 503
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_unreachable_upstream_is_502_with_record() -> None:
+    proxy = await start_proxy(config_for_upstream(f"http://127.0.0.1:{_closed_port()}"))
+    try:
+        status, _, body = await post(proxy.url + "/openai/v1/chat/completions", CHAT)
+        assert status == 502
+        assert orjson.loads(body)["error"]["type"] == "upstream_unreachable"
+        record = await only_record(proxy)
+        assert record["status"] == 502
+        assert record["error"].startswith("upstream_unreachable")
+        assert record["usage_source"] == "none"
+        assert record["request_model"] == "gpt-4o"
+    finally:
+        await proxy.stop()
+
+
+async def test_upstream_timeout_is_504_with_record(upstream: FakeUpstream) -> None:
+    config = config_for_upstream(upstream.url)
+    config = dataclasses.replace(config, upstreams=dataclasses.replace(config.upstreams, read_timeout_s=0.3))
+    proxy = await start_proxy(config)
+    try:
+        body = b'{"model":"fake-hang","messages":[]}'
+        status, _, payload = await post(proxy.url + "/openai/v1/chat/completions", body)
+        assert status == 504
+        assert orjson.loads(payload)["error"]["type"] == "upstream_timeout"
+        record = await only_record(proxy)
+        assert (record["status"], record["error"].split(":")[0]) == (504, "upstream_timeout")
+    finally:
+        await proxy.stop()
+
+
+async def test_headers_query_and_body_forwarded_unchanged(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    headers = {
+        **AUTH,
+        "X-Custom": "kept",
+        "OpenAI-Organization": "org-1",
+        "x-llmtally-tag-tenant": "acme",
+        "X-LLMTally-Tag-Team": "search",
+        "x-llmtally-debug": "never forwarded",
+        "Connection": "keep-alive, X-Hop",
+        "X-Hop": "hop-by-hop by Connection",
+    }
+    body = b'{ "model" : "gpt-4o",\n "messages": [{"role":"user","content":"hi"}] }'
+    status, response_headers, _ = await post(
+        proxy.url + "/openai/v1/chat/completions?api-version=1&x=%2F", body, headers
+    )
+    assert status == 200
+    seen = upstream.seen
+    assert seen.path_qs == "/v1/chat/completions?api-version=1&x=%2F"
+    assert seen.body == body  # not re-encoded
+    assert seen.headers["X-Custom"] == "kept"
+    assert seen.headers["OpenAI-Organization"] == "org-1"
+    assert seen.headers["Authorization"] == f"Bearer {API_KEY}"
+    assert not any(k.lower().startswith("x-llmtally") for k in seen.headers)
+    assert "X-Hop" not in seen.headers
+    # The provider's response headers come back, plus the documented overhead header.
+    assert response_headers["x-request-id"] == "req_fake_openai_0001"
+    assert float(response_headers["x-llmtally-overhead-ms"]) >= 0
+    record = await only_record(proxy)
+    assert record["tags"] == {"tenant": "acme", "team": "search"}
+
+
+async def test_overhead_header_can_be_turned_off(upstream: FakeUpstream) -> None:
+    config = config_for_upstream(upstream.url)
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server, overhead_header=False))
+    proxy = await start_proxy(config)
+    try:
+        _, headers, _ = await post(proxy.url + "/openai/v1/chat/completions", CHAT)
+        assert "x-llmtally-overhead-ms" not in headers
+    finally:
+        await proxy.stop()
+
+
+async def test_path_cannot_reach_another_host(proxy: RunningProxy, upstream: FakeUpstream) -> None:
+    for path in ("/openai//evil.example/v1/x", "/openai/@evil.example/v1/x", "/openai/..%2F..%2Fv1/models"):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(proxy.url + path, headers=AUTH) as response,
+        ):
+            assert response.status in (400, 404)
+        assert "evil" not in upstream.seen.headers.get("Host", "")
+
+
+async def test_stream_is_forwarded_chunk_by_chunk(make_proxy: MakeProxy, upstream: FakeUpstream) -> None:
+    upstream.config.chunk_interval_s = 0.2
+    upstream.config.chunks = 4
+    proxy = await make_proxy()
+    body = b'{"model":"claude-sonnet-5","max_tokens":10,"stream":true,"messages":[]}'
+    arrivals: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        start = time.perf_counter()
+        async with session.post(
+            proxy.url + "/anthropic/v1/messages", data=body, headers={"x-api-key": API_KEY}
+        ) as response:
+            async for _ in response.content.iter_any():
+                arrivals.append(time.perf_counter() - start)
+    # The first bytes arrive long before the upstream finishes (~1.8 s of pauses in total).
+    assert arrivals[0] < 0.5
+    assert arrivals[-1] > 1.0
+    assert len(arrivals) >= 5
+    assert (await only_record(proxy))["output_tokens"] == 400
+
+
+async def _gzip_upstream() -> tuple[web.AppRunner, str]:
+    payload = {
+        "id": "chatcmpl-gz",
+        "object": "chat.completion",
+        "model": "gpt-4o-2024-08-06",
+        "choices": [],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    }
+
+    async def handler(request: web.Request) -> web.Response:
+        assert "gzip" in request.headers.get("Accept-Encoding", "")
+        return web.Response(
+            body=gzip.compress(orjson.dumps(payload)),
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+async def test_compressed_response_passes_through_and_is_metered() -> None:
+    runner, url = await _gzip_upstream()
+    proxy = await start_proxy(config_for_upstream(url))
+    try:
+        headers = {**AUTH, "Accept-Encoding": "gzip, br, zstd"}
+        status, response_headers, body = await post(proxy.url + "/openai/v1/chat/completions", CHAT, headers)
+        assert status == 200
+        assert response_headers["Content-Encoding"] == "gzip"
+        assert orjson.loads(gzip.decompress(body))["id"] == "chatcmpl-gz"  # the client's exact bytes
+        record = await only_record(proxy)
+        assert (record["input_tokens"], record["output_tokens"], record["usage_source"]) == (
+            10,
+            5,
+            "provider",
+        )
+    finally:
+        await proxy.stop()
+        await runner.cleanup()
+
+
+async def _read_first_chunk_then_leave(url: str, body: bytes, headers: dict[str, str]) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1].split("/")[0]))
+    path = "/" + url.split("/", 3)[3]
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode() + body
+    )
+    await writer.drain()
+    first = await reader.readuntil(b"\r\n\r\n")  # response head
+    first += await reader.read(100)  # some body
+    writer.close()
+    return first
+
+
+async def test_client_disconnect_cancels_upstream(make_proxy: MakeProxy, upstream: FakeUpstream) -> None:
+    upstream.config.chunk_interval_s = 0.2
+    upstream.config.chunks = 10
+    proxy = await make_proxy()
+    body = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    head = await _read_first_chunk_then_leave(proxy.url + "/openai/v1/chat/completions", body, AUTH)
+    assert head.startswith(b"HTTP/1.1 200")
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        if await proxy.flush():
+            break
+    record = await only_record(proxy)
+    assert record["client_disconnected"] is True
+    assert record["usage_source"] == "estimated"
+    assert record["input_tokens"] == record["estimated_input_tokens"] > 0
+    await asyncio.sleep(0.3)
+    assert upstream.cancelled_streams == 1  # the upstream call was closed, not read to the end
+
+
+async def test_client_disconnect_drain_gets_exact_usage(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    upstream.config.chunk_interval_s = 0.1
+    upstream.config.chunks = 6
+    proxy = await make_proxy(on_client_disconnect="drain")
+    body = b'{"model":"claude-sonnet-5","max_tokens":10,"stream":true,"messages":[]}'
+    await _read_first_chunk_then_leave(proxy.url + "/anthropic/v1/messages", body, {"x-api-key": API_KEY})
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        if await proxy.flush():
+            break
+    record = await only_record(proxy)
+    assert record["client_disconnected"] is True
+    assert record["usage_source"] == "provider"
+    assert (record["input_tokens"], record["output_tokens"]) == (12050, 400)
+    assert upstream.cancelled_streams == 0
+
+
+async def test_large_unmetered_upload_is_streamed_through(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    data = b"x" * (5 * 1024 * 1024)
+    status, headers, body = await post(
+        proxy.url + "/openai/echo/upload", data, {"Content-Type": "application/octet-stream"}
+    )
+    assert status == 200
+    assert headers["x-echo-length"] == str(len(data))
+    assert body == data
+    await proxy.flush()
+    assert proxy.records == []
+
+
+async def test_get_on_a_metered_path_is_not_metered(proxy: RunningProxy) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/openai/v1/chat/completions", headers=AUTH) as response:
+            assert response.status == 405  # the fake has no GET there; the proxy forwarded it
+    await proxy.flush()
+    assert proxy.records == []
+
+
+async def test_bad_request_body_is_forwarded_and_recorded(proxy: RunningProxy) -> None:
+    status, _, _ = await post(proxy.url + "/openai/v1/chat/completions", b"{not json")
+    assert status == 400  # the provider's answer, not ours
+    record = await only_record(proxy)
+    assert record["status"] == 400
+    assert "request body is not JSON" in record["error"]
+
+
+async def test_unknown_model_is_recorded_with_null_costs(proxy: RunningProxy) -> None:
+    body = b'{"model":"my-private-model","messages":[]}'
+    status, _, _ = await post(proxy.url + "/openai/v1/chat/completions", body)
+    assert status == 200
+    record = await only_record(proxy)
+    assert record["price_source"] == "unknown_model"
+    assert record["input_tokens"] == 1200
+    assert (record["input_cost"], record["output_cost"], record["total_cost"]) == (None, None, None)
+
+
+async def test_config_price_override_wins(upstream: FakeUpstream) -> None:
+    from decimal import Decimal
+
+    from llmtally.config import ModelPrice, PricingConfig
+
+    pricing = PricingConfig(models={"gpt-4o": ModelPrice(input=Decimal("1"), output=Decimal("2"))})
+    proxy = await start_proxy(config_for_upstream(upstream.url, Config(pricing=pricing)))
+    try:
+        await post(proxy.url + "/openai/v1/chat/completions", CHAT)
+        record = await only_record(proxy)
+        assert record["price_source"] == "config"
+        # No cache_read rate configured: cached tokens are priced at the input rate.
+        assert (record["input_cost"], record["output_cost"]) == (Decimal("0.0012"), Decimal("0.0006"))
+    finally:
+        await proxy.stop()
