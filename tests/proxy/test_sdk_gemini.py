@@ -98,9 +98,10 @@ async def test_embed_content_via_sdk(proxy: RunningProxy, upstream: FakeUpstream
 async def test_embed_content_without_usage_is_estimated(proxy: RunningProxy, upstream: FakeUpstream) -> None:
     url = "/v1beta/models/gemini-embedding-001:embedContent"
     body = b'{"content":{"parts":[{"text":"hello world"}]}}'
-    async with aiohttp.ClientSession() as session, session.post(
-        proxy.url + "/gemini" + url, data=body, headers={"x-goog-api-key": API_KEY}
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(proxy.url + "/gemini" + url, data=body, headers={"x-goog-api-key": API_KEY}) as response,
+    ):
         assert response.status == 200
         assert (await response.json())["embedding"]["values"][0] == 0.25
     record = await only_record(proxy)

@@ -25,10 +25,12 @@ AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"
 
 
 async def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any, bytes]:
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        # encoded=True: send the path exactly as written (no client-side normalisation).
-        async with session.post(URL(url, encoded=True), data=body, headers=headers or AUTH) as response:
-            return response.status, response.headers, await response.read()
+    # encoded=True: send the path exactly as written (no client-side normalisation).
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as session,
+        session.post(URL(url, encoded=True), data=body, headers=headers or AUTH) as response,
+    ):
+        return response.status, response.headers, await response.read()
 
 
 async def test_unknown_path_is_404_json(proxy: RunningProxy) -> None:
@@ -271,9 +273,11 @@ async def test_large_unmetered_upload_is_streamed_through(
 
 
 async def test_get_on_a_metered_path_is_not_metered(proxy: RunningProxy) -> None:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(proxy.url + "/openai/v1/chat/completions", headers=AUTH) as response:
-            assert response.status == 405  # the fake has no GET there; the proxy forwarded it
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(proxy.url + "/openai/v1/chat/completions", headers=AUTH) as response,
+    ):
+        assert response.status == 405  # the fake has no GET there; the proxy forwarded it
     await proxy.flush()
     assert proxy.records == []
 
