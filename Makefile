@@ -1,5 +1,6 @@
 # Set-up is two commands (see README): `make serve` and `make test`.
 # Both create .venv and install the package on first run; re-install only when pyproject.toml changes.
+# Recipes are silent and installs report on stderr: `make serve` keeps stdout for usage records only.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -8,16 +9,17 @@ STAMP  := $(VENV)/.installed
 .PHONY: serve test demo lint load clean
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) >&2
+	@echo "installing llmtally and its dependencies into $(VENV) ..." >&2
+	@$(BIN)/python -m pip install --quiet --upgrade pip >&2
+	@$(BIN)/python -m pip install --quiet -e '.[dev]' >&2
+	@touch $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/llmtally serve --config config.toml
+	@$(BIN)/llmtally serve --config config.toml
 
 demo: $(STAMP)
-	$(BIN)/llmtally demo
+	@$(BIN)/llmtally demo
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests load_tests
