@@ -45,3 +45,28 @@ def test_count_stdin() -> None:
     assert orjson.loads(result.stdout) == {
         "model": "gpt-4o", "provider": "openai", "input_tokens": 2, "exact": True, "tokenizer": "o200k_base",
     }  # fmt: skip
+
+
+def test_count_request_bodies(tmp_path: object) -> None:
+    anthropic_body = (
+        b'{"model":"claude-sonnet-5","max_tokens":10,"messages":[{"role":"user","content":"Hello"}]}'
+    )
+    out = orjson.loads(run("count", "--request", "-", stdin=anthropic_body).stdout)
+    assert (out["provider"], out["exact"]) == ("anthropic", False)
+    gemini_body = b'{"contents":[{"role":"user","parts":[{"text":"Hello world, how are you?"}]}]}'
+    out = orjson.loads(
+        run("count", "--request", "-", "--model", "gemini-2.5-flash", stdin=gemini_body).stdout
+    )
+    assert (out["input_tokens"], out["exact"], out["tokenizer"]) == (7, True, "gemma3")
+    openai_body = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Say hello"}]}'
+    out = orjson.loads(run("count", "--request", "-", stdin=openai_body).stdout)
+    assert (out["input_tokens"], out["exact"]) == (9, True)
+    responses_body = b'{"model":"gpt-4o","input":"Say hello"}'
+    out = orjson.loads(run("count", "--request", "-", stdin=responses_body).stdout)
+    assert out["exact"] is False and out["input_tokens"] > 0
+
+
+def test_count_strict_unknown_model_exits_2() -> None:
+    result = run("count", "--model", "mystery-1", "--strict", "-", stdin=b"hi")
+    assert result.returncode == 2
+    assert b"cannot tell the provider" in result.stderr

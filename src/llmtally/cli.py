@@ -35,29 +35,51 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_count(args: argparse.Namespace) -> int:
-    from llmtally.counters import build_counters
-    from llmtally.providers.infer import infer_provider
+    from llmtally.providers import ADAPTERS
+    from llmtally.tracker import TokenCountParams, TokenTracker, UnknownModelError
 
-    config = _config_from(args)
-    provider = args.provider or infer_provider(args.model)
-    if provider is None:
-        print(
-            f"llmtally count: cannot tell the provider of model {args.model!r}; pass --provider",
-            file=sys.stderr,
-        )
-        return 2
-    counter = build_counters(config.counters)[provider]
-    source = args.file
+    tracker = TokenTracker(_config_from(args), strict=args.strict)
+    source = args.request or args.file
     data = sys.stdin.buffer.read() if source in (None, "-") else Path(source).read_bytes()
-    text = data.decode("utf-8")
-    count = counter.count_text(args.model, [text])
-    out = {
-        "model": args.model,
+    if args.request:
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            print(f"llmtally count: {source} is not JSON: {exc}", file=sys.stderr)
+            return 2
+        model = args.model or payload.get("model")
+        if not isinstance(model, str):
+            print("llmtally count: the request names no model; pass --model", file=sys.stderr)
+            return 2
+        try:
+            provider = tracker.provider_of(model, args.provider)
+        except UnknownModelError as exc:
+            print(f"llmtally count: {exc}", file=sys.stderr)
+            return 2
+        endpoint = ADAPTERS[provider].endpoint_for_request(payload, model)
+        count = tracker.counters[provider].count_request(model, endpoint.name, payload)
+    else:
+        if not args.model:
+            print("llmtally count: --model is required", file=sys.stderr)
+            return 2
+        model = args.model
+        try:
+            provider = tracker.provider_of(model, args.provider)
+            count = tracker.count_tokens(
+                TokenCountParams(model=model, text=data.decode("utf-8"), provider=args.provider)
+            )
+        except UnknownModelError as exc:
+            print(f"llmtally count: {exc}", file=sys.stderr)
+            return 2
+    out: dict[str, object] = {
+        "model": model,
         "provider": provider,
         "input_tokens": count.input_tokens,
         "exact": count.exact,
         "tokenizer": count.tokenizer,
     }
+    if count.note:
+        out["note"] = count.note
     sys.stdout.write(orjson.dumps(out).decode() + "\n")
     return 0
 
@@ -118,11 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the proxy against a built-in fake upstream and show the records")
     demo.set_defaults(func=_cmd_demo)
 
-    count = sub.add_parser("count", help="count the tokens of a text file (or stdin)")
-    count.add_argument("--model", required=True)
+    count = sub.add_parser("count", help="count the tokens of a text (file or stdin) or of a request body")
+    count.add_argument("--model", help="the model (for --request: default is the body's model)")
     count.add_argument("--provider", choices=["openai", "anthropic", "gemini"])
+    count.add_argument("--request", metavar="FILE", help="a provider request body (JSON) to count, or -")
+    count.add_argument("--strict", action="store_true", help="refuse unknown models instead of estimating")
     count.add_argument("--config")
-    count.add_argument("file", nargs="?", help="file to count, or - for stdin")
+    count.add_argument("file", nargs="?", help="text file to count, or - for stdin")
     count.set_defaults(func=_cmd_count)
 
     price = sub.add_parser("price", help="price a usage (tokens in the record's normalised meaning)")

@@ -62,6 +62,8 @@ class MeteringConfig:
     drain_timeout_s: float = 300.0
     #: Largest response body kept for parsing; a larger non-streamed body is forwarded but not metered.
     max_response_body_mb: int = 64
+    #: Count each request's input tokens locally (off the event loop, while the upstream answers).
+    estimate_input: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +104,22 @@ class GeminiCounterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ExactCountConfig:
+    """Opt-in exact counts from the providers' free count endpoints (library ``count_tokens``)."""
+
+    enabled: bool = False
+    #: Give up on an endpoint after this long and fall back to the local count.
+    timeout_s: float = 5.0
+    #: Counts remembered per request content.
+    cache_entries: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
 class CountersConfig:
+    #: Byte budget of the content cache of token counts (a conversation recounts only new texts).
+    cache_mb: int = 16
     gemini: GeminiCounterConfig = field(default_factory=GeminiCounterConfig)
+    exact: ExactCountConfig = field(default_factory=ExactCountConfig)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ otherwise, and prices the result.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -37,8 +38,9 @@ class Exchange:
     tags: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     upstream_request_id: str | None = None
-    #: Local count of the request's input tokens (None when not counted).
-    input_estimate: TokenCount | None = None
+    #: Local count of the request's input tokens: a count, a count still running in the proxy's
+    #: counting thread, or None (not counted yet).
+    input_estimate: TokenCount | Future[TokenCount | None] | None = None
     #: A background drain owns this exchange and submits its record when done.
     deferred: bool = False
 
@@ -74,8 +76,7 @@ def build_record(
             summary = adapter.parse_response(request, exchange.response_body)
         else:
             summary = ResponseSummary()
-    if exchange.input_estimate is None and counter.ready(request.model or ""):
-        exchange.input_estimate = estimate_input(counter, request)
+    estimate = _resolve_estimate(exchange, counter, needed=summary.usage is None)
     model = summary.model or request.model
     errors = [e for e in (exchange.error, request.error, summary.error) if e]
 
@@ -83,14 +84,15 @@ def build_record(
     source: UsageSource
     if summary.usage is not None:
         usage, source = summary.usage, "provider"
+        if estimate is not None and usage.input_tokens:
+            counter.observe(model or "", estimate, usage.input_tokens)  # calibrates estimates (Claude)
     elif _worth_estimating(exchange):
         # usage_source = "estimated" flags it; not an error (Gemini embeddings never report usage).
-        usage, source = _estimated_usage(exchange, counter, model or "", summary)
+        usage, source = _estimated_usage(estimate, counter, model or "", summary)
     else:
         usage, source = TokenUsage(), "none"
 
     quote = prices.quote(exchange.provider, model, usage, exchange.started_at, request.model)
-    estimate = exchange.input_estimate
     return UsageRecord(
         timestamp=_rfc3339(exchange.started_at),
         request_id=exchange.request_id,
@@ -125,10 +127,24 @@ def _worth_estimating(exchange: Exchange) -> bool:
     return status is not None and 200 <= status < 300
 
 
-def _estimated_usage(
-    exchange: Exchange, counter: TokenCounter, model: str, summary: ResponseSummary
-) -> tuple[TokenUsage, UsageSource]:
+def _resolve_estimate(exchange: Exchange, counter: TokenCounter, needed: bool) -> TokenCount | None:
+    """The input estimate: the one already made (or running), else a count now if the record needs it."""
     estimate = exchange.input_estimate
+    if isinstance(estimate, Future):
+        try:
+            estimate = estimate.result()
+        except Exception as exc:  # pragma: no cover - estimate_input catches everything
+            log.warning("input estimate failed: %s", exc)
+            estimate = None
+    elif estimate is None and needed and counter.ready(exchange.request.model or ""):
+        estimate = estimate_input(counter, exchange.request)
+    exchange.input_estimate = estimate
+    return estimate
+
+
+def _estimated_usage(
+    estimate: TokenCount | None, counter: TokenCounter, model: str, summary: ResponseSummary
+) -> tuple[TokenUsage, UsageSource]:
     output = _estimate_output(counter, model, summary)
     if estimate is None and output is None:
         return TokenUsage(), "none"

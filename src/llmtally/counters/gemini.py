@@ -1,22 +1,36 @@
-"""Gemini token counting: the Gemma 3 tokenizer (exact for text on Gemini 2.x and 3.x).
+"""Gemini token counting: the Gemma 3 tokenizer, exact for text on the models that use it.
 
-Loading that tokenizer takes ~2 s and ~400 MB, so it is loaded once, only when needed, and the
-proxy never triggers it on its own unless ``[counters.gemini] preload`` is set; until then
-the proxy's Gemini estimates use o200k_base scaled by the corpus ratio (flagged as approximate).
+google-genai maps Gemini 2.x and the Gemini 3 previews (3-pro, 3-flash) to Gemma 3, and the later
+3.x models (3.1, 3.5, …) to a Gemma 4 tokenizer that llmtally does not bundle: those are counted
+with Gemma 3 and flagged inexact.
+
+Requests are counted the way google-genai's local tokenizer does: the sum of the tokens of a flat
+list of texts (text parts; function-call names, argument keys and string values; function responses;
+tool declarations' names, descriptions and schemas; the response schema; the system instruction),
+with no per-message overhead. Media use the documented rates: 258 tokens per image up to 384 px on
+both sides, else 258 per 768×768 tile; audio 32 tokens/s and video 263 tokens/s when the duration
+is known (media counts are estimates).
+
+Loading the tokenizer takes ~2 s and ~400 MB, so it loads once, only when needed, and the proxy
+never triggers it unless ``[counters.gemini] preload`` is set; until then the proxy's Gemini
+estimates use o200k_base scaled by the corpus ratio (flagged inexact).
 """
 
 from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llmtally.counters.base import TokenCount, text_of
+from llmtally.counters.base import ChatInput, ExactCountRequest, TokenCount
 from llmtally.counters.bundled import TokenizerUnavailable, bundled_path, read_verified, tiktoken_encoding
+from llmtally.counters.cache import TokenCache
+from llmtally.counters.images import DEFAULT_SIZE, size_from_base64
 from llmtally.record import Provider
 
 log = logging.getLogger("llmtally.counters")
@@ -24,25 +38,59 @@ log = logging.getLogger("llmtally.counters")
 BUNDLED_TOKENIZER = "gemma3.tokenizer.json.gz"
 #: gemma3 tokens per o200k_base token over the shared corpus (1.157 overall, 1.10 median).
 APPROX_RATIO = 1.157
-_GEMMA3_FAMILIES = ("gemini-2", "gemini-3", "gemma-3")
+#: Models google-genai maps to the Gemma 3 tokenizer (prefixes).
+_GEMMA3_MODELS = ("gemini-2.", "gemini-2-", "gemini-live-2.5", "gemini-3-pro", "gemini-3-flash", "gemma-3")
+#: Later Gemini models use a tokenizer we do not have; Gemma 3 is the closest approximation.
+_LATER_GEMINI = ("gemini-3", "gemini-4", "gemma-4")
+IMAGE_TOKENS = 258
+IMAGE_SMALL_PX = 384
+IMAGE_TILE_PX = 768
+AUDIO_TOKENS_PER_S = 32
+VIDEO_TOKENS_PER_S = 263
+
+
+def _model_name(model: str) -> str:
+    return model.lower().removeprefix("models/").removeprefix("google/")
 
 
 def _is_gemma3_model(model: str) -> bool:
-    name = model.lower().removeprefix("models/")
-    return name.startswith(_GEMMA3_FAMILIES)
+    """Exact: the model's own tokenizer is Gemma 3."""
+    return _model_name(model).startswith(_GEMMA3_MODELS)
+
+
+def _uses_gemma(model: str) -> bool:
+    """Counted with Gemma 3: its own tokenizer, or the closest one for later models."""
+    name = _model_name(model)
+    return name.startswith(_GEMMA3_MODELS) or name.startswith(_LATER_GEMINI)
+
+
+def image_tokens(width: int, height: int) -> int:
+    """Gemini 2.x image tokens: 258 up to 384×384, else 258 per 768×768 tile."""
+    if width <= IMAGE_SMALL_PX and height <= IMAGE_SMALL_PX:
+        return IMAGE_TOKENS
+    return IMAGE_TOKENS * math.ceil(width / IMAGE_TILE_PX) * math.ceil(height / IMAGE_TILE_PX)
 
 
 class GeminiCounter:
     provider: Provider = "gemini"
 
-    def __init__(self, tokenizer_path: str = "", load_on_demand: bool = True) -> None:
+    def __init__(
+        self, tokenizer_path: str = "", load_on_demand: bool = True, cache: TokenCache | None = None
+    ) -> None:
         self._path = tokenizer_path or os.environ.get("LLMTALLY_GEMINI_TOKENIZER", "")
         self._load_on_demand = load_on_demand
         self._tokenizer: Any = None
         self._lock = threading.Lock()
+        self._cache = cache if cache is not None else TokenCache()
 
     def ready(self, model: str) -> bool:
-        return self._tokenizer is not None or not _is_gemma3_model(model)
+        return self._tokenizer is not None or not _uses_gemma(model)
+
+    def known_model(self, model: str) -> bool:
+        return _uses_gemma(model)
+
+    def observe(self, model: str, estimate: TokenCount, reported_input_tokens: int) -> None:
+        return None
 
     def load(self) -> Any:
         """Load the tokenizer (once, thread-safe); raises TokenizerUnavailable."""
@@ -53,53 +101,226 @@ class GeminiCounter:
                 self._tokenizer = _load_tokenizer(self._path)
         return self._tokenizer
 
-    def _tokens(self, model: str, texts: Sequence[str]) -> TokenCount:
-        if _is_gemma3_model(model) and (self._tokenizer is not None or self._load_on_demand):
+    def _count_texts(self, model: str, texts: Sequence[str]) -> TokenCount:
+        if _uses_gemma(model) and (self._tokenizer is not None or self._load_on_demand):
             tok = self.load()
-            encoded = tok.encode_batch(list(texts), add_special_tokens=False) if texts else []
-            return TokenCount(sum(len(e.ids) for e in encoded), exact=True, tokenizer="gemma3")
+
+            def gemma_len(text: str) -> int:
+                return len(tok.encode(text, add_special_tokens=False).ids)
+
+            n = sum(self._cache.count("gemma3", t, gemma_len) for t in texts)
+            if _is_gemma3_model(model):
+                return TokenCount(n, exact=True, tokenizer="gemma3")
+            note = f"{model} uses a newer tokenizer than Gemma 3 (not bundled): counted with Gemma 3"
+            return TokenCount(n, exact=False, tokenizer="gemma3", note=note)
         enc = tiktoken_encoding("o200k_base")
-        n = sum(len(enc.encode_ordinary(t)) for t in texts)
-        return TokenCount(round(n * APPROX_RATIO), exact=False, tokenizer="o200k_base*1.157")
+
+        def o200k_len(text: str) -> int:
+            return len(enc.encode_ordinary(text))
+
+        n = sum(self._cache.count("o200k_base", t, o200k_len) for t in texts)
+        note = "Gemma 3 tokenizer not loaded" if _uses_gemma(model) else f"no public tokenizer for {model}"
+        return TokenCount(round(n * APPROX_RATIO), exact=False, tokenizer="o200k_base*1.157", note=note)
 
     def count_text(self, model: str, texts: Sequence[str]) -> TokenCount:
-        return self._tokens(model, texts)
+        return self._count_texts(model, texts)
+
+    def count_chat(self, model: str, chat: ChatInput) -> TokenCount:
+        acc = _Texts()
+        for content in chat.messages if isinstance(chat.messages, list | tuple) else ():
+            acc.content(content)
+        for tool in chat.tools if isinstance(chat.tools, list | tuple) else ():
+            acc.tool(tool)
+        if chat.system is not None:
+            acc.content(chat.system)
+        count = self._count_texts(model, acc.texts)
+        return TokenCount(
+            count.input_tokens + acc.media_tokens,
+            exact=count.exact and acc.media_tokens == 0 and not acc.unsupported,
+            tokenizer=count.tokenizer,
+            note=count.note or (acc.unsupported or None),
+        )
+
+    def exact_request(self, model: str, chat: ChatInput) -> ExactCountRequest:
+        """``POST /v1beta/models/{model}:countTokens`` with a full ``generateContentRequest``."""
+        name = _model_name(model)
+        request: dict[str, Any] = {"model": f"models/{name}", "contents": _as_contents(chat.messages)}
+        if chat.system is not None:
+            request["systemInstruction"] = _as_contents([chat.system])[0]
+        if chat.tools:
+            request["tools"] = list(chat.tools)
+        return ExactCountRequest(
+            f"/v1beta/models/{name}:countTokens", {"generateContentRequest": request}, "x-goog-api-key"
+        )
+
+    def exact_result(self, answer: Any) -> int:
+        return int(answer["totalTokens"])
 
     def count_request(self, model: str, endpoint: str, payload: dict[str, Any]) -> TokenCount:
-        texts: list[str] = []
         if endpoint == "batchEmbedContents":
-            for req in payload.get("requests") or ():
-                texts.extend(_content_texts(req.get("content") if isinstance(req, dict) else None))
-        elif endpoint == "embedContent":
-            texts.extend(_content_texts(payload.get("content")))
-        else:
-            for content in payload.get("contents") or ():
-                texts.extend(_content_texts(content))
-            texts.extend(
-                _content_texts(payload.get("systemInstruction") or payload.get("system_instruction"))
+            requests = payload.get("requests")
+            contents = (
+                [r.get("content") for r in requests if isinstance(r, Mapping)]
+                if isinstance(requests, list)
+                else []
             )
-            if payload.get("tools"):
-                texts.extend(text_of(payload["tools"]))
-        count = self._tokens(model, texts)
-        # Tools and function parts are rendered by a hidden template: the count is then approximate.
-        exact = count.exact and not payload.get("tools")
-        return TokenCount(count.input_tokens, exact=exact, tokenizer=count.tokenizer)
+            return self.count_chat(model, ChatInput(messages=contents))
+        if endpoint == "embedContent":
+            return self.count_chat(model, ChatInput(messages=[payload.get("content")]))
+        chat = ChatInput(
+            messages=payload.get("contents") or (),
+            tools=payload.get("tools"),
+            system=_get(payload, "systemInstruction", "system_instruction"),
+        )
+        count = self.count_chat(model, chat)
+        config = _get(payload, "generationConfig", "generation_config")
+        schema = _get(config, "responseSchema", "response_schema") if isinstance(config, Mapping) else None
+        if schema is None:
+            return count
+        extra = _Texts()
+        extra.schema(schema)
+        more = self._count_texts(model, extra.texts)
+        return TokenCount(
+            count.input_tokens + more.input_tokens, exact=count.exact, tokenizer=count.tokenizer
+        )
 
 
-def _content_texts(content: Any) -> list[str]:
-    if isinstance(content, str):
-        return [content]
-    if not isinstance(content, dict):
-        return []
-    out: list[str] = []
-    for part in content.get("parts") or ():
-        if isinstance(part, dict):
-            if isinstance(part.get("text"), str):
-                out.append(part["text"])
-            for key in ("functionCall", "functionResponse"):
-                if key in part:
-                    out.extend(text_of(part[key]))
-    return out
+def _as_contents(messages: Sequence[Any]) -> list[Any]:
+    """Strings become user contents, as google-genai does."""
+    return [{"role": "user", "parts": [{"text": m}]} if isinstance(m, str) else m for m in messages]
+
+
+def _get(obj: Any, *names: str) -> Any:
+    if not isinstance(obj, Mapping):
+        return None
+    for name in names:
+        if name in obj:
+            return obj[name]
+    return None
+
+
+class _Texts:
+    """Collects the texts google-genai's local tokenizer counts, from wire JSON (camel or snake case)."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.media_tokens = 0
+        self.unsupported = ""
+
+    def content(self, content: Any) -> None:
+        if isinstance(content, str):
+            self.texts.append(content)
+            return
+        if isinstance(content, list):  # a bare list of parts
+            for part in content:
+                self.part(part)
+            return
+        if not isinstance(content, Mapping):
+            return
+        for part in content.get("parts") or ():
+            self.part(part)
+
+    def part(self, part: Any) -> None:
+        if isinstance(part, str):
+            self.texts.append(part)
+            return
+        if not isinstance(part, Mapping):
+            return
+        if isinstance(part.get("text"), str):
+            self.texts.append(part["text"])
+        call = _get(part, "functionCall", "function_call")
+        if isinstance(call, Mapping):
+            if isinstance(call.get("name"), str):
+                self.texts.append(call["name"])
+            if isinstance(call.get("args"), Mapping):
+                self.value(call["args"])
+        response = _get(part, "functionResponse", "function_response")
+        if isinstance(response, Mapping):
+            if isinstance(response.get("name"), str):
+                self.texts.append(response["name"])
+            if isinstance(response.get("response"), Mapping):
+                self.value(response["response"])
+        inline = _get(part, "inlineData", "inline_data")
+        if isinstance(inline, Mapping):
+            self.media(str(_get(inline, "mimeType", "mime_type") or ""), inline.get("data"), part)
+        file_data = _get(part, "fileData", "file_data")
+        if isinstance(file_data, Mapping):
+            self.media(str(_get(file_data, "mimeType", "mime_type") or ""), None, part)
+
+    def media(self, mime: str, data: Any, part: Mapping[str, Any]) -> None:
+        if mime.startswith("image/"):
+            size = size_from_base64(data) if isinstance(data, str) else None
+            w, h = size or DEFAULT_SIZE
+            self.media_tokens += image_tokens(w, h)
+            if size is None:
+                self.unsupported = "image size unknown: 1024x1024 assumed"
+            return
+        seconds = _duration_s(_get(part, "videoMetadata", "video_metadata"))
+        rate = VIDEO_TOKENS_PER_S if mime.startswith("video/") else AUDIO_TOKENS_PER_S
+        if seconds is not None and (mime.startswith(("audio/", "video/"))):
+            self.media_tokens += math.ceil(seconds * rate)
+        else:
+            self.unsupported = f"{mime or 'media'} without a known duration is not counted"
+
+    def tool(self, tool: Any) -> None:
+        if not isinstance(tool, Mapping):
+            return
+        for decl in _get(tool, "functionDeclarations", "function_declarations") or ():
+            if not isinstance(decl, Mapping):
+                continue
+            for key in ("name", "description"):
+                if isinstance(decl.get(key), str):
+                    self.texts.append(decl[key])
+            for key in ("parameters", "response", "parametersJsonSchema", "parameters_json_schema"):
+                if isinstance(decl.get(key), Mapping):
+                    self.schema(decl[key])
+
+    def schema(self, schema: Any) -> None:
+        if not isinstance(schema, Mapping):
+            return
+        for key in ("format", "description"):
+            if isinstance(schema.get(key), str):
+                self.texts.append(schema[key])
+        for key in ("enum", "required"):
+            self.texts.extend(v for v in schema.get(key) or () if isinstance(v, str))
+        if isinstance(schema.get("items"), Mapping):
+            self.schema(schema["items"])
+        for name, sub in (schema.get("properties") or {}).items():
+            self.texts.append(name)
+            self.schema(sub)
+        if "example" in schema:
+            self.value(schema["example"])
+
+    def value(self, value: Any) -> None:
+        if isinstance(value, str):
+            self.texts.append(value)
+        elif isinstance(value, Mapping):
+            self.texts.extend(str(key) for key in value)  # keys first, as google-genai does
+            for item in value.values():
+                self.value(item)
+        elif isinstance(value, list):
+            for item in value:
+                self.value(item)
+
+
+def _duration_s(meta: Any) -> float | None:
+    """Seconds between videoMetadata startOffset and endOffset (``"12.5s"``), if both are given."""
+    if not isinstance(meta, Mapping):
+        return None
+
+    def seconds(value: Any) -> float | None:
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str) and value.endswith("s"):
+            try:
+                return float(value[:-1])
+            except ValueError:
+                return None
+        return None
+
+    start = seconds(_get(meta, "startOffset", "start_offset")) or 0.0
+    end = seconds(_get(meta, "endOffset", "end_offset"))
+    return end - start if end is not None and end > start else None
 
 
 def _load_tokenizer(path: str) -> Any:
@@ -107,6 +328,8 @@ def _load_tokenizer(path: str) -> Any:
         from tokenizers import Tokenizer
     except ImportError as exc:  # pragma: no cover - a core dependency
         raise TokenizerUnavailable("the 'tokenizers' package is not installed") from exc
+    if path.endswith(".model"):
+        return _sentencepiece(path)
     if not path:
         raw = read_verified(BUNDLED_TOKENIZER)
         source = str(bundled_path(BUNDLED_TOKENIZER))
@@ -118,8 +341,6 @@ def _load_tokenizer(path: str) -> Any:
             raise TokenizerUnavailable(f"Gemini tokenizer {path}: {exc.strerror or exc}") from None
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
-    if path.endswith(".model"):
-        return _sentencepiece(path)
     try:
         tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
     except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
@@ -129,17 +350,17 @@ def _load_tokenizer(path: str) -> Any:
 
 
 class _SentencePieceAdapter:
-    """Gives a SentencePiece model the ``encode_batch`` shape of a HF tokenizer."""
+    """Gives a SentencePiece model the ``encode`` shape of a HF tokenizer."""
+
+    class _Ids:
+        def __init__(self, ids: list[int]) -> None:
+            self.ids = ids
 
     def __init__(self, processor: Any) -> None:
         self._sp = processor
 
-    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[Any]:
-        class _Ids:
-            def __init__(self, ids: list[int]) -> None:
-                self.ids = ids
-
-        return [_Ids(ids) for ids in self._sp.encode(texts)]
+    def encode(self, text: str, add_special_tokens: bool = False) -> Any:
+        return self._Ids(self._sp.encode(text))
 
 
 def _sentencepiece(path: str) -> Any:
@@ -149,4 +370,7 @@ def _sentencepiece(path: str) -> Any:
         raise TokenizerUnavailable(
             f"Gemini tokenizer {path}: a SentencePiece .model needs the 'sentencepiece' package"
         ) from None
-    return _SentencePieceAdapter(sentencepiece.SentencePieceProcessor(model_file=path))
+    try:
+        return _SentencePieceAdapter(sentencepiece.SentencePieceProcessor(model_file=path))
+    except (OSError, RuntimeError) as exc:
+        raise TokenizerUnavailable(f"Gemini tokenizer {path}: cannot load: {exc}") from None

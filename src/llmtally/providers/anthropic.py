@@ -102,6 +102,12 @@ class AnthropicAdapter:
     def stream_parser(self, request: MeteredRequest) -> _AnthropicStreamParser:
         return _AnthropicStreamParser()
 
+    def endpoint_for_request(self, payload: dict[str, Any], model: str | None) -> Endpoint:
+        return Endpoint(provider="anthropic", name="messages")
+
+    def endpoint_for_response(self, obj: Any, stream: bool, model: str | None) -> Endpoint:
+        return Endpoint(provider="anthropic", name="messages")
+
 
 class _AnthropicStreamParser:
     __slots__ = ("_kept", "_splitter", "_usage", "summary")

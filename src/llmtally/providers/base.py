@@ -106,6 +106,14 @@ class ProviderAdapter(Protocol):
         """A new incremental parser for one streamed response."""
         ...
 
+    def endpoint_for_request(self, payload: dict[str, Any], model: str | None) -> Endpoint:
+        """The endpoint a request body is for (``llmtally count --request``)."""
+        ...
+
+    def endpoint_for_response(self, obj: Any, stream: bool, model: str | None) -> Endpoint:
+        """The endpoint a response object (or first stream event) belongs to (library ``track_usage``)."""
+        ...
+
 
 def as_int(value: Any) -> int:
     """A usage field as an int; absent, null or malformed counts as 0."""

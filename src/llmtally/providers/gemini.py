@@ -106,6 +106,23 @@ class GeminiAdapter:
     def stream_parser(self, request: MeteredRequest) -> _GeminiStreamParser:
         return _GeminiStreamParser(request.stream_format == "sse")
 
+    def endpoint_for_request(self, payload: dict[str, Any], model: str | None) -> Endpoint:
+        model = (model or "").removeprefix("models/") or None
+        if "requests" in payload:
+            return Endpoint(provider="gemini", name="batchEmbedContents", url_model=model)
+        if "content" in payload:
+            return Endpoint(provider="gemini", name="embedContent", url_model=model)
+        return Endpoint(provider="gemini", name="generateContent", url_model=model)
+
+    def endpoint_for_response(self, obj: Any, stream: bool, model: str | None) -> Endpoint:
+        model = (model or "").removeprefix("models/") or None
+        if isinstance(obj, dict) and "embeddings" in obj:
+            return Endpoint(provider="gemini", name="batchEmbedContents", url_model=model)
+        if isinstance(obj, dict) and "embedding" in obj:
+            return Endpoint(provider="gemini", name="embedContent", url_model=model)
+        name = "streamGenerateContent" if stream else "generateContent"
+        return Endpoint(provider="gemini", name=name, url_model=model, always_stream=stream)
+
 
 class _GeminiState:
     __slots__ = ("_embedding", "_kept", "summary")

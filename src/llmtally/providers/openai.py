@@ -122,6 +122,30 @@ class OpenAIAdapter:
     def stream_parser(self, request: MeteredRequest) -> _OpenAIStreamParser:
         return _OpenAIStreamParser(request)
 
+    def endpoint_for_request(self, payload: dict[str, Any], model: str | None) -> Endpoint:
+        if "messages" in payload:
+            name = "chat.completions"
+        elif "prompt" in payload:
+            name = "completions"
+        elif "input" in payload and str(payload.get("model", model or "")).startswith("text-embedding"):
+            name = "embeddings"
+        else:
+            name = "responses"
+        return Endpoint(provider="openai", name=name)
+
+    def endpoint_for_response(self, obj: Any, stream: bool, model: str | None) -> Endpoint:
+        kind = obj.get("object") if isinstance(obj, dict) else None
+        event = obj.get("type") if isinstance(obj, dict) else None
+        if kind == "response" or (isinstance(event, str) and event.startswith("response.")):
+            name = "responses"
+        elif kind == "text_completion":
+            name = "completions"
+        elif kind == "list" or kind == "embedding":
+            name = "embeddings"
+        else:
+            name = "chat.completions"
+        return Endpoint(provider="openai", name=name)
+
 
 def _inject_include_usage(body: bytes, payload: dict[str, Any]) -> bytes:
     """Ask for usage in the stream, editing the bytes rather than re-encoding the body."""

@@ -137,6 +137,8 @@ class FakeUpstream:
         r.add_post("/v1/embeddings", self._openai_embeddings)
         r.add_post("/v1/messages", self._anthropic_messages)
         r.add_post("/v1/messages/count_tokens", self._anthropic_count)
+        r.add_post("/v1/responses/input_tokens", self._openai_input_tokens)
+        r.add_post(r"/{version:v1beta|v1}/models/{model}:countTokens", self._gemini_count)
         r.add_post(r"/{version:v1beta|v1}/models/{model}:generateContent", self._gemini_generate)
         r.add_post(r"/{version:v1beta|v1}/models/{model}:streamGenerateContent", self._gemini_stream)
         r.add_post(r"/{version:v1beta|v1}/models/{model}:embedContent", self._gemini_embed)
@@ -585,6 +587,20 @@ class FakeUpstream:
             yield ev("message_stop", {})
 
         return await self._sse(request, events(), "text/event-stream; charset=utf-8", headers)
+
+    async def _openai_input_tokens(self, request: web.Request) -> web.Response:
+        _, error = await self._begin(request, ("Authorization",))
+        if error:
+            return error
+        return web.json_response({"object": "response.input_tokens", "input_tokens": 77})
+
+    async def _gemini_count(self, request: web.Request) -> web.Response:
+        _, error = await self._begin(request, ("x-goog-api-key",))
+        if error:
+            return error
+        return web.json_response(
+            {"totalTokens": 33, "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 33}]}
+        )
 
     async def _anthropic_count(self, request: web.Request) -> web.Response:
         _, error = await self._begin(request, ("x-api-key", "Authorization"))
