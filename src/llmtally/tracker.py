@@ -126,7 +126,7 @@ class TokenTracker:
     ) -> None:
         self.config = config or Config()
         self.strict = strict
-        self.counters: dict[Provider, TokenCounter] = build_counters(self.config.counters)
+        self.counters: dict[Provider, TokenCounter] = build_counters(self.config.counters, strict=strict)
         self.prices = PriceBook(self.config.pricing)
         self._exact = ExactCounter(self.config, api_keys) if self.config.counters.exact.enabled else None
 

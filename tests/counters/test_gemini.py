@@ -40,11 +40,18 @@ def test_configured_tokenizer_path_is_used(tmp_path: object) -> None:
     assert counter.count_text("gemini-2.0-flash", ["Hello world, how are you?"]).input_tokens == 7
 
 
-def test_missing_tokenizer_file_is_a_clear_error() -> None:
+def test_missing_tokenizer_file_is_a_clear_error_in_strict_mode() -> None:
     from llmtally.counters import TokenizerUnavailable
 
     with pytest.raises(TokenizerUnavailable, match=r"nope\.json"):
-        GeminiCounter("/nonexistent/nope.json").count_text("gemini-2.5-pro", ["x"])
+        GeminiCounter("/nonexistent/nope.json", strict=True).count_text("gemini-2.5-pro", ["x"])
+
+
+def test_missing_tokenizer_file_falls_back_to_a_flagged_estimate() -> None:
+    counter = GeminiCounter("/nonexistent/nope.json")
+    count = counter.count_text("gemini-2.5-pro", ["Hello world, how are you?"])
+    assert (count.exact, count.tokenizer) == (False, "o200k_base*1.157")
+    assert "nope.json" in (count.note or "")
 
 
 def test_request_counts_texts_like_googles_local_tokenizer(gemini: GeminiCounter) -> None:

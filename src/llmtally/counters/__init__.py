@@ -13,7 +13,7 @@ from llmtally.record import Provider
 
 
 def build_counters(
-    config: CountersConfig, load_on_demand: bool = True, cache: TokenCache | None = None
+    config: CountersConfig, load_on_demand: bool = True, cache: TokenCache | None = None, strict: bool = False
 ) -> dict[Provider, TokenCounter]:
     """The counter registry, sharing one content cache.
 
@@ -23,7 +23,9 @@ def build_counters(
     return {
         "openai": OpenAICounter(cache),
         "anthropic": AnthropicCounter(cache),
-        "gemini": GeminiCounter(config.gemini.tokenizer, load_on_demand=load_on_demand, cache=cache),
+        "gemini": GeminiCounter(
+            config.gemini.tokenizer, load_on_demand=load_on_demand, cache=cache, strict=strict
+        ),
     }
 
 

@@ -75,10 +75,17 @@ class GeminiCounter:
     provider: Provider = "gemini"
 
     def __init__(
-        self, tokenizer_path: str = "", load_on_demand: bool = True, cache: TokenCache | None = None
+        self,
+        tokenizer_path: str = "",
+        load_on_demand: bool = True,
+        cache: TokenCache | None = None,
+        strict: bool = False,
     ) -> None:
         self._path = tokenizer_path or os.environ.get("LLMTALLY_GEMINI_TOKENIZER", "")
         self._load_on_demand = load_on_demand
+        #: strict: a tokenizer that cannot load raises; otherwise counts fall back to a flagged estimate.
+        self._strict = strict
+        self._load_error: str | None = None
         self._tokenizer: Any = None
         self._lock = threading.Lock()
         self._cache = cache if cache is not None else TokenCache()
@@ -102,8 +109,8 @@ class GeminiCounter:
         return self._tokenizer
 
     def _count_texts(self, model: str, texts: Sequence[str]) -> TokenCount:
-        if _uses_gemma(model) and (self._tokenizer is not None or self._load_on_demand):
-            tok = self.load()
+        tok = self._tokenizer_for(model)
+        if tok is not None:
 
             def gemma_len(text: str) -> int:
                 return len(tok.encode(text, add_special_tokens=False).ids)
@@ -119,8 +126,25 @@ class GeminiCounter:
             return len(enc.encode_ordinary(text))
 
         n = sum(self._cache.count("o200k_base", t, o200k_len) for t in texts)
-        note = "Gemma 3 tokenizer not loaded" if _uses_gemma(model) else f"no public tokenizer for {model}"
+        if not _uses_gemma(model):
+            note = f"no public tokenizer for {model}"
+        else:
+            note = self._load_error or "Gemma 3 tokenizer not loaded"
         return TokenCount(round(n * APPROX_RATIO), exact=False, tokenizer="o200k_base*1.157", note=note)
+
+    def _tokenizer_for(self, model: str) -> Any:
+        if not _uses_gemma(model) or (self._tokenizer is None and not self._load_on_demand):
+            return None
+        if self._load_error is not None and not self._strict:
+            return None  # failed before: do not retry the slow load on every count
+        try:
+            return self.load()
+        except TokenizerUnavailable as exc:
+            if self._strict:
+                raise
+            self._load_error = f"Gemma 3 tokenizer unavailable ({exc}): estimated"
+            log.error("%s", self._load_error)
+            return None
 
     def count_text(self, model: str, texts: Sequence[str]) -> TokenCount:
         return self._count_texts(model, texts)
