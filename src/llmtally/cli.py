@@ -14,17 +14,29 @@ import orjson
 from llmtally.config import Config, ConfigError, load_config
 
 
-def _config_from(args: argparse.Namespace) -> Config:
-    path = args.config or os.environ.get("LLMTALLY_CONFIG")
+def _config_path(args: argparse.Namespace) -> str | None:
+    path: str | None = getattr(args, "config", None) or os.environ.get("LLMTALLY_CONFIG")
     if path is None and Path("config.toml").is_file():
         path = "config.toml"
-    return load_config(path)
+    return path
+
+
+def _config_from(args: argparse.Namespace) -> Config:
+    return load_config(_config_path(args))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from llmtally.pricing import PriceBook, PriceFileError
     from llmtally.proxy.server import run
 
-    run(_config_from(args), host=args.host, port=args.port)
+    path = _config_path(args)
+    config = load_config(path)
+    try:
+        PriceBook(config.pricing)  # a bad prices file is refused at start, like a bad config
+    except PriceFileError as exc:
+        print(f"llmtally: prices file error: {exc}", file=sys.stderr)
+        return 2
+    run(config, host=args.host, port=args.port, config_path=path)
     return 0
 
 
@@ -86,7 +98,7 @@ def _cmd_count(args: argparse.Namespace) -> int:
 
 def _cmd_price(args: argparse.Namespace) -> int:
     from llmtally.pipeline import decimal_text
-    from llmtally.pricing import PriceBook
+    from llmtally.pricing import PriceBook, PriceFileError
     from llmtally.providers.infer import infer_provider
     from llmtally.record import TokenUsage
 
@@ -105,8 +117,15 @@ def _cmd_price(args: argparse.Namespace) -> int:
         cache_write_tokens=args.cache_write,
         cache_write_1h_tokens=args.cache_write_1h,
         reasoning_tokens=args.reasoning,
+        input_audio_tokens=args.input_audio,
+        output_audio_tokens=args.output_audio,
     )
-    quote = PriceBook(config.pricing).quote(provider, args.model, usage)
+    try:
+        book = PriceBook(config.pricing)
+    except PriceFileError as exc:
+        print(f"llmtally price: prices file error: {exc}", file=sys.stderr)
+        return 2
+    quote = book.quote(provider, args.model, usage, service_tier=args.service_tier)
 
     def money(value: Decimal | None) -> object:
         return orjson.Fragment(decimal_text(value)) if value is not None else None
@@ -120,7 +139,10 @@ def _cmd_price(args: argparse.Namespace) -> int:
         "currency": "USD",
         "price_source": quote.price_source,
         "price_version": quote.price_version,
+        "priced_model": quote.priced_as,
     }
+    if quote.note:
+        out["pricing_note"] = quote.note
     sys.stdout.write(orjson.dumps(out).decode() + "\n")
     return 0 if quote.cost is not None else 1
 
@@ -161,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     price.add_argument("--cache-write", type=int, default=0, help="all cache-write tokens")
     price.add_argument("--cache-write-1h", type=int, default=0, help="of --cache-write, the 1-hour ones")
     price.add_argument("--reasoning", type=int, default=None, help="of --output, the reasoning ones")
+    price.add_argument("--input-audio", type=int, default=0, help="of --input, the audio ones")
+    price.add_argument("--output-audio", type=int, default=0, help="of --output, the audio ones")
+    price.add_argument("--service-tier", help="batch, flex, priority, ... (default: standard)")
     price.set_defaults(func=_cmd_price)
     return parser
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -75,8 +76,35 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RateOverride:
+    """Rates that replace a model's base rates (a tier, a service tier); missing keys keep the base."""
+
+    input: Decimal | None = None
+    output: Decimal | None = None
+    cache_read: Decimal | None = None
+    cache_write: Decimal | None = None
+    cache_write_1h: Decimal | None = None
+    input_audio: Decimal | None = None
+    output_audio: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PriceTier:
+    """Long-context pricing: a request whose input exceeds ``above`` is priced wholly at these rates."""
+
+    above: int
+    input: Decimal | None = None
+    output: Decimal | None = None
+    cache_read: Decimal | None = None
+    cache_write: Decimal | None = None
+    cache_write_1h: Decimal | None = None
+    input_audio: Decimal | None = None
+    output_audio: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """A configured price, USD per 1M tokens. Missing cache prices fall back as documented."""
+    """A configured price, USD per 1M tokens. Missing cache and audio prices fall back as documented."""
 
     input: Decimal
     output: Decimal
@@ -84,14 +112,26 @@ class ModelPrice:
     #: 5-minute cache write.
     cache_write: Decimal | None = None
     cache_write_1h: Decimal | None = None
+    input_audio: Decimal | None = None
+    output_audio: Decimal | None = None
+    tiers: list[PriceTier] = field(default_factory=list)
+    #: ``batch``, ``flex``, ``priority``, …: rates for calls made in that service tier.
+    service_tiers: dict[str, RateOverride] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class PricingConfig:
-    #: Per-model overrides, ``[pricing.models."<model>"]``; they win over genai-prices.
+    #: Per-model overrides, ``[pricing.models."<model>"]``; they win over the prices file and genai-prices.
     models: dict[str, ModelPrice] = field(default_factory=dict)
     #: ``"my-deployment" = "gpt-4o"``: price a name as another model.
     aliases: dict[str, str] = field(default_factory=dict)
+    #: A prices file (llmtally TOML or LiteLLM's model_prices_and_context_window.json); empty: none.
+    file: str = ""
+    #: Seconds between checks of the config and prices files for changes (0: only on SIGHUP).
+    reload_interval_s: float = 5.0
+    #: Refresh the genai-prices data from its published source in the background (needs network).
+    auto_update: bool = False
+    auto_update_interval_h: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,18 +187,27 @@ def load_config(
     """Load ``path`` (or defaults when None), then apply ``LLMTALLY_*`` environment overrides."""
     raw: dict[str, Any] = {}
     source = "defaults"
+    text = ""
     if path is not None:
         source = str(path)
         try:
             with open(path, "rb") as fh:
-                raw = tomllib.load(fh)
+                text = fh.read().decode("utf-8", "replace")
+            raw = tomllib.loads(text)
         except FileNotFoundError:
             raise ConfigError(f"{source}: file not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     env = os.environ if env is None else env
     _apply_env(raw, env)
-    config: Config = _build(Config, raw, source, ())
+    try:
+        config: Config = _build(Config, raw, source, ())
+    except ConfigError as exc:
+        message = str(exc)
+        if text and message.startswith(f"{source}: "):  # name the line in the file
+            rest = message.removeprefix(f"{source}: ")
+            raise ConfigError(f"{source}:{toml_line(text, rest)}: {rest}") from None
+        raise
     return config
 
 
@@ -179,6 +228,36 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
                 raise ConfigError(f"environment: {name}: [{part}] is not a section in the config file")
         # Marked so the builder coerces it from text and names the variable in errors.
         node[target[-1]] = _EnvValue(name, value)
+
+
+_WHERE = re.compile(r"^\[(?P<section>[^\]]*)\] (?P<key>[^:]+):")
+
+
+def toml_line(text: str, message: str) -> int:
+    """The 1-based line of the key a ``[section] key: problem`` message names (1 when unknown)."""
+    match = _WHERE.match(message)
+    if match is None:
+        return 1
+    parts = [p.strip('"') for p in re.findall(r'"[^"]*"|[^.]+', match["section"])]
+    key = match["key"].strip().strip('"').split("[")[0]
+    lines = text.splitlines()
+
+    def header(names: list[str]) -> int | None:
+        pattern = re.compile(r"^\s*\[\s*" + r"\s*\.\s*".join(f'"?{re.escape(n)}"?' for n in names) + r"\s*\]")
+        return next((i for i, line in enumerate(lines) if pattern.match(line)), None)
+
+    start = header(parts) if parts else 0
+    if start is not None:
+        assignment = re.compile(r'^\s*"?' + re.escape(key) + r'"?\s*=')
+        for i in range(start, len(lines)):
+            if i > start and lines[i].lstrip().startswith("["):
+                break
+            if assignment.match(lines[i]):
+                return i + 1
+    table = header([*parts, key])  # the key names a sub-table, e.g. [pricing.models."gpt-4o"]
+    if table is not None:
+        return table + 1
+    return start + 1 if start is not None else 1
 
 
 def _env_target(rest: str) -> tuple[str, ...] | None:
@@ -249,6 +328,11 @@ def _coerce(tp: Any, value: Any, source: str, path: tuple[str, ...]) -> Any:
         if value not in allowed:
             raise ConfigError(f"{where}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         return value
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected an array, got {_describe(value)}")
+        return [_coerce(item_tp, v, source, (*path, f"{path[-1]}[{i}]")) for i, v in enumerate(value)]
     if origin is dict:
         _, val_tp = get_args(tp)
         if not isinstance(value, dict):

@@ -92,7 +92,8 @@ def build_record(
     else:
         usage, source = TokenUsage(), "none"
 
-    quote = prices.quote(exchange.provider, model, usage, exchange.started_at, request.model)
+    service_tier = summary.service_tier or request.service_tier
+    quote = prices.quote(exchange.provider, model, usage, exchange.started_at, request.model, service_tier)
     return UsageRecord(
         timestamp=_rfc3339(exchange.started_at),
         request_id=exchange.request_id,
@@ -108,6 +109,7 @@ def build_record(
         price_source=quote.price_source,
         price_version=quote.price_version,
         priced_model=quote.priced_as,
+        pricing_note=quote.note,
         latency_ms=round(exchange.latency_ms, 3),
         ttfb_ms=round(exchange.ttfb_ms, 3) if exchange.ttfb_ms is not None else None,
         client_disconnected=exchange.client_disconnected,
@@ -115,7 +117,7 @@ def build_record(
         error="; ".join(errors) or None,
         estimated_input_tokens=estimate.input_tokens if estimate else None,
         upstream_request_id=exchange.upstream_request_id or summary.upstream_request_id,
-        service_tier=summary.service_tier or request.service_tier,
+        service_tier=service_tier,
     )
 
 

@@ -31,6 +31,10 @@ class TokenUsage:
     cache_write_1h_tokens: int = 0
     #: Part of ``output_tokens`` spent on reasoning/thinking; None when the provider does not say.
     reasoning_tokens: int | None = None
+    #: Part of ``input_tokens`` that is audio (priced apart where the provider does).
+    input_audio_tokens: int = 0
+    #: Part of ``output_tokens`` that is audio.
+    output_audio_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -78,6 +82,8 @@ class UsageRecord:
     price_version: str | None = None
     #: The model name the price was found under (after aliases and snapshot fallback).
     priced_model: str | None = None
+    #: Why the price may not be what the provider bills (a service tier without price data), if so.
+    pricing_note: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The record as the JSON log line's object (costs stay Decimal; the sink encodes them)."""
@@ -99,6 +105,8 @@ class UsageRecord:
             "cache_write_tokens": usage.cache_write_tokens,
             "cache_write_1h_tokens": usage.cache_write_1h_tokens,
             "reasoning_tokens": usage.reasoning_tokens,
+            "input_audio_tokens": usage.input_audio_tokens,
+            "output_audio_tokens": usage.output_audio_tokens,
             "total_tokens": usage.total_tokens,
             "usage_source": self.usage_source,
             "estimated_input_tokens": self.estimated_input_tokens,
@@ -109,6 +117,7 @@ class UsageRecord:
             "price_source": self.price_source,
             "price_version": self.price_version,
             "priced_model": self.priced_model,
+            "pricing_note": self.pricing_note,
             "service_tier": self.service_tier,
             "latency_ms": self.latency_ms,
             "ttfb_ms": self.ttfb_ms,

@@ -129,11 +129,24 @@ class TokenTracker:
         self.counters: dict[Provider, TokenCounter] = build_counters(self.config.counters, strict=strict)
         self.prices = PriceBook(self.config.pricing)
         self._exact = ExactCounter(self.config, api_keys) if self.config.counters.exact.enabled else None
+        self._config_path: str | None = None
 
     @classmethod
     def from_config(cls, path: str | Path, **kwargs: Any) -> TokenTracker:
         """A tracker configured by a ``config.toml`` (and ``LLMTALLY_*`` environment overrides)."""
-        return cls(load_config(path), **kwargs)
+        tracker = cls(load_config(path), **kwargs)
+        tracker._config_path = str(path)
+        return tracker
+
+    def reload_prices(self) -> str:
+        """Re-read the config (if from a file) and prices file; swap prices atomically. The new version.
+
+        A bad file raises ``ConfigError``/``PriceFileError`` and the old prices stay in force.
+        """
+        config = load_config(self._config_path) if self._config_path else self.config
+        book = PriceBook(config.pricing)
+        self.config, self.prices = config, book
+        return book.version
 
     # ---- counting -------------------------------------------------------------------------------
 
@@ -219,6 +232,7 @@ class TokenTracker:
         *,
         provider: Provider | None = None,
         when: datetime | None = None,
+        service_tier: str | None = None,
     ) -> Price | None:
         """Price a usage in the record's normalised meaning (``input_tokens`` includes cache tokens).
 
@@ -227,7 +241,9 @@ class TokenTracker:
         usage = TokenUsage(
             input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cache_write_1h_tokens
         )
-        quote = self.prices.quote(self.provider_of(model, provider), model, usage, when)
+        quote = self.prices.quote(
+            self.provider_of(model, provider), model, usage, when, service_tier=service_tier
+        )
         if quote.cost is None:
             if self.strict:
                 raise UnknownModelError(f"no price for model {model!r}")

@@ -1,69 +1,198 @@
-"""Price lookups and Decimal maths."""
+"""Price lookups and Decimal maths: a hand-computed table, and equality with genai-prices' own maths."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+from genai_prices import Usage as GenaiUsage
+from genai_prices.data_snapshot import get_snapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from llmtally.config import ModelPrice, PricingConfig
-from llmtally.pricing import PriceBook, cost_from_rates
-from llmtally.pricing.engine import lookup_names
+from llmtally.config import ModelPrice, PriceTier, PricingConfig, RateOverride
+from llmtally.pricing import PriceBook, cost, lookup_names
+from llmtally.pricing.engine import tier_context
+from llmtally.pricing.rates import sheet_from_genai
 from llmtally.record import TokenUsage
 
-
-def test_rates_apply_cache_prices_per_million() -> None:
-    rates = ModelPrice(
-        input=Decimal("3"), output=Decimal("15"), cache_read=Decimal("0.3"),
-        cache_write=Decimal("3.75"), cache_write_1h=Decimal("6"),
-    )  # fmt: skip
-    usage = TokenUsage(1000, 100, cache_read_tokens=200, cache_write_tokens=100, cache_write_1h_tokens=40)
-    cost = cost_from_rates(rates, usage)
-    # 700 * 3 + 200 * 0.3 + 60 * 3.75 + 40 * 6 = 2625 µ$
-    assert cost.input_cost == Decimal("0.002625")
-    assert cost.output_cost == Decimal("0.0015")
-    assert cost.total_cost == Decimal("0.004125")
+BOOK = PriceBook(PricingConfig())
+M = Decimal(1_000_000)
 
 
-@pytest.mark.parametrize(
-    ("provider", "model", "usage", "input_cost", "output_cost", "priced_as"),
-    [
-        ("openai", "gpt-4o-2024-08-06", TokenUsage(1000, 100, cache_read_tokens=400), "0.002", "0.001", "gpt-4o"),
-        ("openai", "gpt-5.4-mini", TokenUsage(1_000_000, 1_000_000), "0.75", "4.5", "gpt-5.4-mini"),
-        # 500 uncached * $2 + 400 5-minute writes * $2.50 + 100 1-hour writes * $4 = 2400 µ$
-        ("anthropic", "claude-sonnet-5", TokenUsage(1000, 10, cache_write_tokens=500, cache_write_1h_tokens=100),
-         "0.0024", "0.0001", "claude-sonnet-5"),
-        ("gemini", "models/gemini-2.5-flash", TokenUsage(1000, 100), "0.0003", "0.00025", "gemini-2.5-flash"),
-    ],
-)  # fmt: skip
-def test_genai_prices_table(
-    provider: str, model: str, usage: TokenUsage, input_cost: str, output_cost: str, priced_as: str
+def usd(micro: str | int | Decimal) -> Decimal:
+    """Micro-dollars (tokens x USD-per-1M) to USD."""
+    return Decimal(micro) / M
+
+
+# (provider, model, usage, service tier, expected input cost, expected output cost); rates in comments
+# are USD per 1M tokens from the genai-prices data shipped with the installed package.
+TABLE = [
+    # gpt-4o: in 2.5, cached 1.25, out 10. Reasoning is inside output_tokens and priced as output.
+    ("openai", "gpt-4o-2024-08-06", TokenUsage(1200, 300, 1024, reasoning_tokens=128), None,
+     usd(176 * Decimal("2.5") + 1024 * Decimal("1.25")), usd(300 * 10)),
+    # gpt-5.4-mini: in 0.75, cached 0.075, out 4.5; flex and batch half of that.
+    ("openai", "gpt-5.4-mini", TokenUsage(10_000, 2_000, 4_000, reasoning_tokens=1_500), None,
+     usd(6000 * Decimal("0.75") + 4000 * Decimal("0.075")), usd(2000 * Decimal("4.5"))),
+    ("openai", "gpt-5.4-mini", TokenUsage(10_000, 2_000, 4_000), "flex",
+     usd(6000 * Decimal("0.375") + 4000 * Decimal("0.0375")), usd(2000 * Decimal("2.25"))),
+    ("openai", "gpt-5.4-mini", TokenUsage(10_000, 2_000), "batch", usd(10_000 * Decimal("0.375")), usd(2000 * Decimal("2.25"))),
+    ("openai", "gpt-5.4-mini", TokenUsage(10_000, 2_000), "priority", usd(10_000 * Decimal("1.5")), usd(2000 * 9)),
+    # gpt-5.5: above 272k input the whole request is priced at in 10, cached 1, out 45.
+    ("openai", "gpt-5.5", TokenUsage(272_000, 1_000), None, usd(272_000 * 5), usd(1000 * 30)),
+    ("openai", "gpt-5.5", TokenUsage(300_000, 1_000, 100_000), None, usd(200_000 * 10 + 100_000 * 1), usd(1000 * 45)),
+    # claude-sonnet-5: in 2, read 0.2, 5m write 2.5, 1h write 4, out 10.
+    ("anthropic", "claude-sonnet-5", TokenUsage(12_050, 400, 10_000, 2_000, 500), None,
+     usd(50 * 2 + 10_000 * Decimal("0.2") + 1500 * Decimal("2.5") + 500 * 4), usd(400 * 10)),
+    # claude-opus-4-8: in 5, read 0.5, writes 6.25 / 10, out 25; batch halves every rate.
+    ("anthropic", "claude-opus-4-8", TokenUsage(5_000, 1_000, 1_000, 2_000, 2_000), None,
+     usd(2000 * 5 + 1000 * Decimal("0.5") + 2000 * 10), usd(1000 * 25)),
+    ("anthropic", "claude-opus-4-8", TokenUsage(5_000, 1_000, 1_000, 2_000, 2_000), "batch",
+     usd(2000 * Decimal("2.5") + 1000 * Decimal("0.25") + 2000 * 5), usd(1000 * Decimal("12.5"))),
+    ("anthropic", "claude-haiku-4-5-20251001", TokenUsage(3_000, 100, 0, 3_000, 1_000), None,
+     usd(2000 * Decimal("1.25") + 1000 * 2), usd(100 * 5)),
+    # gemini-2.5-pro: in 1.25, cached 0.125, out 10; above 200k: 2.5, 0.25, 15 for the whole request.
+    ("gemini", "gemini-2.5-pro", TokenUsage(100_000, 5_000, 50_000, reasoning_tokens=3_000), None,
+     usd(50_000 * Decimal("1.25") + 50_000 * Decimal("0.125")), usd(5000 * 10)),
+    ("gemini", "gemini-2.5-pro", TokenUsage(250_000, 5_000, 50_000), None,
+     usd(200_000 * Decimal("2.5") + 50_000 * Decimal("0.25")), usd(5000 * 15)),
+    ("gemini", "gemini-2.5-pro", TokenUsage(100_000, 5_000), "batch", usd(100_000 * Decimal("0.625")), usd(5000 * 5)),
+    # gemini-3.1-pro-preview: 2 / 0.2 / 12, above 200k 4 / 0.4 / 18.
+    ("gemini", "gemini-3.1-pro-preview", TokenUsage(300_000, 10_000, 100_000), None,
+     usd(200_000 * 4 + 100_000 * Decimal("0.4")), usd(10_000 * 18)),
+    ("gemini", "models/gemini-3.5-flash", TokenUsage(3_000, 750, 2_048, reasoning_tokens=500), None,
+     usd(952 * Decimal("1.5") + 2048 * Decimal("0.15")), usd(750 * 9)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("provider", "model", "usage", "tier", "input_cost", "output_cost"), TABLE)
+def test_price_table(
+    provider: str, model: str, usage: TokenUsage, tier: str | None, input_cost: Decimal, output_cost: Decimal
 ) -> None:
-    quote = PriceBook(PricingConfig()).quote(provider, model, usage)  # type: ignore[arg-type]
+    quote = BOOK.quote(provider, model, usage, service_tier=tier)  # type: ignore[arg-type]
     assert quote.cost is not None
-    assert quote.cost.input_cost == Decimal(input_cost)
-    assert quote.cost.output_cost == Decimal(output_cost)
-    assert quote.price_source == "genai-prices"
-    assert quote.priced_as == priced_as
+    assert (quote.cost.input_cost, quote.cost.output_cost) == (input_cost, output_cost)
+    assert quote.cost.total_cost == input_cost + output_cost
+    assert quote.price_source == "genai-prices" and quote.note is None
 
 
-def test_overrides_and_aliases_win() -> None:
+def test_tier_without_price_data_is_flagged() -> None:
+    quote = BOOK.quote("anthropic", "claude-sonnet-5", TokenUsage(1000, 100), service_tier="priority")
+    assert quote.cost is not None and quote.cost.input_cost == usd(1000 * 2)  # standard rates
+    assert "priority" in (quote.note or "")
+
+
+def test_dated_prices_follow_the_call_date() -> None:
+    # claude-sonnet-4-6 had long-context tiers until 2026-03-13 in the data.
+    usage = TokenUsage(300_000, 1_000)
+    before = BOOK.quote("anthropic", "claude-sonnet-4-6", usage, when=datetime(2026, 1, 1, tzinfo=UTC))
+    after = BOOK.quote("anthropic", "claude-sonnet-4-6", usage, when=datetime(2026, 6, 1, tzinfo=UTC))
+    assert before.cost is not None and after.cost is not None
+    assert before.cost.input_cost == usd(300_000 * 6)
+    assert after.cost.input_cost == usd(300_000 * 3)
+
+
+# ---- equality with genai-prices' own calculation, for every model of the three providers ----------
+
+_MODELS = [
+    (provider_obj, model)
+    for genai_id in ("openai", "anthropic", "google")
+    for provider_obj in [get_snapshot().find_provider(None, genai_id, None)]
+    for model in provider_obj.models
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(range(len(_MODELS))),
+    st.integers(0, 400_000),
+    st.integers(0, 50_000),
+    st.floats(0, 1),
+    st.floats(0, 1),
+    st.floats(0, 1),
+    st.sampled_from([None, "batch", "flex", "priority", "fast"]),
+    st.sampled_from([datetime(2025, 6, 1, tzinfo=UTC), datetime(2026, 11, 1, tzinfo=UTC)]),
+)
+def test_rate_sheets_equal_genai_prices_maths(
+    index: int, inp: int, out: int, read: float, write: float, hour: float, tier: str | None, when: datetime
+) -> None:
+    """For every model of the three providers: our precomputed sheet prices exactly as genai-prices does."""
+    provider_obj, info = _MODELS[index]
+    cache_read = int(inp * read * 0.5)
+    cache_write = int((inp - cache_read) * write * 0.5)
+    write_1h = int(cache_write * hour)
+    usage = TokenUsage(inp, out, cache_read, cache_write, write_1h)
+    sheet = sheet_from_genai(info.get_prices(when, tier_context(tier)))
+    genai_usage = GenaiUsage(
+        input_tokens=inp, output_tokens=out, cache_read_tokens=cache_read,
+        cache_write_tokens=cache_write, cache_write_1h_tokens=write_1h,
+    )  # fmt: skip
+    try:
+        reference = info.calc_price(
+            genai_usage, provider_obj, genai_request_timestamp=when, price_context=tier_context(tier)
+        )
+    except ValueError:
+        return  # genai-prices refuses this usage shape for the model
+    if sheet is None:
+        return  # no token prices (per-request or per-image models)
+    ours = cost(sheet, usage)
+    # Token costs match exactly (genai-prices may add request or search fees on top: none here).
+    assert (ours.input_cost, ours.output_cost) == (reference.input_price, reference.output_price)
+
+
+# ---- overrides, files, rules ----------------------------------------------------------------------
+
+
+def test_overrides_aliases_and_rules() -> None:
     config = PricingConfig(
-        models={"gpt-4o": ModelPrice(input=Decimal("1"), output=Decimal("1"))},
+        models={
+            "gpt-4o": ModelPrice(input=Decimal("1"), output=Decimal("1")),
+            "ft:gpt-4o-mini": ModelPrice(input=Decimal("3"), output=Decimal("12")),
+        },
         aliases={"my-deployment": "gpt-4o", "other": "claude-sonnet-5"},
     )
     book = PriceBook(config)
-    assert book.quote("openai", "gpt-4o-2024-08-06", TokenUsage(1, 1)).price_source == "config"
-    assert book.quote("openai", "my-deployment", TokenUsage(1, 1)).price_source == "config"
+    assert book.quote("openai", "gpt-4o", TokenUsage(1, 1)).price_source == "config"
+    assert book.quote("openai", "gpt-4o-2024-08-06", TokenUsage(1, 1)).price_source == "config:base_model"
+    assert book.quote("openai", "my-deployment", TokenUsage(1, 1)).price_source == "config:alias"
+    assert (
+        book.quote("openai", "x-unknown", TokenUsage(1, 1), request_model="gpt-4o").price_source
+        == "config:request_model"
+    )
+    fine_tune = book.quote("openai", "ft:gpt-4o-mini-2024-07-18:acme::abc123", TokenUsage(1_000_000, 0))
+    assert (fine_tune.price_source, fine_tune.priced_as) == ("config:fine_tune", "ft:gpt-4o-mini")
+    assert fine_tune.cost is not None and fine_tune.cost.input_cost == 3
     other = book.quote("anthropic", "other", TokenUsage(1, 1))
-    assert (other.price_source, other.priced_as) == ("genai-prices", "claude-sonnet-5")
+    assert (other.price_source, other.priced_as) == ("genai-prices:alias", "claude-sonnet-5")
 
 
-def test_unknown_model_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+def test_configured_tiers_and_service_tiers() -> None:
+    price = ModelPrice(
+        input=Decimal(1), output=Decimal(2), cache_read=Decimal("0.1"),
+        tiers=[PriceTier(above=200_000, input=Decimal(2), output=Decimal(4))],
+        service_tiers={"batch": RateOverride(input=Decimal("0.5"), output=Decimal(1))},
+    )  # fmt: skip
+    book = PriceBook(PricingConfig(models={"m": price}))
+    small = book.quote("openai", "m", TokenUsage(100_000, 1000, 50_000))
+    large = book.quote("openai", "m", TokenUsage(300_000, 1000, 50_000))
+    batch = book.quote("openai", "m", TokenUsage(100_000, 1000), service_tier="batch")
+    assert small.cost and small.cost.input_cost == usd(50_000 * 1 + 50_000 * Decimal("0.1"))
+    assert large.cost and large.cost.input_cost == usd(
+        250_000 * 2 + 50_000 * Decimal("0.1")
+    )  # tier keeps cache_read
+    assert large.cost.output_cost == usd(1000 * 4)
+    assert batch.cost and (batch.cost.input_cost, batch.cost.output_cost) == (usd(50_000), usd(1000))
+    flex = book.quote("openai", "m", TokenUsage(1, 1), service_tier="flex")
+    assert "flex" in (flex.note or "")
+
+
+def test_unknown_models_are_counted_and_warned_once(caplog: pytest.LogCaptureFixture) -> None:
     book = PriceBook(PricingConfig())
     for _ in range(3):
         quote = book.quote("openai", "no-such-model", TokenUsage(1, 1))
         assert (quote.cost, quote.price_source) == (None, "unknown_model")
+    assert book.unpriced["no-such-model"] == 3
     assert len([r for r in caplog.records if "no-such-model" in r.message]) == 1
 
 
@@ -75,6 +204,6 @@ def test_price_version_changes_with_the_price_set() -> None:
 
 
 def test_lookup_names_fall_back_to_base_models() -> None:
-    assert lookup_names("claude-3-5-sonnet@20240620")[-1] == "claude-3-5-sonnet"
-    assert lookup_names("models/gemini-1.5-pro-002")[-1] == "gemini-1.5-pro"
-    assert lookup_names("ft:gpt-4o-mini-2024-07-18:org::x")[-1] == "gpt-4o-mini"
+    assert lookup_names("claude-3-5-sonnet@20240620")[-1] == ("claude-3-5-sonnet", "base_model")
+    assert lookup_names("models/gemini-1.5-pro-002")[-1] == ("gemini-1.5-pro", "base_model")
+    assert lookup_names("ft:gpt-4o-mini-2024-07-18:org::x")[-1] == ("gpt-4o-mini", "fine_tune_base")

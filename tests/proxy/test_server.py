@@ -94,4 +94,43 @@ async def test_bad_config_is_refused_with_key_and_problem(tmp_path: Path) -> Non
     stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 2
     assert stdout == b""
-    assert f"{config}: [server] port: expected an integer, got str 'eighty'" in stderr.decode()
+    assert f"{config}:2: [server] port: expected an integer, got str 'eighty'" in stderr.decode()
+
+
+async def test_sighup_reloads_prices_without_restart(tmp_path: Path, upstream: FakeUpstream) -> None:
+    config = tmp_path / "config.toml"
+    body = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
+
+    def write(rate: int) -> None:
+        config.write_text(
+            f'[upstreams]\nopenai = "{upstream.url}"\n[pricing]\nreload_interval_s = 0\n'
+            f'[pricing.models."gpt-4o"]\ninput = {rate}\noutput = 0\n'
+        )
+
+    write(1)
+    process, url = await _start_serve(config, {})
+    try:
+        async with aiohttp.ClientSession() as session:
+            headers = {"Authorization": f"Bearer {API_KEY}"}
+            async with session.post(url + "/openai/v1/chat/completions", data=body, headers=headers) as r:
+                await r.read()
+            write(2)
+            process.send_signal(signal.SIGHUP)
+            assert process.stderr is not None
+            while b"prices reloaded" not in await asyncio.wait_for(process.stderr.readline(), 30):
+                pass
+            async with session.post(url + "/openai/v1/chat/completions", data=body, headers=headers) as r:
+                await r.read()
+        process.send_signal(signal.SIGTERM)
+        stdout, _ = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    first, second = (orjson.loads(line) for line in stdout.splitlines())
+    assert (first["input_cost"], second["input_cost"]) == (
+        0.0012,
+        0.0024,
+    )  # 1200 tokens at $1, then $2 per 1M
+    assert first["price_version"] != second["price_version"]
+    assert process.returncode == 0

@@ -310,7 +310,7 @@ async def test_config_price_override_wins(upstream: FakeUpstream) -> None:
     try:
         await post(proxy.url + "/openai/v1/chat/completions", CHAT)
         record = await only_record(proxy)
-        assert record["price_source"] == "config"
+        assert record["price_source"] == "config:base_model"  # the response names gpt-4o-2024-08-06
         # No cache_read rate configured: cached tokens are priced at the input rate.
         assert (record["input_cost"], record["output_cost"]) == (Decimal("0.0012"), Decimal("0.0006"))
     finally:

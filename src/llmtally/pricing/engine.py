@@ -1,8 +1,12 @@
-"""Prices a normalised usage: config overrides first, then genai-prices, else unknown.
+"""Prices a normalised usage. Precedence: config overrides → prices file → genai-prices → unknown.
 
 A :class:`PriceBook` is immutable; its ``version`` is a short hash of everything that sets a price,
-so every record says which price set priced it. Model resolution is done once per model and cached.
-All money is :class:`~decimal.Decimal`.
+so every record says which price set priced it, and a reload swaps one book for another atomically.
+Each model is resolved once; its rates for a date and service tier are turned into a plain
+:class:`~llmtally.pricing.rates.RateSheet` once and cached, so pricing a record is a few Decimal
+operations. ``price_source`` names the source and, after a colon, the matching rule when it was not
+the exact name: ``alias``, ``base_model`` (dated snapshot or version suffix dropped), ``fine_tune_base``,
+``request_model`` (found under the requested name, not the response's).
 """
 
 from __future__ import annotations
@@ -11,28 +15,32 @@ import hashlib
 import logging
 import re
 import threading
+from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime
-from decimal import Decimal
+from datetime import UTC, datetime
 from typing import Any
 
 import genai_prices
 import orjson
-from genai_prices import Usage as GenaiUsage
 from genai_prices.data_snapshot import get_snapshot
 
 from llmtally.config import ModelPrice, PricingConfig
+from llmtally.pricing.files import PriceFile, load_price_file
+from llmtally.pricing.rates import RateSheet, cost, sheet_from_config, sheet_from_genai
 from llmtally.record import Cost, Provider, TokenUsage
 
 log = logging.getLogger("llmtally.pricing")
 
-PER_MILLION = Decimal(1_000_000)
 #: genai-prices' provider ids.
 GENAI_PROVIDER_IDS: dict[Provider, str] = {"openai": "openai", "anthropic": "anthropic", "gemini": "google"}
 
 SOURCE_CONFIG = "config"
+SOURCE_FILE = "prices_file"
 SOURCE_GENAI_PRICES = "genai-prices"
 SOURCE_UNKNOWN = "unknown_model"
+
+#: Service tiers that are the standard price (no variant needed).
+STANDARD_TIERS = frozenset({"default", "standard", "auto", "standard_only", "unspecified", "on_demand", ""})
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,34 +50,10 @@ class Quote:
     cost: Cost | None
     price_source: str
     price_version: str
-    #: The model name the price was found under (after aliases and prefix stripping).
+    #: The model name the price was found under (after aliases and fallbacks).
     priced_as: str | None = None
-
-
-def cost_from_rates(rates: ModelPrice, usage: TokenUsage) -> Cost:
-    """Apply per-1M-token rates; missing cache rates fall back to input (read, write) and write (1h)."""
-    cache_read_rate = rates.cache_read if rates.cache_read is not None else rates.input
-    write_rate = rates.cache_write if rates.cache_write is not None else rates.input
-    write_1h_rate = rates.cache_write_1h if rates.cache_write_1h is not None else write_rate
-    write_1h = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
-    uncached = max(usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens, 0)
-    input_cost = (
-        uncached * rates.input
-        + usage.cache_read_tokens * cache_read_rate
-        + (usage.cache_write_tokens - write_1h) * write_rate
-        + write_1h * write_1h_rate
-    ) / PER_MILLION
-    return Cost(input_cost=input_cost, output_cost=usage.output_tokens * rates.output / PER_MILLION)
-
-
-def _genai_usage(usage: TokenUsage) -> GenaiUsage:
-    return GenaiUsage(
-        input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens,
-        cache_read_tokens=usage.cache_read_tokens,
-        cache_write_tokens=usage.cache_write_tokens,
-        cache_write_1h_tokens=usage.cache_write_1h_tokens,
-    )
+    #: Why the price may differ from the bill (e.g. a service tier without price data).
+    note: str | None = None
 
 
 #: Dated snapshot and version suffixes: gpt-4o-2024-08-06, claude-sonnet-4-5-20250929,
@@ -77,50 +61,86 @@ def _genai_usage(usage: TokenUsage) -> GenaiUsage:
 _SUFFIX = re.compile(r"(?:-\d{4}-\d{2}-\d{2}|-\d{8}|@\d{8}|-\d{3}|-latest|-preview-\d{2}-\d{4}|-exp-\d{4})$")
 
 
-def lookup_names(model: str) -> list[str]:
-    """Names to try for a model, most specific first: as given, without ``models/``, the ``ft:``
-    base model, then with dated snapshot/version suffixes removed."""
-    names: list[str] = []
+def lookup_names(model: str) -> list[tuple[str, str]]:
+    """Names to try for a model with the rule that produced each, most specific first."""
+    names: list[tuple[str, str]] = []
 
-    def add(name: str) -> None:
-        if name and name not in names:
-            names.append(name)
+    def add(name: str, rule: str) -> None:
+        if name and all(name != n for n, _ in names):
+            names.append((name, rule))
 
-    add(model)
+    add(model, "exact")
     name = model.removeprefix("models/")
-    add(name)
+    add(name, "exact")
     if name.startswith("ft:"):
-        # ft:gpt-4o-mini-2024-07-18:org::id → gpt-4o-mini-2024-07-18
-        name = name.split(":")[1]
-        add(name)
+        base = name.split(":")[1]  # ft:gpt-4o-mini-2024-07-18:org::id → gpt-4o-mini-2024-07-18
+        add(f"ft:{base}", "fine_tune")
+        stripped = _SUFFIX.sub("", base)
+        add(f"ft:{stripped}", "fine_tune")
+        add(base, "fine_tune_base")
+        add(stripped, "fine_tune_base")
+        return names
     while (stripped := _SUFFIX.sub("", name)) != name:
         name = stripped
-        add(name)
+        add(name, "base_model")
     return names
 
 
-class PriceBook:
-    """An immutable set of prices with a cached per-model resolution."""
+def tier_context(service_tier: str | None) -> dict[str, str] | None:
+    """genai-prices' price-variant context for a service tier (None: the standard price)."""
+    tier = (service_tier or "").lower()
+    if tier in STANDARD_TIERS:
+        return None
+    if tier == "batch":
+        return {"processing": "batch"}
+    if tier == "fast":
+        return {"speed": "fast"}
+    return {"service_tier": tier}
 
-    def __init__(self, config: PricingConfig) -> None:
+
+@dataclass(frozen=True, slots=True)
+class _Resolution:
+    source: str
+    rule: str
+    name: str | None
+    target: Any  # ModelPrice (overrides) or (genai Provider, ModelInfo)
+
+
+class PriceBook:
+    """An immutable set of prices with cached resolution. Thread-safe."""
+
+    def __init__(self, config: PricingConfig, price_file: PriceFile | None = None) -> None:
         self._overrides = dict(config.models)
         self._aliases = dict(config.aliases)
-        self._resolved: dict[tuple[Provider, str, str | None], tuple[str, Any, str | None]] = {}
+        if price_file is None and config.file:
+            price_file = load_price_file(config.file)  # raises PriceFileError
+        self.price_file = price_file
+        self._file_models = dict(price_file.models) if price_file else {}
+        if price_file:
+            self._aliases = {**price_file.aliases, **self._aliases}
+        self._snapshot = get_snapshot()
+        self._resolved: dict[tuple[Provider, str, str | None], _Resolution] = {}
+        self._sheets: dict[tuple[int, Any, str | None], tuple[RateSheet | None, bool]] = {}
         self._lock = threading.Lock()
         self._warned: set[tuple[Provider, str]] = set()
+        #: Quotes that found no price, per model (a metric).
+        self.unpriced: Counter[str] = Counter()
         self.version = self._hash()
 
     def _hash(self) -> str:
+        def rates(price: ModelPrice) -> str:
+            return repr(price)
+
         material = {
-            "overrides": {
-                name: {k: str(getattr(rate, k)) for k in rate.__slots__}
-                for name, rate in sorted(self._overrides.items())
-            },
-            "aliases": self._aliases,
+            "overrides": {name: rates(p) for name, p in sorted(self._overrides.items())},
+            "aliases": dict(sorted(self._aliases.items())),
+            "file": hashlib.sha256(self.price_file.content).hexdigest() if self.price_file else None,
             "genai_prices": genai_prices.__version__,
+            "snapshot": self._snapshot.timestamp.isoformat()
+            if self._snapshot.from_auto_update
+            else "bundled",
         }
-        digest = hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
-        return digest[:12]
+        return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()[:12]
 
     def quote(
         self,
@@ -129,80 +149,124 @@ class PriceBook:
         usage: TokenUsage,
         when: datetime | None = None,
         request_model: str | None = None,
+        service_tier: str | None = None,
     ) -> Quote:
-        """Price ``usage`` of ``model`` (the response's), falling back to ``request_model``.
-
-        Never raises: a failure prices nothing and says why.
-        """
+        """Price ``usage`` of ``model`` (the response's), falling back to ``request_model``. Never raises."""
         if not model:
             model, request_model = request_model, None
         if not model:
             return Quote(None, SOURCE_UNKNOWN, self.version)
-        kind, target, priced_as = self._resolve(provider, model, request_model)
-        if kind == SOURCE_CONFIG:
-            return Quote(cost_from_rates(target, usage), SOURCE_CONFIG, self.version, priced_as)
-        if kind == SOURCE_GENAI_PRICES:
-            genai_provider, model_info = target
-            try:
-                calc = model_info.calc_price(
-                    _genai_usage(usage), genai_provider, genai_request_timestamp=when
-                )
-            except (ValueError, LookupError) as exc:
-                log.warning("genai-prices could not price %s/%s: %s", provider, model, exc)
-                return Quote(None, SOURCE_UNKNOWN, self.version)
-            return Quote(
-                Cost(input_cost=calc.input_price, output_cost=calc.output_price),
-                SOURCE_GENAI_PRICES,
-                self.version,
-                priced_as,
+        resolution = self._resolve(provider, model, request_model)
+        if resolution.source == SOURCE_UNKNOWN:
+            self._unknown(provider, model)
+            return Quote(None, SOURCE_UNKNOWN, self.version)
+        when = when or datetime.now(UTC)
+        try:
+            sheet, tier_priced = self._sheet(resolution, when, service_tier)
+        except (ValueError, LookupError) as exc:
+            log.warning("cannot price %s/%s: %s", provider, model, exc)
+            sheet, tier_priced = None, True
+        if sheet is None:
+            self._unknown(provider, model)
+            return Quote(None, SOURCE_UNKNOWN, self.version)
+        source = resolution.source if resolution.rule == "exact" else f"{resolution.source}:{resolution.rule}"
+        note = None
+        if not tier_priced:
+            note = (
+                f"service tier {service_tier!r} has no price data for {resolution.name}: standard rates used"
             )
-        self._warn_unknown(provider, model)
-        return Quote(None, SOURCE_UNKNOWN, self.version)
+        return Quote(cost(sheet, usage), source, self.version, resolution.name, note)
 
-    def _resolve(
-        self, provider: Provider, model: str, request_model: str | None
-    ) -> tuple[str, Any, str | None]:
-        key = (provider, model, request_model)
-        found = self._resolved.get(key)
-        if found is not None:
-            return found
-        with self._lock:
-            found = self._resolved.get(key)
-            if found is None:
-                found = self._resolve_uncached(provider, model, request_model)
-                self._resolved[key] = found
-        return found
-
-    def _candidates(self, model: str, request_model: str | None) -> list[str]:
-        names: list[str] = []
-        for given in (model, request_model):
-            if not given:
-                continue
-            for name in lookup_names(given):
-                alias = self._aliases.get(name)
-                for candidate in (name, *(lookup_names(alias) if alias else ())):
-                    if candidate not in names:
-                        names.append(candidate)
-        return names
-
-    def _resolve_uncached(
-        self, provider: Provider, model: str, request_model: str | None
-    ) -> tuple[str, Any, str | None]:
-        names = self._candidates(model, request_model)
-        for name in names:
-            if name in self._overrides:
-                return SOURCE_CONFIG, self._overrides[name], name
-        snapshot = get_snapshot()
-        for name in names:
-            try:
-                found = snapshot.find_provider_model(name, None, GENAI_PROVIDER_IDS[provider], None)
-            except LookupError:
-                continue
-            return SOURCE_GENAI_PRICES, found, found[1].id
-        return SOURCE_UNKNOWN, None, None
-
-    def _warn_unknown(self, provider: Provider, model: str) -> None:
+    def _unknown(self, provider: Provider, model: str) -> None:
+        self.unpriced[model] += 1
         key = (provider, model)
         if key not in self._warned:
             self._warned.add(key)
             log.warning("no price for %s model %r: its records carry null costs", provider, model)
+
+    # ---- resolution (once per model) ----
+
+    def _resolve(self, provider: Provider, model: str, request_model: str | None) -> _Resolution:
+        key = (provider, model, request_model)
+        found = self._resolved.get(key)
+        if found is None:
+            found = self._resolve_uncached(provider, model, request_model)
+            with self._lock:
+                self._resolved[key] = found
+        return found
+
+    def _candidates(self, provider: Provider, model: str, request_model: str | None) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        for given, via_request in ((model, False), (request_model, True)):
+            if not given:
+                continue
+            for name, rule in lookup_names(given):
+                rule = "request_model" if via_request and rule == "exact" else rule
+                alias = self._aliases.get(name)
+                found = [(name, rule)]
+                if alias:
+                    found += [(a, "alias") for a, _ in lookup_names(alias)]
+                for candidate in found:
+                    if all(candidate[0] != n for n, _ in out):
+                        out.append(candidate)
+        # LiteLLM keys some providers' models with a prefix (gemini/…, anthropic/…).
+        out += [(f"{provider}/{n}", r) for n, r in out if "/" not in n]
+        return out
+
+    def _resolve_uncached(self, provider: Provider, model: str, request_model: str | None) -> _Resolution:
+        names = self._candidates(provider, model, request_model)
+        for source, table in ((SOURCE_CONFIG, self._overrides), (SOURCE_FILE, self._file_models)):
+            for name, rule in names:
+                if name in table:
+                    return _Resolution(source, rule, name, table[name])
+        genai_provider = GENAI_PROVIDER_IDS[provider]
+        for name, rule in names:
+            if "/" in name:
+                continue
+            try:
+                found = self._snapshot.find_provider_model(name, None, genai_provider, None)
+            except LookupError:
+                continue
+            return _Resolution(SOURCE_GENAI_PRICES, rule, found[1].id, found)
+        return _Resolution(SOURCE_UNKNOWN, "exact", None, None)
+
+    # ---- rate sheets (once per model, date and tier) ----
+
+    def _sheet(
+        self, resolution: _Resolution, when: datetime, tier: str | None
+    ) -> tuple[RateSheet | None, bool]:
+        tier = (tier or "").lower() or None
+        if tier in STANDARD_TIERS:
+            tier = None
+        if resolution.source != SOURCE_GENAI_PRICES:
+            key: tuple[int, Any, str | None] = (id(resolution.target), None, tier)
+            found = self._sheets.get(key)
+            if found is None:
+                found = sheet_from_config(resolution.target, tier)
+                with self._lock:
+                    self._sheets[key] = found
+            return found
+        _, model_info = resolution.target
+        dated = _has_time_of_day_prices(model_info)
+        key = (id(model_info), when.date() if not dated else when, tier)
+        found = self._sheets.get(key)
+        if found is None:
+            context = tier_context(tier)
+            model_price = model_info.get_prices(when, context)
+            priced = context is None or _has_variant(model_info, context)
+            found = (sheet_from_genai(model_price), priced)
+            if not dated:
+                with self._lock:
+                    self._sheets[key] = found
+        return found
+
+
+def _has_variant(model_info: Any, context: dict[str, str]) -> bool:
+    return any(v.when == context for v in model_info.price_variants or ())
+
+
+def _has_time_of_day_prices(model_info: Any) -> bool:
+    prices = model_info.prices
+    if not isinstance(prices, list):
+        return False
+    return any(type(p.constraint).__name__ == "TimeOfDateConstraint" for p in prices)

@@ -40,6 +40,17 @@ def usage_from_gemini(meta: Any, embedding: bool = False) -> TokenUsage | None:
         output_tokens=output,
         cache_read_tokens=as_int(meta.get("cachedContentTokenCount")),
         reasoning_tokens=None if embedding else thoughts,
+        input_audio_tokens=_modality(meta.get("promptTokensDetails"), "AUDIO"),
+        output_audio_tokens=0 if embedding else _modality(meta.get("candidatesTokensDetails"), "AUDIO"),
+    )
+
+
+def _modality(details: Any, modality: str) -> int:
+    """Tokens of one modality in a ``[{"modality": "AUDIO", "tokenCount": n}, …]`` list."""
+    if not isinstance(details, list):
+        return 0
+    return sum(
+        as_int(d.get("tokenCount")) for d in details if isinstance(d, dict) and d.get("modality") == modality
     )
 
 
@@ -149,7 +160,7 @@ class _GeminiState:
         usage = usage_from_gemini(meta, self._embedding)
         if usage is not None and isinstance(meta, dict):
             summary.usage = usage  # cumulative: the last one wins
-            tier = meta.get("serviceTier") or meta.get("trafficType")
+            tier = meta.get("serviceTier")
             if isinstance(tier, str):
                 summary.service_tier = tier
         for candidate in obj.get("candidates") or ():

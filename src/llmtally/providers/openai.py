@@ -40,18 +40,19 @@ def usage_from_openai(usage: Any) -> TokenUsage | None:
     if "input_tokens" in usage:  # Responses API
         input_tokens = as_int(usage.get("input_tokens"))
         output_tokens = as_int(usage.get("output_tokens"))
-        cached = as_int(get_path(usage, "input_tokens_details", "cached_tokens"))
-        reasoning = get_path(usage, "output_tokens_details", "reasoning_tokens")
+        in_details, out_details = usage.get("input_tokens_details"), usage.get("output_tokens_details")
     else:
         input_tokens = as_int(usage.get("prompt_tokens"))
         output_tokens = as_int(usage.get("completion_tokens"))
-        cached = as_int(get_path(usage, "prompt_tokens_details", "cached_tokens"))
-        reasoning = get_path(usage, "completion_tokens_details", "reasoning_tokens")
+        in_details, out_details = usage.get("prompt_tokens_details"), usage.get("completion_tokens_details")
+    reasoning = get_path(out_details, "reasoning_tokens")
     return TokenUsage(
         input_tokens=input_tokens,
         output_tokens=output_tokens,
-        cache_read_tokens=cached,
+        cache_read_tokens=as_int(get_path(in_details, "cached_tokens")),
         reasoning_tokens=as_int(reasoning) if reasoning is not None else None,
+        input_audio_tokens=as_int(get_path(in_details, "audio_tokens")),
+        output_audio_tokens=as_int(get_path(out_details, "audio_tokens")),
     )
 
 

@@ -14,7 +14,9 @@ from aiohttp import web
 
 from llmtally.config import Config
 from llmtally.pipeline import JsonLinesSink, RecordPipeline
-from llmtally.proxy.app import create_app
+from llmtally.pricing import PriceBook
+from llmtally.pricing.reload import PriceReloader, start_auto_update
+from llmtally.proxy.app import STATE_KEY, create_app
 
 log = logging.getLogger("llmtally.server")
 
@@ -37,10 +39,22 @@ async def serve(
     config: Config,
     ready: Callable[[int], Awaitable[None] | None] | None = None,
     stop: asyncio.Event | None = None,
+    config_path: str | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop`` is set); ``ready`` gets the bound port."""
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set); ``ready`` gets the bound port.
+
+    SIGHUP (or a change of the config or prices file) reloads prices.
+    """
     pipeline = build_pipeline(config)
     app = create_app(config, pipeline)
+    state = app[STATE_KEY]
+
+    def use(book: PriceBook) -> None:
+        state.prices = book  # one reference swap: each record is priced by exactly one book
+
+    reloader = PriceReloader(config, config_path, use, state.prices)
+    if config.pricing.auto_update:
+        start_auto_update(config.pricing.auto_update_interval_h)
     runner = web.AppRunner(
         app,
         access_log=None,
@@ -60,6 +74,9 @@ async def serve(
         # Not available off the main thread or on Windows; then only `stop` ends the server.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        loop.add_signal_handler(signal.SIGHUP, reloader.trigger)
+    reloader.start()
     if ready is not None:
         result = ready(port)
         if result is not None:
@@ -67,14 +84,13 @@ async def serve(
     await stop.wait()
     log.info("shutting down: draining in-flight requests (up to %.0f s)", config.server.shutdown_grace_s)
     # cleanup(): stop listening → on_shutdown (readyz 503) → wait for handlers → on_cleanup.
+    await reloader.stop()
     await runner.cleanup()
     await pipeline.close()
     log.info("stopped; %d records delivered, %d dropped", pipeline.delivered, pipeline.dropped)
 
 
 async def _preload_gemini(app: web.Application) -> None:
-    from llmtally.proxy.app import STATE_KEY
-
     counter = app[STATE_KEY].counters["gemini"]
     load = getattr(counter, "load", None)
     if load is not None:
@@ -91,7 +107,9 @@ def _bound_port(runner: web.AppRunner) -> int | None:
     return None
 
 
-def run(config: Config, host: str | None = None, port: int | None = None) -> None:
+def run(
+    config: Config, host: str | None = None, port: int | None = None, config_path: str | None = None
+) -> None:
     """Blocking entry point for ``llmtally serve``."""
     if host is not None or port is not None:
         server = replace(
@@ -104,6 +122,6 @@ def run(config: Config, host: str | None = None, port: int | None = None) -> Non
     try:
         import uvloop
     except ImportError:  # pragma: no cover - optional on some platforms
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, config_path=config_path))
     else:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, config_path=config_path))
