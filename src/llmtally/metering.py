@@ -93,7 +93,10 @@ def build_record(
         usage, source = TokenUsage(), "none"
 
     service_tier = summary.service_tier or request.service_tier
-    quote = prices.quote(exchange.provider, model, usage, exchange.started_at, request.model, service_tier)
+    geo = summary.inference_geo or request.inference_geo
+    quote = prices.quote(
+        exchange.provider, model, usage, exchange.started_at, request.model, service_tier, geo
+    )
     return UsageRecord(
         timestamp=_rfc3339(exchange.started_at),
         request_id=exchange.request_id,
@@ -118,6 +121,7 @@ def build_record(
         estimated_input_tokens=estimate.input_tokens if estimate else None,
         upstream_request_id=exchange.upstream_request_id or summary.upstream_request_id,
         service_tier=service_tier,
+        inference_geo=geo if geo and geo.lower() != "global" else None,
     )
 
 

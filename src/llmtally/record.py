@@ -82,6 +82,8 @@ class UsageRecord:
     price_version: str | None = None
     #: The model name the price was found under (after aliases and snapshot fallback).
     priced_model: str | None = None
+    #: Data-residency region inference ran in (Anthropic ``inference_geo``), when not global.
+    inference_geo: str | None = None
     #: Why the price may not be what the provider bills (a service tier without price data), if so.
     pricing_note: str | None = None
 
@@ -119,6 +121,7 @@ class UsageRecord:
             "priced_model": self.priced_model,
             "pricing_note": self.pricing_note,
             "service_tier": self.service_tier,
+            "inference_geo": self.inference_geo,
             "latency_ms": self.latency_ms,
             "ttfb_ms": self.ttfb_ms,
             "client_disconnected": self.client_disconnected,

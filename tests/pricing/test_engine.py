@@ -83,6 +83,13 @@ def test_tier_without_price_data_is_flagged() -> None:
     assert "priority" in (quote.note or "")
 
 
+def test_data_residency_is_flagged() -> None:
+    quote = BOOK.quote("anthropic", "claude-opus-4-8", TokenUsage(1000, 100), inference_geo="us")
+    assert quote.cost is not None and quote.cost.input_cost == usd(1000 * 5)
+    assert "inference_geo 'us'" in (quote.note or "")
+    assert BOOK.quote("anthropic", "claude-opus-4-8", TokenUsage(1, 1), inference_geo="global").note is None
+
+
 def test_dated_prices_follow_the_call_date() -> None:
     # claude-sonnet-4-6 had long-context tiers until 2026-03-13 in the data.
     usage = TokenUsage(300_000, 1_000)

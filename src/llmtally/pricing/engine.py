@@ -150,6 +150,7 @@ class PriceBook:
         when: datetime | None = None,
         request_model: str | None = None,
         service_tier: str | None = None,
+        inference_geo: str | None = None,
     ) -> Quote:
         """Price ``usage`` of ``model`` (the response's), falling back to ``request_model``. Never raises."""
         if not model:
@@ -170,11 +171,17 @@ class PriceBook:
             self._unknown(provider, model)
             return Quote(None, SOURCE_UNKNOWN, self.version)
         source = resolution.source if resolution.rule == "exact" else f"{resolution.source}:{resolution.rule}"
-        note = None
+        notes = []
         if not tier_priced:
-            note = (
+            notes.append(
                 f"service tier {service_tier!r} has no price data for {resolution.name}: standard rates used"
             )
+        if inference_geo and inference_geo.lower() not in ("global", ""):
+            # Regional inference carries a surcharge (Anthropic: 1.1x for "us") that no price data lists.
+            notes.append(
+                f"inference_geo {inference_geo!r} surcharge is not in the price data: standard rates used"
+            )
+        note = "; ".join(notes) or None
         return Quote(cost(sheet, usage), source, self.version, resolution.name, note)
 
     def _unknown(self, provider: Provider, model: str) -> None:

@@ -70,6 +70,7 @@ class AnthropicAdapter:
         model = payload.get("model")
         stream = payload.get("stream") is True
         tier = payload.get("service_tier")
+        geo = payload.get("inference_geo")
         return MeteredRequest(
             endpoint=endpoint,
             body=body,
@@ -78,6 +79,7 @@ class AnthropicAdapter:
             payload=payload,
             stream_format="sse" if stream else None,
             service_tier=tier if isinstance(tier, str) else None,
+            inference_geo=geo if isinstance(geo, str) else None,
         )
 
     def parse_response(self, request: MeteredRequest, body: bytes) -> ResponseSummary:
@@ -97,6 +99,8 @@ class AnthropicAdapter:
         summary.usage = usage_from_anthropic(usage)
         tier = get_path(usage, "service_tier")
         summary.service_tier = tier if isinstance(tier, str) else None
+        geo = get_path(usage, "inference_geo")
+        summary.inference_geo = geo if isinstance(geo, str) else None
         return summary
 
     def stream_parser(self, request: MeteredRequest) -> _AnthropicStreamParser:
@@ -172,3 +176,6 @@ class _AnthropicStreamParser:
         tier = self._usage.get("service_tier")
         if isinstance(tier, str):
             self.summary.service_tier = tier
+        geo = self._usage.get("inference_geo")
+        if isinstance(geo, str):
+            self.summary.inference_geo = geo

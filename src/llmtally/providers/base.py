@@ -43,6 +43,8 @@ class MeteredRequest:
     #: Stream framing of the response: ``sse``, ``json-array`` or ``None`` (a single JSON body).
     stream_format: str | None = None
     service_tier: str | None = None
+    #: Data-residency region the request asked for (Anthropic ``inference_geo``).
+    inference_geo: str | None = None
     error: str | None = None
 
 
@@ -56,6 +58,8 @@ class ResponseSummary:
     output_text: list[str] = field(default_factory=list)
     upstream_request_id: str | None = None
     service_tier: str | None = None
+    #: Where inference ran, when the provider says (Anthropic ``usage.inference_geo``).
+    inference_geo: str | None = None
     error: str | None = None
     #: The stream reached its documented end (final usage / terminal event).
     complete: bool = False
