@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test demo lint load clean
+.PHONY: serve test demo lint load proto clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) >&2
@@ -30,6 +30,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests load_tests
 	$(BIN)/ruff format --check src tests load_tests
 	$(BIN)/mypy
+
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I src/llmtally/pipeline/proto --python_out=src/llmtally/pipeline/proto \
+		--pyi_out=src/llmtally/pipeline/proto src/llmtally/pipeline/proto/usage_record.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -163,6 +163,75 @@ class CountersConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    """Record delivery: queueing, batching, retries and the spill files behind every sink."""
+
+    #: Records waiting to be built and delivered; past this, ``overflow`` applies.
+    max_queue: int = 10_000
+    batch_size: int = 256
+    #: ``spill``: write overflowing records to the spill directory (delivered later); ``drop``: count and log.
+    overflow: Literal["spill", "drop"] = "spill"
+    #: Where undeliverable records wait (empty: <system temp dir>/llmtally-spill). Use a volume in k8s.
+    spill_dir: str = ""
+    #: Batches a sink may fall behind by before further batches spill for it.
+    sink_queue: int = 64
+    #: Longest one sink write may take before it counts as failed.
+    sink_timeout_s: float = 10.0
+    retry_attempts: int = 5
+    retry_backoff_s: float = 0.2
+    retry_backoff_max_s: float = 10.0
+    #: How often spilled records are retried.
+    replay_interval_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class FileSinkConfig:
+    #: A JSON-lines file with size-based rotation (empty: off).
+    path: str = ""
+    max_mb: int = 100
+    #: Rotated files kept: path.1 … path.N.
+    backups: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class PrometheusSinkConfig:
+    #: Serve metrics at GET /metrics.
+    enabled: bool = True
+    #: Tag keys to add as labels (each adds a label dimension: mind the cardinality).
+    tag_labels: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSinkConfig:
+    #: POST batches of records as JSON here (empty: off).
+    url: str = ""
+    timeout_s: float = 10.0
+    #: Extra request headers, e.g. an Authorization for the receiver.
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class OtelSinkConfig:
+    #: Export GenAI metrics and spans over OTLP (needs ``llmtally[otel]``; OTEL_* variables configure it).
+    enabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ProtobufSinkConfig:
+    #: Append length-delimited ``llmtally.v1.UsageRecord`` messages to this file (empty: off).
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SinksConfig:
+    file: FileSinkConfig = field(default_factory=FileSinkConfig)
+    prometheus: PrometheusSinkConfig = field(default_factory=PrometheusSinkConfig)
+    webhook: WebhookSinkConfig = field(default_factory=WebhookSinkConfig)
+    otel: OtelSinkConfig = field(default_factory=OtelSinkConfig)
+    protobuf: ProtobufSinkConfig = field(default_factory=ProtobufSinkConfig)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstreams: UpstreamsConfig = field(default_factory=UpstreamsConfig)
@@ -170,6 +239,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
     counters: CountersConfig = field(default_factory=CountersConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    sinks: SinksConfig = field(default_factory=SinksConfig)
 
 
 #: Environment variables that are not ``<SECTION>_<KEY>`` of a section.
@@ -372,6 +443,8 @@ def _coerce(tp: Any, value: Any, source: str, path: tuple[str, ...]) -> Any:
             raise ConfigError(f"{where}: expected a string, got {_describe(value)}")
         if path[0] == "upstreams" and path[-1] in ("openai", "anthropic", "gemini"):
             _check_url(value, where)
+        if path[:2] == ("sinks", "webhook") and path[-1] == "url" and value:
+            _check_url(value, where)
         return value
     raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover - schema bug
 
@@ -379,6 +452,8 @@ def _coerce(tp: Any, value: Any, source: str, path: tuple[str, ...]) -> Any:
 def _parse_env_text(tp: Any, text: str, where: str) -> Any:
     if get_origin(tp) in (types.UnionType, typing.Union):
         tp = next(a for a in get_args(tp) if a is not type(None))
+    if get_origin(tp) is list:
+        return [item.strip() for item in text.split(",") if item.strip()]
     if tp is bool:
         low = text.strip().lower()
         if low in ("1", "true", "yes", "on"):

@@ -133,6 +133,35 @@ def _worth_estimating(exchange: Exchange) -> bool:
     return status is not None and 200 <= status < 300
 
 
+def safe_build_record(
+    exchange: Exchange, adapter: ProviderAdapter, counter: TokenCounter, prices: PriceBook
+) -> UsageRecord:
+    """:func:`build_record`, but a metering bug still yields a record that says so (records are money)."""
+    try:
+        return build_record(exchange, adapter, counter, prices)
+    except Exception as exc:
+        log.exception("metering failed for request %s", exchange.request_id)
+        return UsageRecord(
+            timestamp=_rfc3339(exchange.started_at),
+            request_id=exchange.request_id,
+            provider=exchange.provider,
+            endpoint=exchange.request.endpoint.name,
+            request_model=exchange.request.model,
+            model=exchange.request.model,
+            stream=exchange.request.stream,
+            status=exchange.status,
+            usage=TokenUsage(),
+            usage_source="none",
+            cost=None,
+            price_source="unknown_model",
+            latency_ms=round(exchange.latency_ms, 3),
+            ttfb_ms=None,
+            client_disconnected=exchange.client_disconnected,
+            tags=exchange.tags,
+            error=f"metering failed: {type(exc).__name__}: {exc}",
+        )
+
+
 def _resolve_estimate(exchange: Exchange, counter: TokenCounter, needed: bool) -> TokenCount | None:
     """The input estimate: the one already made (or running), else a count now if the record needs it."""
     estimate = exchange.input_estimate

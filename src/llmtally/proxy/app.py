@@ -24,8 +24,10 @@ from yarl import URL
 
 from llmtally.config import Config
 from llmtally.counters import TokenCounter, build_counters
-from llmtally.metering import Exchange, build_record, estimate_input
+from llmtally.metering import Exchange, estimate_input, safe_build_record
 from llmtally.pipeline import RecordPipeline
+from llmtally.pipeline.build import prometheus_of
+from llmtally.pipeline.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from llmtally.pricing import PriceBook
 from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter, StreamParser
 from llmtally.record import Provider
@@ -83,6 +85,7 @@ def create_app(config: Config, pipeline: RecordPipeline, prices: PriceBook | Non
     app[STATE_KEY] = state
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
     for provider in ADAPTERS:
         app.router.add_route("*", f"/{provider}/{{tail:.*}}", partial(_proxy, provider))
     app.router.add_route("*", "/{tail:.*}", _not_found)
@@ -123,6 +126,13 @@ async def _on_cleanup(app: web.Application) -> None:
 
 async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    sink = prometheus_of(request.app[STATE_KEY].pipeline)
+    if sink is None:
+        return _json_error(404, "not_found", "metrics are off ([sinks.prometheus] enabled = false)")
+    return web.Response(body=sink.render(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
 
 
 async def _readyz(request: web.Request) -> web.Response:
@@ -227,7 +237,7 @@ async def _proxy(provider: Provider, request: web.Request) -> web.StreamResponse
 
 def _submit(state: ProxyState, adapter: ProviderAdapter, exchange: Exchange) -> None:
     counter = state.counters[exchange.provider]
-    state.pipeline.submit(partial(build_record, exchange, adapter, counter, state.prices))
+    state.pipeline.submit(partial(safe_build_record, exchange, adapter, counter, state.prices))
 
 
 def _upstream_url(base: URL, raw_path: str, provider: str) -> URL | None:

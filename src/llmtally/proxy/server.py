@@ -13,7 +13,7 @@ from dataclasses import replace
 from aiohttp import web
 
 from llmtally.config import Config
-from llmtally.pipeline import JsonLinesSink, RecordPipeline
+from llmtally.pipeline.build import build_pipeline
 from llmtally.pricing import PriceBook
 from llmtally.pricing.reload import PriceReloader, start_auto_update
 from llmtally.proxy.app import STATE_KEY, create_app
@@ -29,10 +29,6 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
-def build_pipeline(config: Config) -> RecordPipeline:
-    return RecordPipeline([JsonLinesSink(config.logging.destination)])
 
 
 async def serve(
@@ -87,7 +83,8 @@ async def serve(
     await reloader.stop()
     await runner.cleanup()
     await pipeline.close()
-    log.info("stopped; %d records delivered, %d dropped", pipeline.delivered, pipeline.dropped)
+    stats = pipeline.stats
+    log.info("stopped; records delivered %s, dropped %d", dict(stats.delivered), stats.dropped)
 
 
 async def _preload_gemini(app: web.Application) -> None:

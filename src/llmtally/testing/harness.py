@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,7 @@ from aiohttp import web
 
 from llmtally.config import Config, MeteringConfig, UpstreamsConfig
 from llmtally.pipeline import MemorySink, RecordPipeline, Sink
+from llmtally.pipeline.prometheus import PrometheusSink
 from llmtally.proxy.app import create_app
 
 
@@ -46,8 +48,16 @@ class RunningProxy:
 async def start_proxy(
     config: Config, sinks: list[Sink] | None = None, host: str = "127.0.0.1", port: int = 0
 ) -> RunningProxy:
+    """The proxy with a memory sink, Prometheus metrics and ``sinks``; spills go to a private temp dir."""
     memory = MemorySink()
-    pipeline = RecordPipeline([memory, *(sinks or [])])
+    prometheus = PrometheusSink(config.sinks.prometheus.tag_labels)
+    pipeline_config = config.pipeline
+    if not pipeline_config.spill_dir:
+        pipeline_config = dataclasses.replace(
+            pipeline_config, spill_dir=tempfile.mkdtemp(prefix="llmtally-spill-")
+        )
+    pipeline = RecordPipeline([memory, prometheus, *(sinks or [])], pipeline_config)
+    prometheus.bind(pipeline)
     app = create_app(config, pipeline)
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, shutdown_timeout=config.server.shutdown_grace_s
