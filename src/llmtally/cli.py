@@ -147,6 +147,36 @@ def _cmd_price(args: argparse.Namespace) -> int:
     return 0 if quote.cost is not None else 1
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from llmtally.pipeline import report as r
+
+    by = [b for item in (args.by or []) for b in item.split(",") if b] or list(r.DEFAULT_GROUPING)
+    try:
+        since, until = r.parse_when(args.since, "--since"), r.parse_when(args.until, "--until")
+        records = list(r.read_records(args.files))
+        totals, groups = r.build_report(records, by, since, until)
+        if args.plot:
+            kept = [rec for rec in records if _in_window(rec, since, until)]
+            r.plot_cost_over_time(kept, args.plot)
+    except r.ReportError as exc:
+        print(f"llmtally report: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        sys.stdout.write(r.render_json(totals, groups, by))
+    elif args.csv:
+        sys.stdout.write(r.render_csv(groups, by))
+    else:
+        sys.stdout.write(r.render_table(totals, groups, by))
+    return 0
+
+
+def _in_window(record: dict[str, object], since: object, until: object) -> bool:
+    from llmtally.pipeline.report import parse_when
+
+    when = parse_when(str(record.get("timestamp")), "timestamp")
+    return when is not None and not (since and when < since) and not (until and when >= until)  # type: ignore[operator]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmtally", description="LLM usage metering proxy and library.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +217,25 @@ def build_parser() -> argparse.ArgumentParser:
     price.add_argument("--output-audio", type=int, default=0, help="of --output, the audio ones")
     price.add_argument("--service-tier", help="batch, flex, priority, ... (default: standard)")
     price.set_defaults(func=_cmd_price)
+
+    report = sub.add_parser(
+        "report", help="cost table from JSON-lines usage records (files, .gz, or - for stdin)"
+    )
+    report.add_argument("files", nargs="*", help="record files (plain or gzip); - or nothing: stdin")
+    report.add_argument(
+        "--by", action="append", metavar="KEY",
+        help="group by provider, model, endpoint, day, hour or tag:<key> (repeat or comma-separate; "
+        "default: provider,model)",
+    )  # fmt: skip
+    report.add_argument("--since", help="only records at or after this ISO date/time (UTC unless given)")
+    report.add_argument("--until", help="only records before this ISO date/time")
+    output = report.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="JSON: totals and groups")
+    output.add_argument("--csv", action="store_true", help="CSV, one row per group")
+    report.add_argument(
+        "--plot", metavar="PNG", help="also draw hourly cost per model (needs llmtally[plot])"
+    )
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import uuid
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -25,6 +26,8 @@ from llmtally.counters import ChatInput, TokenCount, TokenCounter, build_counter
 from llmtally.counters.anthropic import AnthropicCounter, Calibration
 from llmtally.counters.exact import ExactCounter, ExactCountError
 from llmtally.metering import Exchange, build_record, estimate_input
+from llmtally.pipeline.background import BackgroundPipeline
+from llmtally.pipeline.sinks import CallbackSink, Sink
 from llmtally.pricing import PriceBook
 from llmtally.providers import ADAPTERS, MeteredRequest, ResponseSummary
 from llmtally.providers.infer import infer_provider
@@ -123,8 +126,16 @@ class TokenTracker:
         *,
         strict: bool = False,
         api_keys: Mapping[str, str] | None = None,
+        sinks: Sequence[Sink] | None = None,
     ) -> None:
+        """``sinks``: where tracked records go (default: none; ``from_config`` uses the config's sinks).
+
+        Records are delivered in a background thread; ``on_usage`` adds callbacks.
+        """
         self.config = config or Config()
+        self._sinks = list(sinks or ())
+        self._delivery: BackgroundPipeline | None = None
+        self._delivery_lock = threading.Lock()
         self.strict = strict
         self.counters: dict[Provider, TokenCounter] = build_counters(self.config.counters, strict=strict)
         self.prices = PriceBook(self.config.pricing)
@@ -134,9 +145,46 @@ class TokenTracker:
     @classmethod
     def from_config(cls, path: str | Path, **kwargs: Any) -> TokenTracker:
         """A tracker configured by a ``config.toml`` (and ``LLMTALLY_*`` environment overrides)."""
-        tracker = cls(load_config(path), **kwargs)
+        config = load_config(path)
+        if "sinks" not in kwargs:
+            from llmtally.pipeline.build import build_sinks
+
+            kwargs["sinks"] = build_sinks(config)
+        tracker = cls(config, **kwargs)
         tracker._config_path = str(path)
         return tracker
+
+    # ---- delivery -------------------------------------------------------------------------------
+
+    def on_usage(self, callback: Callable[[dict[str, Any]], Any]) -> None:
+        """Call ``callback(record)`` (sync or async) for every tracked record, off the caller's path.
+
+        ``record`` is the usage record as a dict (docs/records.md). A slow or failing callback never
+        blocks or breaks ``track_usage``: it runs in the delivery thread with its own queue, timeout,
+        retries and spill file, like any sink.
+        """
+        self._deliver().add_sink(CallbackSink(callback))
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every tracked record reached every sink and hook."""
+        if self._delivery is not None:
+            self._delivery.flush(timeout)
+
+    async def aflush(self) -> None:
+        if self._delivery is not None:
+            await self._delivery.aflush()
+
+    def close(self) -> None:
+        """Deliver everything and stop the delivery thread."""
+        if self._delivery is not None:
+            self._delivery.close()
+            self._delivery = None
+
+    def _deliver(self) -> BackgroundPipeline:
+        with self._delivery_lock:
+            if self._delivery is None:
+                self._delivery = BackgroundPipeline(self._sinks, self.config.pipeline)
+            return self._delivery
 
     def reload_prices(self) -> str:
         """Re-read the config (if from a file) and prices file; swap prices atomically. The new version.
@@ -256,11 +304,21 @@ class TokenTracker:
 
     # ---- tracking -------------------------------------------------------------------------------
 
-    def track_usage(self, call: CallParams, response: Any) -> UsageMetrics:
+    def track_usage(self, call: CallParams, response: Any, *, sync: bool = False) -> UsageMetrics:
         """Meter a response: an SDK response object, a list of stream chunks/events, a dict or JSON bytes.
 
         Uses the provider-reported usage when present; otherwise counts (``usage_source = "estimated"``).
+        The record goes to the sinks and hooks in the background; ``sync=True`` waits until it is delivered.
         """
+        metrics = self._track(call, response)
+        if self._sinks or self._delivery is not None:
+            delivery = self._deliver()
+            delivery.submit(metrics.record)
+            if sync:
+                delivery.flush()
+        return metrics
+
+    def _track(self, call: CallParams, response: Any) -> UsageMetrics:
         provider = self.provider_of(call.model, call.provider)
         adapter = ADAPTERS[provider]
         counter = self.counters[provider]
@@ -294,8 +352,14 @@ class TokenTracker:
         duration = (datetime.now(UTC) - started).total_seconds() if call.started_at is not None else None
         return _metrics(record, duration)
 
-    async def atrack_usage(self, call: CallParams, response: Any) -> UsageMetrics:
-        return await asyncio.to_thread(self.track_usage, call, response)
+    async def atrack_usage(self, call: CallParams, response: Any, *, sync: bool = False) -> UsageMetrics:
+        metrics = await asyncio.to_thread(self._track, call, response)
+        if self._sinks or self._delivery is not None:
+            delivery = self._deliver()
+            delivery.submit(metrics.record)
+            if sync:
+                await delivery.aflush()
+        return metrics
 
     def _estimate_chat(self, counter: TokenCounter, call: CallParams) -> TokenCount | None:
         try:

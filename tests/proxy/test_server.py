@@ -134,3 +134,71 @@ async def test_sighup_reloads_prices_without_restart(tmp_path: Path, upstream: F
     )  # 1200 tokens at $1, then $2 per 1M
     assert first["price_version"] != second["price_version"]
     assert process.returncode == 0
+
+
+async def test_sigterm_delivers_every_queued_record(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """500 records queued behind a slow sink and streams in flight at SIGTERM: all delivered, exit 0."""
+    from aiohttp import web
+
+    received: list[str] = []
+
+    async def ingest(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.02)  # a slow receiver: records pile up in the queue
+        received.extend(r["request_id"] for r in orjson.loads(await request.read())["records"])
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/ingest", ingest)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    hook = f"http://127.0.0.1:{runner.addresses[0][1]}/ingest"
+
+    upstream.config.chunks = 6
+    upstream.config.chunk_interval_s = 0.2
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[upstreams]\nopenai = "{upstream.url}"\nanthropic = "{upstream.url}"\n'
+        f'[pipeline]\nbatch_size = 5\nspill_dir = "{tmp_path / "spill"}"\n'
+        f'[sinks.webhook]\nurl = "{hook}"\n'
+    )
+    process, url = await _start_serve(config, {})
+    chat = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
+    try:
+        async with aiohttp.ClientSession() as session:
+            semaphore = asyncio.Semaphore(50)
+
+            async def call() -> None:
+                async with (
+                    semaphore,
+                    session.post(
+                        url + "/openai/v1/chat/completions",
+                        data=chat,
+                        headers={"Authorization": f"Bearer {API_KEY}"},
+                    ) as r,
+                ):
+                    await r.read()
+
+            await asyncio.gather(*(call() for _ in range(500)))
+            # Streams still running when SIGTERM arrives.
+            streams = [
+                await session.post(
+                    url + "/anthropic/v1/messages", data=STREAM, headers={"x-api-key": API_KEY}
+                )
+                for _ in range(3)
+            ]
+            for response in streams:
+                await response.content.readany()
+            process.send_signal(signal.SIGTERM)
+            for response in streams:
+                assert (await response.read()).endswith(b'data: {"type":"message_stop"}\n\n')
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await runner.cleanup()
+    assert process.returncode == 0, stderr.decode()
+    ids = [orjson.loads(line)["request_id"] for line in stdout.splitlines()]
+    assert len(ids) == 503
+    assert sorted(received) == sorted(ids)  # every record reached the webhook before exit

@@ -57,6 +57,8 @@ class SinkRunner:
         self._queue: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue(config.sink_queue)
         self._task: asyncio.Task[None] | None = None
         self._spilling: set[asyncio.Task[None]] = set()
+        # One replay at a time: two would both take the same spill file and deliver it twice.
+        self._replay_lock = asyncio.Lock()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -115,6 +117,10 @@ class SinkRunner:
 
     async def replay(self) -> bool:
         """Try spilled records again; True when none are left."""
+        async with self._replay_lock:
+            return await self._replay()
+
+    async def _replay(self) -> bool:
         if not await asyncio.to_thread(self.spill.has_records):
             return True
         records = await asyncio.to_thread(self.spill.take)
@@ -154,6 +160,7 @@ class RecordPipeline:
         self._runners = [SinkRunner(s, self.config, self.spill_dir, self.stats) for s in self.sinks]
         self._overflow = SpillFile(self.spill_dir / "overflow.jsonl")
         self._overflowing: set[asyncio.Future[None]] = set()
+        self._reingest_lock: asyncio.Lock | None = None
         self._worker: asyncio.Task[None] | None = None
 
     @property
@@ -167,6 +174,14 @@ class RecordPipeline:
         for runner in self._runners:
             runner.start()
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="llmtally-records")
+
+    def add_sink(self, sink: Sink) -> None:
+        """Add a sink to a running pipeline (it receives records submitted from now on)."""
+        runner = SinkRunner(sink, self.config, self.spill_dir, self.stats)
+        self.sinks.append(sink)
+        self._runners.append(runner)
+        if self._worker is not None:
+            runner.start()
 
     def submit(self, job: RecordJob) -> bool:
         """Queue a record (never blocks, never raises). False when it overflowed (spilled or dropped)."""
@@ -234,10 +249,13 @@ class RecordPipeline:
             log.warning("records still undelivered, kept for the next start: %s", left)
 
     async def _reingest_overflow(self) -> None:
-        if await asyncio.to_thread(self._overflow.has_records):
-            records = await asyncio.to_thread(self._overflow.take)
-            self._fan_out(records)
-            await asyncio.to_thread(self._overflow.done)
+        if self._reingest_lock is None:
+            self._reingest_lock = asyncio.Lock()
+        async with self._reingest_lock:  # taken twice, the same records would be delivered twice
+            if await asyncio.to_thread(self._overflow.has_records):
+                records = await asyncio.to_thread(self._overflow.take)
+                self._fan_out(records)
+                await asyncio.to_thread(self._overflow.done)
 
     def _fan_out(self, records: list[dict[str, Any]]) -> None:
         for start in range(0, len(records), self.config.batch_size):

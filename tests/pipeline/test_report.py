@@ -1,0 +1,85 @@
+"""llmtally report: totals equal the exact sum of the records, however they are grouped and given."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import orjson
+
+from llmtally.pipeline import render_records
+from tests.pipeline.test_sink_outputs import records
+
+
+def write_records(path: Path) -> list[dict[str, object]]:
+    rows = records(3)
+    rows[1] = {**rows[1], "provider": "openai", "model": "gpt-4o", "total_cost": Decimal("0.1"),
+               "input_cost": Decimal("0.07"), "output_cost": Decimal("0.03"), "tags": {"tenant": "globex"}}  # fmt: skip
+    rows[2] = {**rows[2], "timestamp": "2026-11-25T09:00:00.000Z", "total_cost": Decimal("0.2"),
+               "input_cost": Decimal("0.15"), "output_cost": Decimal("0.05")}  # fmt: skip
+    unpriced = {
+        **rows[0],
+        "request_id": "x",
+        "model": "mystery",
+        "total_cost": None,
+        "input_cost": None,
+        "output_cost": None,
+    }
+    path.write_bytes(b"not a record\n" + render_records([*rows, unpriced]) + b'{"event":"other"}\n')
+    return [*rows, unpriced]
+
+
+def run(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "llmtally", "report", *args], input=stdin, capture_output=True,
+                          timeout=60, check=False)  # fmt: skip
+
+
+def test_json_totals_are_the_exact_sum(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    rows = write_records(path)
+    out = orjson.loads(run(str(path), "--json").stdout)
+    expected = sum((Decimal(str(r["total_cost"])) for r in rows if r["total_cost"] is not None), Decimal(0))
+    assert Decimal(str(out["totals"]["total_cost"])) == expected == Decimal("0.31185")
+    assert out["totals"]["records"] == 4 and out["totals"]["unpriced"] == 1
+    assert out["totals"]["input_tokens"] == sum(int(r["input_tokens"]) for r in rows)  # type: ignore[call-overload]
+    group_sum = sum(Decimal(str(g["total_cost"])) for g in out["groups"])
+    assert group_sum == expected
+    assert {tuple(g["group"].values()) for g in out["groups"]} == {
+        ("anthropic", "claude-sonnet-5"), ("openai", "gpt-4o"), ("anthropic", "mystery")}  # fmt: skip
+
+
+def test_grouping_filters_gzip_stdin_and_csv(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    write_records(path)
+    gz = tmp_path / "r.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    by_tenant = orjson.loads(run(str(gz), "--by", "tag:tenant", "--json").stdout)
+    assert {g["group"]["tag:tenant"]: g["total_cost"] for g in by_tenant["groups"]} == {
+        "acme": 0.21185,
+        "globex": 0.1,
+    }
+    by_day = orjson.loads(
+        run("-", "--by", "day", "--json", "--since", "2026-11-25", stdin=path.read_bytes()).stdout
+    )
+    assert [g["group"]["day"] for g in by_day["groups"]] == ["2026-11-25"]
+    assert by_day["totals"]["total_cost"] == 0.2
+    csv_out = run(str(path), "--csv").stdout.decode().splitlines()
+    assert csv_out[0].startswith("provider,model,records,")
+    assert len(csv_out) == 4
+    table = run(str(path)).stdout.decode()
+    assert "TOTAL" in table and "0.31185" in table and "1 records had no price" in table
+
+
+def test_plot_and_bad_arguments(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    write_records(path)
+    png = tmp_path / "cost.png"
+    assert run(str(path), "--plot", str(png)).returncode == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = run(str(path), "--by", "colour")
+    assert bad.returncode == 2 and b"--by colour" in bad.stderr
+    missing = run(str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 2 and b"nope.jsonl" in missing.stderr

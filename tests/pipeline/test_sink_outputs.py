@@ -1,0 +1,170 @@
+"""What each sink writes: Prometheus text, OpenTelemetry metrics and spans, protobuf, rotated files."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmtally.config import Config, PrometheusSinkConfig, SinksConfig
+from llmtally.pipeline.protobuf import ProtobufFileSink, money_value, read_delimited
+from llmtally.pipeline.sinks import RotatingFileSink
+from llmtally.testing import FakeUpstream
+from llmtally.testing.harness import config_for_upstream, start_proxy
+from tests.conftest import API_KEY
+
+CHAT = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
+
+
+def sample(name: str, labels: dict[str, str], families: list[Any]) -> float:
+    for family in families:
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+async def test_prometheus_metrics_parse_and_count(upstream: FakeUpstream) -> None:
+    sinks = SinksConfig(prometheus=PrometheusSinkConfig(tag_labels=["tenant"]))
+    proxy = await start_proxy(config_for_upstream(upstream.url, Config(sinks=sinks)))
+    try:
+        async with aiohttp.ClientSession() as session:
+            for tenant in ("acme", "acme", "globex"):
+                headers = {"Authorization": f"Bearer {API_KEY}", "x-llmtally-tag-tenant": tenant}
+                async with session.post(
+                    proxy.url + "/openai/v1/chat/completions", data=CHAT, headers=headers
+                ) as r:
+                    await r.read()
+            await proxy.flush()
+            async with session.get(proxy.url + "/metrics") as response:
+                assert response.headers["Content-Type"].startswith("text/plain")
+                text = await response.text()
+    finally:
+        await proxy.stop()
+    families = list(text_string_to_metric_families(text))
+    labels = {"provider": "openai", "model": "gpt-4o-2024-08-06"}
+    assert sample("llmtally_requests_total", {**labels, "tag_tenant": "acme"}, families) == 2
+    assert (
+        sample("llmtally_tokens_total", {**labels, "token_type": "input", "tag_tenant": "globex"}, families)
+        == 1200
+    )
+    assert (
+        sample("llmtally_tokens_total", {**labels, "token_type": "reasoning", "tag_tenant": "acme"}, families)
+        == 256
+    )
+    assert (
+        abs(sample("llmtally_cost_usd_total", {**labels, "tag_tenant": "acme"}, families) - 2 * 0.00472)
+        < 1e-12
+    )
+    assert sample("llmtally_request_duration_seconds_count", {"provider": "openai"}, families) == 3
+    assert sample("llmtally_ttfb_seconds_count", {"provider": "openai"}, families) == 3
+    assert sample("llmtally_queue_depth", {}, families) == 0
+    assert sample("llmtally_records_delivered_total", {"sink": "memory"}, families) == 3
+
+
+async def test_prometheus_has_no_tag_labels_unless_configured(proxy: Any) -> None:
+    async with aiohttp.ClientSession() as session:
+        headers = {"Authorization": f"Bearer {API_KEY}", "x-llmtally-tag-tenant": "acme"}
+        async with session.post(proxy.url + "/openai/v1/chat/completions", data=CHAT, headers=headers) as r:
+            await r.read()
+        await proxy.flush()
+        async with session.get(proxy.url + "/metrics") as response:
+            text = await response.text()
+    assert "tag_tenant" not in text and "acme" not in text
+
+
+def records(n: int = 3) -> list[dict[str, Any]]:
+    out = []
+    for i in range(n):
+        out.append({
+            "event": "llm.usage", "timestamp": f"2026-11-24T10:0{i}:00.000Z", "request_id": f"r{i}",
+            "provider": "anthropic", "endpoint": "messages", "request_model": "claude-sonnet-5", "model": "claude-sonnet-5",
+            "stream": bool(i % 2), "status": 200, "input_tokens": 12050, "output_tokens": 400, "cache_read_tokens": 10000,
+            "cache_write_tokens": 2000, "cache_write_1h_tokens": 500, "reasoning_tokens": None, "total_tokens": 12450,
+            "input_audio_tokens": 0, "output_audio_tokens": 0, "usage_source": "provider", "estimated_input_tokens": 5,
+            "input_cost": Decimal("0.00785"), "output_cost": Decimal("0.004"), "total_cost": Decimal("0.01185"),
+            "currency": "USD", "price_source": "genai-prices", "price_version": "abc", "priced_model": "claude-sonnet-5",
+            "pricing_note": None, "service_tier": "standard", "inference_geo": None, "latency_ms": 1200.5,
+            "ttfb_ms": 300.25, "client_disconnected": False, "tags": {"tenant": "acme"}, "upstream_request_id": "u",
+            "error": None,
+        })  # fmt: skip
+    return out
+
+
+async def test_protobuf_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "records.pb"
+    sink = ProtobufFileSink(str(path))
+    await sink.write(records(2))
+    await sink.write(records(1))
+    messages = list(read_delimited(path))
+    assert len(messages) == 3
+    m = messages[1]
+    assert (m.request_id, m.provider, m.model, m.stream, m.status) == (
+        "r1",
+        "anthropic",
+        "claude-sonnet-5",
+        True,
+        200,
+    )
+    assert (m.input_tokens, m.cache_write_1h_tokens, m.total_tokens) == (12050, 500, 12450)
+    assert not m.HasField("reasoning_tokens")  # null stays null
+    assert money_value(m.total_cost) == Decimal("0.01185") and m.total_cost.currency_code == "USD"
+    assert (m.total_cost.units, m.total_cost.nanos) == (0, 11_850_000)
+    assert m.timestamp.ToJsonString() == "2026-11-24T10:01:00Z"
+    assert dict(m.tags) == {"tenant": "acme"} and m.ttfb_ms == 300.25
+
+
+async def test_opentelemetry_genai_metrics_and_spans() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from llmtally.pipeline.otel import OTelSink
+
+    reader = InMemoryMetricReader()
+    exporter = InMemorySpanExporter()
+    tracer = TracerProvider()
+    tracer.add_span_processor(SimpleSpanProcessor(exporter))
+    sink = OTelSink(MeterProvider(metric_readers=[reader]), tracer)
+    await sink.write(records(2))
+    data = reader.get_metrics_data()
+    metrics = {m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    usage = metrics["gen_ai.client.token.usage"]
+    by_type = {p.attributes["gen_ai.token.type"]: p for p in usage.data.data_points}
+    assert (by_type["input"].sum, by_type["input"].count) == (24100, 2)
+    assert by_type["output"].sum == 800
+    assert by_type["input"].attributes["gen_ai.provider.name"] == "anthropic"
+    assert by_type["input"].attributes["gen_ai.request.model"] == "claude-sonnet-5"
+    assert usage.unit == "{token}"
+    duration = metrics["gen_ai.client.operation.duration"].data.data_points[0]
+    assert abs(duration.sum - 2.401) < 1e-9 and metrics["gen_ai.client.operation.duration"].unit == "s"
+    assert abs(metrics["llmtally.cost.usd"].data.data_points[0].value - 0.0237) < 1e-12
+    spans = exporter.get_finished_spans()
+    assert len(spans) == 2
+    attributes = spans[0].attributes or {}
+    assert attributes["gen_ai.usage.input_tokens"] == 12050
+    assert attributes["gen_ai.usage.output_tokens"] == 400
+    assert attributes["gen_ai.usage.cache_read.input_tokens"] == 10000
+    assert attributes["gen_ai.usage.cache_creation.input_tokens"] == 2000
+    assert attributes["gen_ai.response.model"] == "claude-sonnet-5"
+    assert attributes["llmtally.cost.usd"] == 0.01185
+    assert spans[0].name == "chat claude-sonnet-5"
+    assert (spans[0].end_time - spans[0].start_time) == 1_200_500_000  # type: ignore[operator]
+
+
+async def test_file_sink_rotates_by_size(tmp_path: Path) -> None:
+    from llmtally.pipeline import render_records
+
+    line = len(render_records(records(1)))
+    path = tmp_path / "records.jsonl"
+    sink = RotatingFileSink(str(path), max_bytes=2 * line + 10, backups=2)  # two records per file
+    for _ in range(7):
+        await sink.write(records(1))
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["records.jsonl", "records.jsonl.1", "records.jsonl.2"]  # the oldest rotated away
+    assert [p.stat().st_size // line for p in sorted(tmp_path.iterdir())] == [1, 2, 2]
