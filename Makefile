@@ -22,13 +22,13 @@ demo: $(STAMP)
 	@$(BIN)/llmtally demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests load_tests
+	$(BIN)/ruff check src tests load_tests examples
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests load_tests
-	$(BIN)/ruff format --check src tests load_tests
+	$(BIN)/ruff check src tests load_tests examples
+	$(BIN)/ruff format --check src tests load_tests examples
 	$(BIN)/mypy
 
 proto: $(STAMP)

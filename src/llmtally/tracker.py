@@ -171,6 +171,7 @@ class TokenTracker:
             self._delivery.flush(timeout)
 
     async def aflush(self) -> None:
+        """``flush`` for async code."""
         if self._delivery is not None:
             await self._delivery.aflush()
 
@@ -199,6 +200,7 @@ class TokenTracker:
     # ---- counting -------------------------------------------------------------------------------
 
     def provider_of(self, model: str, provider: Provider | None = None) -> Provider:
+        """``provider`` if given, else inferred from the model name (strict mode raises when it cannot be)."""
         if provider is not None:
             return provider
         found = infer_provider(model)
@@ -215,6 +217,7 @@ class TokenTracker:
         return self._count_local(params)
 
     async def acount_tokens(self, params: TokenCountParams) -> TokenCount:
+        """``count_tokens`` for async code (local counting runs in a thread)."""
         local = await asyncio.to_thread(self._count_local, params)
         if self._exact is None or params.messages is None:
             return local
@@ -353,6 +356,7 @@ class TokenTracker:
         return _metrics(record, duration)
 
     async def atrack_usage(self, call: CallParams, response: Any, *, sync: bool = False) -> UsageMetrics:
+        """``track_usage`` for async code (parsing and pricing run in a thread)."""
         metrics = await asyncio.to_thread(self._track, call, response)
         if self._sinks or self._delivery is not None:
             delivery = self._deliver()
