@@ -40,6 +40,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_health(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    url = args.url
+    if url is None:
+        server = _config_from(args).server
+        host, port = (
+            (server.admin_host, server.admin_port) if server.admin_port else (server.host, server.port)
+        )
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        url = f"http://{host}:{port}{args.path}"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            ok = response.status == 200
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"llmtally health: {url}: {exc}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from llmtally.demo import run_demo
 
@@ -188,6 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (overrides [server] host)")
     serve.add_argument("--port", type=int, help="listen port (overrides [server] port)")
     serve.set_defaults(func=_cmd_serve)
+
+    health = sub.add_parser(
+        "health", help="exit 0 when a running proxy answers /healthz (container health checks)"
+    )
+    health.add_argument("--config")
+    health.add_argument(
+        "--url", help="URL to check (default: from the config: the admin listener, else the proxy)"
+    )
+    health.add_argument("--path", default="/healthz", help="/healthz (alive) or /readyz (ready)")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=_cmd_health)
 
     demo = sub.add_parser("demo", help="run the proxy against a built-in fake upstream and show the records")
     demo.set_defaults(func=_cmd_demo)

@@ -37,6 +37,10 @@ class ServerConfig:
     max_request_body_mb: int = 64
     #: Add ``x-llmtally-overhead-ms`` to every proxied response.
     overhead_header: bool = True
+    #: A second listener serving only /healthz, /readyz and /metrics (for probes and scrapes from
+    #: outside the pod while the proxy itself stays on 127.0.0.1). Port 0: off.
+    admin_host: str = "0.0.0.0"
+    admin_port: int = 0
 
 
 @dataclass(frozen=True, slots=True)

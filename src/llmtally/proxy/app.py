@@ -141,6 +141,16 @@ async def _readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
+def create_admin_app(proxy_app: web.Application) -> web.Application:
+    """Health, readiness and metrics only, sharing the proxy's state (for the admin listener)."""
+    admin = web.Application()
+    admin[STATE_KEY] = proxy_app[STATE_KEY]
+    admin.router.add_get("/healthz", _healthz)
+    admin.router.add_get("/readyz", _readyz)
+    admin.router.add_get("/metrics", _metrics)
+    return admin
+
+
 def _json_error(status: int, kind: str, message: str) -> web.Response:
     return web.json_response(
         {"error": {"type": kind, "message": message, "source": "llmtally"}}, status=status

@@ -16,7 +16,7 @@ from llmtally.config import Config
 from llmtally.pipeline.build import build_pipeline
 from llmtally.pricing import PriceBook
 from llmtally.pricing.reload import PriceReloader, start_auto_update
-from llmtally.proxy.app import STATE_KEY, create_app
+from llmtally.proxy.app import STATE_KEY, create_admin_app, create_app
 
 log = logging.getLogger("llmtally.server")
 
@@ -62,6 +62,18 @@ async def serve(
     await site.start()
     port = _bound_port(runner) or config.server.port
     log.info("llmtally listening on http://%s:%d", config.server.host, port)
+    admin_runner = None
+    if config.server.admin_port:
+        admin_runner = web.AppRunner(create_admin_app(app), access_log=None, handle_signals=False)
+        await admin_runner.setup()
+        await web.TCPSite(
+            admin_runner, config.server.admin_host, config.server.admin_port, reuse_address=True
+        ).start()
+        log.info(
+            "admin (healthz, readyz, metrics) on http://%s:%d",
+            config.server.admin_host,
+            config.server.admin_port,
+        )
     if config.counters.gemini.preload:
         await _preload_gemini(app)
     stop = stop or asyncio.Event()
@@ -81,8 +93,10 @@ async def serve(
     log.info("shutting down: draining in-flight requests (up to %.0f s)", config.server.shutdown_grace_s)
     # cleanup(): stop listening → on_shutdown (readyz 503) → wait for handlers → on_cleanup.
     await reloader.stop()
-    await runner.cleanup()
+    await runner.cleanup()  # readyz answers 503 on the admin listener meanwhile
     await pipeline.close()
+    if admin_runner is not None:
+        await admin_runner.cleanup()
     stats = pipeline.stats
     log.info("stopped; records delivered %s, dropped %d", dict(stats.delivered), stats.dropped)
 
