@@ -33,8 +33,10 @@ def main() -> None:
         total_ref += ref["claude_legacy"]
     deciles = statistics.quantiles(errors, n=10)
     print(f"texts: {len(errors)} (corpus, against the legacy Claude tokenizer)")
-    print(f"relative error: median {statistics.median(errors):+.1%}, p10 {deciles[0]:+.1%}, p90 {deciles[-1]:+.1%}")
-    print(f"median |error| {statistics.median(abs(e) for e in errors):.1%}; whole corpus {(total_est - total_ref) / total_ref:+.1%}")
+    median = statistics.median(errors)
+    print(f"relative error: median {median:+.1%}, p10 {deciles[0]:+.1%}, p90 {deciles[-1]:+.1%}")
+    median_abs = statistics.median(abs(e) for e in errors)
+    print(f"median |error| {median_abs:.1%}; whole corpus {(total_est - total_ref) / total_ref:+.1%}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from llmtally.testing import FakeUpstream
@@ -73,12 +74,12 @@ async def test_library_examples(upstream: FakeUpstream) -> None:
     assert "(exact=True, gemma3)" in out and "after: 3000 in / 750 out (provider)" in out
 
 
-async def test_tenant_service_example(proxy: RunningProxy, tmp_path: Path) -> None:
+async def test_tenant_service_example(proxy: RunningProxy, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = importlib.util.spec_from_file_location("tenant_service", EXAMPLES / "tenant_service.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    os.environ.setdefault("OPENAI_API_KEY", API_KEY)
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     runner = web.AppRunner(module.create_app(proxy.url), handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()

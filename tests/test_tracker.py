@@ -89,7 +89,11 @@ async def test_acount_tokens(tracker: TokenTracker) -> None:
     assert (count.input_tokens, count.exact, count.tokenizer) == (7, True, "gemma3")
 
 
-async def test_exact_counts_from_count_endpoints(upstream: FakeUpstream) -> None:
+async def test_exact_counts_from_count_endpoints(
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
     config = config_for_upstream(upstream.url)
     config = dataclasses.replace(
         config,
