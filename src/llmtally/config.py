@@ -93,17 +93,10 @@ class RateOverride:
 
 
 @dataclass(frozen=True, slots=True)
-class PriceTier:
+class PriceTier(RateOverride):
     """Long-context pricing: a request whose input exceeds ``above`` is priced wholly at these rates."""
 
-    above: int
-    input: Decimal | None = None
-    output: Decimal | None = None
-    cache_read: Decimal | None = None
-    cache_write: Decimal | None = None
-    cache_write_1h: Decimal | None = None
-    input_audio: Decimal | None = None
-    output_audio: Decimal | None = None
+    above: int = field(kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from llmtally.providers.base import (
     ResponseSummary,
     as_int,
     get_path,
+    parse_object,
 )
 from llmtally.providers.streams import SSESplitter
 from llmtally.record import Provider, TokenUsage
@@ -59,14 +60,9 @@ class AnthropicAdapter:
     def prepare(
         self, endpoint: Endpoint, body: bytes, query: Mapping[str, str], inject_stream_usage: bool
     ) -> MeteredRequest:
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            return MeteredRequest(endpoint, body, None, False, None, error=f"request body is not JSON: {exc}")
-        if not isinstance(payload, dict):
-            return MeteredRequest(
-                endpoint, body, None, False, None, error="request body is not a JSON object"
-            )
+        payload = parse_object(endpoint, body)
+        if isinstance(payload, MeteredRequest):
+            return payload  # forwarded as is; the record says why it could not be read
         model = payload.get("model")
         stream = payload.get("stream") is True
         tier = payload.get("service_tier")

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 from llmtally.record import Provider, TokenUsage
 
 #: Output text kept per response for estimating when no usage arrives (a disconnect).
@@ -117,6 +119,17 @@ class ProviderAdapter(Protocol):
     def endpoint_for_response(self, obj: Any, stream: bool, model: str | None) -> Endpoint:
         """The endpoint a response object (or first stream event) belongs to (library ``track_usage``)."""
         ...
+
+
+def parse_object(endpoint: Endpoint, body: bytes) -> dict[str, Any] | MeteredRequest:
+    """A request body as a JSON object, or the MeteredRequest that says why it is not one."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return MeteredRequest(endpoint, body, None, False, None, error=f"request body is not JSON: {exc}")
+    if not isinstance(payload, dict):
+        return MeteredRequest(endpoint, body, None, False, None, error="request body is not a JSON object")
+    return payload
 
 
 def as_int(value: Any) -> int:
