@@ -31,6 +31,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests load_tests examples
 	$(BIN)/mypy
 
+# Proxy overhead against direct calls and nginx (Debian's nginx is used when installed).
+load: $(STAMP)
+	$(BIN)/python load_tests/run.py
+
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I src/llmtally/pipeline/proto --python_out=src/llmtally/pipeline/proto \
 		--pyi_out=src/llmtally/pipeline/proto src/llmtally/pipeline/proto/usage_record.proto

@@ -198,11 +198,12 @@ class FakeUpstream:
         )
         await response.prepare(request)
         try:
-            first = True
-            for event in events:
-                if not first and self.config.chunk_interval_s:
+            # The cadence applies between text pieces only: providers send the closing events (finish,
+            # usage, [DONE], message_stop) together, right after the last piece.
+            pieces = self.config.chunks
+            for index, event in enumerate(events):
+                if 0 < index <= pieces and self.config.chunk_interval_s:
                     await asyncio.sleep(self.config.chunk_interval_s)
-                first = False
                 await response.write(event)
             await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
