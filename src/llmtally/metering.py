@@ -43,6 +43,8 @@ class Exchange:
     input_estimate: TokenCount | Future[TokenCount | None] | None = None
     #: A background drain owns this exchange and submits its record when done.
     deferred: bool = False
+    #: Count the request's input tokens for ``estimated_input_tokens`` even when the provider reports usage.
+    count_input: bool = False
 
 
 def estimate_input(counter: TokenCounter, request: MeteredRequest) -> TokenCount | None:
@@ -76,7 +78,7 @@ def build_record(
             summary = adapter.parse_response(request, exchange.response_body)
         else:
             summary = ResponseSummary()
-    estimate = _resolve_estimate(exchange, counter, needed=summary.usage is None)
+    estimate = _resolve_estimate(exchange, counter, needed=exchange.count_input or summary.usage is None)
     model = summary.model or request.model
     errors = [e for e in (exchange.error, request.error, summary.error) if e]
 

@@ -7,7 +7,6 @@ lives in :mod:`llmtally.providers`; counting and pricing run in the record pipel
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import time
 import uuid
@@ -24,7 +23,7 @@ from yarl import URL
 
 from llmtally.config import Config
 from llmtally.counters import TokenCounter, build_counters
-from llmtally.metering import Exchange, estimate_input, safe_build_record
+from llmtally.metering import Exchange, safe_build_record
 from llmtally.pipeline import RecordPipeline
 from llmtally.pipeline.build import prometheus_of
 from llmtally.pipeline.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
@@ -64,8 +63,6 @@ class ProxyState:
     draining: bool = False
     drains: set[asyncio.Task[None]] = field(default_factory=set)
     upstreams: dict[Provider, URL] = field(default_factory=dict)
-    #: One thread counts request tokens while the upstream answers (off the event loop).
-    count_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 def create_app(config: Config, pipeline: RecordPipeline, prices: PriceBook | None = None) -> web.Application:
@@ -105,8 +102,6 @@ async def _on_startup(app: web.Application) -> None:
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),  # a proxy must not keep one client's cookies for another
     )
-    if state.config.metering.estimate_input:
-        state.count_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmtally-count")
     state.pipeline.start()
 
 
@@ -120,8 +115,6 @@ async def _on_cleanup(app: web.Application) -> None:
         await asyncio.gather(*state.drains, return_exceptions=True)
     if state.session is not None:
         await state.session.close()
-    if state.count_pool is not None:
-        state.count_pool.shutdown(wait=False)
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -235,9 +228,9 @@ async def _proxy(provider: Provider, request: web.Request) -> web.StreamResponse
         started_at=datetime.now(UTC),
         tags=tags,
     )
-    counter = state.counters[provider]
-    if state.count_pool is not None and metered.payload is not None and counter.ready(metered.model or ""):
-        exchange.input_estimate = state.count_pool.submit(estimate_input, counter, metered)
+    # Counted later in the record worker (batched, off the event loop): a per-request hop to a counting
+    # thread measured worse tail latency under load (docs/performance.md).
+    exchange.count_input = state.config.metering.estimate_input
     try:
         return await _forward_metered(state, request, adapter, metered, exchange, upstream_url, headers, t0)
     finally:
