@@ -85,6 +85,10 @@ class Proc:
         fields = Path(f"/proc/{self.popen.pid}/stat").read_text().split()
         return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
 
+    def rss_mb(self) -> float:
+        status = Path(f"/proc/{self.popen.pid}/status").read_text()
+        return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
     def peak_rss_mb(self) -> float:
         status = Path(f"/proc/{self.popen.pid}/status").read_text()
         return int(status.split("VmHWM:")[1].split()[0]) / 1024
@@ -143,6 +147,28 @@ async def drive(
     return {"latency": latencies, "ttfb": ttfbs, "gaps": gaps, "errors": [float(errors)]}
 
 
+async def open_streams(url: str, count: int, proc: Proc) -> dict[str, float]:
+    """Hold ``count`` streams open at once (the upstream sends slowly); the proxy's RSS meanwhile."""
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=300)
+    ) as session:
+        responses = []
+
+        async def start() -> None:
+            response = await session.post(url, data=STREAM_BODY, headers=HEADERS)
+            await response.content.readany()  # the stream is open and flowing
+            responses.append(response)
+
+        before = proc.peak_rss_mb()
+        await asyncio.gather(*(start() for _ in range(count)))
+        rss_now = proc.rss_mb()
+        opened = len(responses)
+        for response in responses:
+            response.close()
+    return {"streams": opened, "rss_mb": rss_now, "peak_rss_before_mb": before}
+
+
 NGINX_CONF = """
 worker_processes 1;
 error_log {dir}/error.log;
@@ -178,6 +204,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=20)
     parser.add_argument("--chunk-interval-ms", type=float, default=5.0)
     parser.add_argument("--no-nginx", action="store_true")
+    parser.add_argument("--open-streams", type=int, default=1000, help="streams held open at once (0: skip)")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -225,6 +252,7 @@ def main() -> None:
         time.sleep(1)
         targets["nginx"] = (f"http://127.0.0.1:{nginx_port}/openai/v1/chat/completions", nginx)
     results: list[Result] = []
+    open_streams_result: dict[str, float] = {}
     try:
         for mode in ("json", "stream"):
             for concurrency in [int(c) for c in args.concurrency.split(",")]:
@@ -270,6 +298,31 @@ def main() -> None:
                             )
                     results.append(result)
                     print(_row(result), flush=True)
+        if args.open_streams:
+            # A second slow upstream: each stream stays open for the whole test.
+            slow_port = free_port()
+            slow = Proc([sys.executable, "-m", "llmtally.testing", "--port", str(slow_port), "--chunks", "2",
+                         "--chunk-interval-ms", "20000"])  # fmt: skip
+            time.sleep(1.5)
+            slow_proxy = Proc(
+                [sys.executable, "-m", "llmtally", "serve", "--port", str(free_port())],
+                env={"LLMTALLY_UPSTREAMS_OPENAI": f"http://127.0.0.1:{slow_port}",
+                     "LLMTALLY_LOGGING_DESTINATION": str(work / "slow-records.jsonl"),
+                     "LLMTALLY_PIPELINE_SPILL_DIR": str(work / "slow-spill")},
+                ready=b"listening on",
+            )  # fmt: skip
+            port = slow_proxy.popen.args[5]  # type: ignore[index]
+            try:
+                held = asyncio.run(open_streams(f"http://127.0.0.1:{port}/openai/v1/chat/completions",
+                                                args.open_streams, slow_proxy))  # fmt: skip
+            finally:
+                slow_proxy.stop()
+                slow.stop()
+            print(
+                f"\n{held['streams']:.0f} streams open at once: llmtally RSS {held['rss_mb']:.0f} MB",
+                flush=True,
+            )
+            open_streams_result = held
     finally:
         for proc in (nginx, llmtally, upstream):
             if proc is not None:
@@ -286,6 +339,7 @@ def main() -> None:
                 "machine": machine,
                 "args": vars(args),
                 "records_written": delivered,
+                "open_streams": open_streams_result,
                 "results": [asdict(r) for r in results],
             },
             indent=2,
