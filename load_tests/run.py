@@ -8,7 +8,7 @@ fixed concurrency, non-streamed and streamed (OpenAI chat format), after a warm-
 writes load_tests/results/<date>.json. Added latency is each proxy's percentile minus the direct call's.
 
 Not yet here (see docs/performance.md): the LiteLLM proxy, fixed offered rates, the other providers'
-formats, the chart, and the 1,000-open-streams memory test.
+formats, and the chart. It also holds --open-streams streams open at once and reports llmtally's RSS.
 """
 
 from __future__ import annotations
