@@ -315,3 +315,44 @@ async def test_config_price_override_wins(upstream: FakeUpstream) -> None:
         assert (record["input_cost"], record["output_cost"]) == (Decimal("0.0012"), Decimal("0.0006"))
     finally:
         await proxy.stop()
+
+
+async def test_upstream_dying_mid_stream_cuts_the_client_and_is_recorded() -> None:
+    async def dying(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = b'data: {"id":"x","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n'
+        await response.write(chunk)
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.close()  # the upstream dies mid-body
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", dying)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    proxy = await start_proxy(config_for_upstream(f"http://127.0.0.1:{runner.addresses[0][1]}"))
+    body = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(proxy.url + "/openai/v1/chat/completions", data=body, headers=AUTH) as response,
+        ):
+            assert response.status == 200
+            received = b""
+            try:
+                async for chunk in response.content.iter_any():
+                    received += chunk
+            except aiohttp.ClientPayloadError:
+                pass  # the client sees a cut stream, as it would from the provider
+        assert received.startswith(b"data: ") and b"Hel" in received
+        record = await only_record(proxy)
+        assert record["status"] == 200 and record["stream"] is True
+        assert record["usage_source"] == "estimated"  # no usage arrived: counted, and flagged
+        assert record["output_tokens"] >= 1
+        assert "during the response body" in (record["error"] or "")
+    finally:
+        await proxy.stop()
+        await runner.cleanup()
