@@ -7,9 +7,10 @@ lives in :mod:`llmtally.providers`; counting and pricing run in the record pipel
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import time
-import uuid
 import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -51,6 +52,26 @@ OVERHEAD_HEADER = "x-llmtally-overhead-ms"
 _DECODABLE = ("gzip", "deflate", "identity")
 
 STATE_KEY: web.AppKey[ProxyState] = web.AppKey("llmtally_state")
+
+# Request ids: a random per-process prefix and a counter (32 hex digits, like a UUID) — unique without
+# a urandom syscall on every request, which the profile showed at ~20 µs each.
+_ID_PREFIX = os.urandom(10).hex()
+_ID_COUNTER = itertools.count()
+
+
+def _reseed_ids() -> None:
+    """A forked worker must not repeat its parent's ids."""
+    global _ID_PREFIX, _ID_COUNTER
+    _ID_PREFIX = os.urandom(10).hex()
+    _ID_COUNTER = itertools.count()
+
+
+os.register_at_fork(after_in_child=_reseed_ids)
+
+
+def new_request_id() -> str:
+    """A unique request id (32 hex digits)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
 
 
 @dataclass(slots=True)
@@ -222,7 +243,7 @@ async def _proxy(provider: Provider, request: web.Request) -> web.StreamResponse
     if metered.injected_usage:
         headers["Accept-Encoding"] = "identity"  # the stream is edited: it must arrive uncompressed
     exchange = Exchange(
-        request_id=uuid.uuid4().hex,
+        request_id=new_request_id(),
         provider=provider,
         request=metered,
         started_at=datetime.now(UTC),
