@@ -23,6 +23,7 @@ from llmtally.config import PipelineConfig
 from llmtally.pipeline.sinks import Sink
 from llmtally.pipeline.spill import SpillFile
 from llmtally.record import UsageRecord
+from llmtally.tasks import cancel_and_wait
 
 log = logging.getLogger("llmtally.pipeline")
 
@@ -139,11 +140,8 @@ class SinkRunner:
             await asyncio.gather(*self._spilling)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 class RecordPipeline:
@@ -233,11 +231,8 @@ class RecordPipeline:
         for runner in self._runners:
             with contextlib.suppress(Exception):
                 await runner.replay()
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+        await cancel_and_wait(self._worker)
+        self._worker = None
         for runner in self._runners:
             await runner.stop()
             try:

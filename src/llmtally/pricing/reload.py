@@ -22,6 +22,7 @@ from genai_prices.data_snapshot import get_snapshot
 from llmtally.config import Config, ConfigError, load_config
 from llmtally.pricing.engine import PriceBook
 from llmtally.pricing.files import PriceFileError
+from llmtally.tasks import cancel_and_wait
 
 log = logging.getLogger("llmtally.pricing")
 
@@ -66,11 +67,8 @@ class PriceReloader:
         self._trigger.set()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:
