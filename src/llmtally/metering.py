@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from llmtally.counters import TokenCount, TokenCounter
 from llmtally.pricing import PriceBook
 from llmtally.providers import MeteredRequest, ProviderAdapter, ResponseSummary
+from llmtally.providers.encoding import decode_body
 from llmtally.record import Provider, TokenUsage, UsageRecord, UsageSource
 
 log = logging.getLogger("llmtally.metering")
@@ -31,6 +32,9 @@ class Exchange:
     summary: ResponseSummary | None = None
     #: A non-streamed response body (decoded), parsed later in the pipeline worker.
     response_body: bytes | None = None
+    #: Or the body as it arrived, with its Content-Encoding: decoded in the worker too.
+    response_chunks: list[bytes] | None = None
+    response_encoding: str = "identity"
     status: int | None = None
     latency_ms: float = 0.0
     ttfb_ms: float | None = None
@@ -74,6 +78,9 @@ def build_record(
     request = exchange.request
     summary = exchange.summary
     if summary is None:
+        if exchange.response_chunks is not None:
+            exchange.response_body = decode_body(exchange.response_encoding, exchange.response_chunks)
+            exchange.response_chunks = None
         if exchange.response_body is not None:
             summary = adapter.parse_response(request, exchange.response_body)
         else:

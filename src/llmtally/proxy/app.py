@@ -11,7 +11,6 @@ import itertools
 import logging
 import os
 import time
-import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -30,6 +29,7 @@ from llmtally.pipeline.build import prometheus_of
 from llmtally.pipeline.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from llmtally.pricing import PriceBook
 from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter, StreamParser
+from llmtally.providers.encoding import DECODABLE, Decoder
 from llmtally.record import Provider
 
 log = logging.getLogger("llmtally.proxy")
@@ -49,7 +49,6 @@ HOP_BY_HOP = frozenset(
 )
 TAG_PREFIX = "x-llmtally-tag-"
 OVERHEAD_HEADER = "x-llmtally-overhead-ms"
-_DECODABLE = ("gzip", "deflate", "identity")
 
 STATE_KEY: web.AppKey[ProxyState] = web.AppKey("llmtally_state")
 
@@ -192,7 +191,7 @@ def _upstream_headers(request: web.Request, metered: bool) -> tuple[CIMultiDict[
             continue
         if metered and low == "accept-encoding":
             # Only ask for encodings llmtally can decode to read the usage.
-            codings = [c for c in value.split(",") if c.split(";")[0].strip().lower() in _DECODABLE]
+            codings = [c for c in value.split(",") if c.split(";")[0].strip().lower() in DECODABLE]
             if not codings:
                 continue
             value = ",".join(codings).strip()
@@ -211,18 +210,6 @@ def _client_headers(upstream: CIMultiDictProxy[str], keep_length: bool) -> CIMul
             continue
         out.add(name, value)
     return out
-
-
-class _Decoder:
-    """Decodes a copy of a gzip/deflate body for parsing; the client still gets the original bytes."""
-
-    __slots__ = ("_z",)
-
-    def __init__(self, encoding: str) -> None:
-        self._z = zlib.decompressobj(wbits=47) if encoding in ("gzip", "deflate", "x-gzip") else None
-
-    def __call__(self, chunk: bytes) -> bytes:
-        return self._z.decompress(chunk) if self._z is not None else chunk
 
 
 async def _proxy(provider: Provider, request: web.Request) -> web.StreamResponse:
@@ -248,10 +235,10 @@ async def _proxy(provider: Provider, request: web.Request) -> web.StreamResponse
         request=metered,
         started_at=datetime.now(UTC),
         tags=tags,
+        # Counted later in the record worker (batched, off the event loop): a per-request hop to a
+        # counting thread measured worse tail latency under load (docs/performance.md).
+        count_input=state.config.metering.estimate_input,
     )
-    # Counted later in the record worker (batched, off the event loop): a per-request hop to a counting
-    # thread measured worse tail latency under load (docs/performance.md).
-    exchange.count_input = state.config.metering.estimate_input
     try:
         return await _forward_metered(state, request, adapter, metered, exchange, upstream_url, headers, t0)
     finally:
@@ -350,7 +337,8 @@ async def _forward_metered(
     ok = 200 <= upstream.status < 300
     parser: StreamParser | None = adapter.stream_parser(metered) if ok and metered.stream else None
     editing = parser is not None and metered.injected_usage
-    decode = _Decoder(upstream.headers.get("Content-Encoding", "identity").lower())
+    encoding = upstream.headers.get("Content-Encoding", "identity")
+    decode = Decoder(encoding)
     max_body = state.config.metering.max_response_body_mb * 1024 * 1024
     kept: list[bytes] | None = [] if parser is None else None
     kept_size = 0
@@ -386,7 +374,8 @@ async def _forward_metered(
             if tail:
                 await response.write(tail)
         elif kept is not None:
-            exchange.response_body = _decode_all(decode, kept)
+            # Decoded and parsed later, in the record worker: nothing of it on the event loop.
+            exchange.response_chunks, exchange.response_encoding = kept, encoding
         await response.write_eof()
         return response
     except (ConnectionResetError, asyncio.CancelledError) as exc:
@@ -410,13 +399,9 @@ async def _forward_metered(
             upstream.release()
 
 
-def _feed_copy(parser: StreamParser, decode: _Decoder, chunk: bytes) -> bytes:
+def _feed_copy(parser: StreamParser, decode: Decoder, chunk: bytes) -> bytes:
     parser.feed(decode(chunk))
     return chunk
-
-
-def _decode_all(decode: _Decoder, parts: list[bytes]) -> bytes:
-    return b"".join(decode(p) for p in parts)
 
 
 def _on_client_gone(
@@ -425,7 +410,7 @@ def _on_client_gone(
     exchange: Exchange,
     upstream: aiohttp.ClientResponse,
     parser: StreamParser | None,
-    decode: _Decoder,
+    decode: Decoder,
 ) -> None:
     """The client left mid-response: cancel the upstream call (default) or drain it for exact usage."""
     metering = state.config.metering
@@ -452,7 +437,7 @@ async def _drain(
     exchange: Exchange,
     upstream: aiohttp.ClientResponse,
     parser: StreamParser,
-    decode: _Decoder,
+    decode: Decoder,
 ) -> None:
     try:
         async with asyncio.timeout(state.config.metering.drain_timeout_s):
