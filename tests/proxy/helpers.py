@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from typing import Any
 
@@ -19,6 +20,15 @@ async def only_record(proxy: RunningProxy) -> dict[str, Any]:
     record = records[0]
     proxy.records.clear()
     return record
+
+
+async def first_record(proxy: RunningProxy, timeout_s: float = 5.0) -> dict[str, Any]:
+    """The one record of a call whose record comes later (a disconnect, a drain)."""
+    for _ in range(int(timeout_s / 0.1)):
+        if await proxy.flush():
+            break
+        await asyncio.sleep(0.1)
+    return await only_record(proxy)
 
 
 def money(value: Any) -> Decimal | None:

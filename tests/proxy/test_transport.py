@@ -18,7 +18,7 @@ from llmtally.config import Config
 from llmtally.testing import FakeUpstream
 from llmtally.testing.harness import RunningProxy, config_for_upstream, start_proxy
 from tests.conftest import API_KEY, MakeProxy
-from tests.proxy.helpers import only_record
+from tests.proxy.helpers import first_record, only_record
 
 CHAT = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
@@ -227,11 +227,7 @@ async def test_client_disconnect_cancels_upstream(make_proxy: MakeProxy, upstrea
     body = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
     head = await _read_first_chunk_then_leave(proxy.url + "/openai/v1/chat/completions", body, AUTH)
     assert head.startswith(b"HTTP/1.1 200")
-    for _ in range(50):
-        await asyncio.sleep(0.1)
-        if await proxy.flush():
-            break
-    record = await only_record(proxy)
+    record = await first_record(proxy)
     assert record["client_disconnected"] is True
     assert record["usage_source"] == "estimated"
     assert record["input_tokens"] == record["estimated_input_tokens"] > 0
@@ -247,11 +243,7 @@ async def test_client_disconnect_drain_gets_exact_usage(
     proxy = await make_proxy(on_client_disconnect="drain")
     body = b'{"model":"claude-sonnet-5","max_tokens":10,"stream":true,"messages":[]}'
     await _read_first_chunk_then_leave(proxy.url + "/anthropic/v1/messages", body, {"x-api-key": API_KEY})
-    for _ in range(50):
-        await asyncio.sleep(0.1)
-        if await proxy.flush():
-            break
-    record = await only_record(proxy)
+    record = await first_record(proxy)
     assert record["client_disconnected"] is True
     assert record["usage_source"] == "provider"
     assert (record["input_tokens"], record["output_tokens"]) == (12050, 400)
