@@ -2,4 +2,6 @@ import sys
 
 from llmtally.cli import main
 
-sys.exit(main())
+# Guarded: `serve` starts its proxy workers with multiprocessing's "spawn", which imports this module again.
+if __name__ == "__main__":
+    sys.exit(main())

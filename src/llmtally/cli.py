@@ -25,6 +25,13 @@ def _config_from(args: argparse.Namespace) -> Config:
     return load_config(_config_path(args))
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from llmtally.pricing import PriceBook, PriceFileError
     from llmtally.proxy.server import run
@@ -36,8 +43,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except PriceFileError as exc:
         print(f"llmtally: prices file error: {exc}", file=sys.stderr)
         return 2
-    run(config, host=args.host, port=args.port, config_path=path)
-    return 0
+    return run(config, host=args.host, port=args.port, config_path=path, workers=args.workers)
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
@@ -208,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="listen address (overrides [server] host)")
     serve.add_argument("--port", type=int, help="listen port (overrides [server] port)")
+    serve.add_argument(
+        "--workers",
+        type=_non_negative,
+        help="proxy processes sharing the port (overrides [server] workers; 0: a single process)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     health = sub.add_parser(

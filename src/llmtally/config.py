@@ -41,6 +41,9 @@ class ServerConfig:
     #: outside the pod while the proxy itself stays on 127.0.0.1). Port 0: off.
     admin_host: str = "0.0.0.0"
     admin_port: int = 0
+    #: Proxy processes sharing the port (SO_REUSEPORT); records are built and delivered by the main
+    #: process. 0: one process does both (record building then competes with the proxy for the GIL).
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)

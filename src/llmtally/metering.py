@@ -11,12 +11,18 @@ import logging
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
 
-from llmtally.counters import TokenCount, TokenCounter
+from llmtally.counters import TokenCount, TokenCounter, build_counters
 from llmtally.pricing import PriceBook
-from llmtally.providers import MeteredRequest, ProviderAdapter, ResponseSummary
+from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter, ResponseSummary
 from llmtally.providers.encoding import decode_body
 from llmtally.record import Provider, TokenUsage, UsageRecord, UsageSource
+
+if TYPE_CHECKING:
+    from llmtally.config import Config
+    from llmtally.pipeline import RecordPipeline
 
 log = logging.getLogger("llmtally.metering")
 
@@ -203,3 +209,43 @@ def _estimated_usage(
 
 def _rfc3339(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Meter(Protocol):
+    """Where the proxy hands what it saw; builds each exchange's record off the request path."""
+
+    def submit(self, exchange: Exchange) -> None:
+        """Take an exchange; never blocks, never raises."""
+        ...
+
+    async def metrics(self) -> bytes | None:
+        """The Prometheus exposition of the records built so far; None when metrics are off."""
+        ...
+
+
+class LocalMeter:
+    """Builds records in this process's :class:`~llmtally.pipeline.RecordPipeline` (its worker thread).
+
+    ``prices`` may be swapped at any time (a reload): one reference swap, so each record is priced
+    by exactly one price book.
+    """
+
+    def __init__(self, config: Config, pipeline: RecordPipeline, prices: PriceBook | None = None) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.prices = prices or PriceBook(config.pricing)
+        self.counters = build_counters(config.counters, load_on_demand=False)
+
+    def use_prices(self, book: PriceBook) -> None:
+        self.prices = book
+
+    def submit(self, exchange: Exchange) -> None:
+        provider = exchange.provider
+        job = partial(safe_build_record, exchange, ADAPTERS[provider], self.counters[provider], self.prices)
+        self.pipeline.submit(job)
+
+    async def metrics(self) -> bytes | None:
+        from llmtally.pipeline.build import prometheus_of
+
+        sink = prometheus_of(self.pipeline)
+        return sink.render() if sink is not None else None

@@ -13,7 +13,6 @@ import pytest
 from llmtally.config import load_config
 from llmtally.pricing import PriceBook
 from llmtally.pricing.reload import PriceReloader
-from llmtally.proxy.app import STATE_KEY
 from llmtally.testing import FakeUpstream
 from llmtally.testing.harness import config_for_upstream, start_proxy
 from tests.conftest import API_KEY
@@ -72,13 +71,9 @@ async def test_reload_while_requests_are_in_flight(tmp_path: Path, upstream: Fak
     price_config(path, 1, upstream.url)
     config = config_for_upstream(upstream.url, load_config(path, env={}))
     proxy = await start_proxy(config)
-    state = proxy.app[STATE_KEY]
-
-    def use(book: PriceBook) -> None:
-        state.prices = book
-
-    reloader = PriceReloader(config, str(path), use, state.prices)
-    expected: dict[str, Decimal] = {state.prices.version: Decimal("0.0012")}  # 1200 input tokens at $1/M
+    meter = proxy.meter
+    reloader = PriceReloader(config, str(path), meter.use_prices, meter.prices)
+    expected: dict[str, Decimal] = {meter.prices.version: Decimal("0.0012")}  # 1200 input tokens at $1/M
     body = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 
     async def call(session: aiohttp.ClientSession) -> None:
@@ -94,7 +89,7 @@ async def test_reload_while_requests_are_in_flight(tmp_path: Path, upstream: Fak
         for rate in range(2, 12):
             price_config(path, rate, upstream.url)
             assert await reloader.check()
-            expected[state.prices.version] = Decimal(rate) * 1200 / 1_000_000
+            expected[meter.prices.version] = Decimal(rate) * 1200 / 1_000_000
             await asyncio.sleep(0.01)
 
     try:

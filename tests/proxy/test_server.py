@@ -18,7 +18,10 @@ from tests.conftest import API_KEY
 STREAM = b'{"model":"claude-sonnet-5","max_tokens":10,"stream":true,"messages":[]}'
 
 
-async def _start_serve(config: Path, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
+async def start_serve(
+    config: Path, env: dict[str, str], *args: str
+) -> tuple[asyncio.subprocess.Process, str]:
+    """``llmtally serve`` on a free port; returns when it says it is listening."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -28,6 +31,7 @@ async def _start_serve(config: Path, env: dict[str, str]) -> tuple[asyncio.subpr
         str(config),
         "--port",
         "0",
+        *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **env},
@@ -51,7 +55,7 @@ async def test_serve_drains_streams_and_flushes_records_on_sigterm(
     config = tmp_path / "config.toml"
     config.write_text(f'[upstreams]\nanthropic = "{upstream.url}"\n[server]\nshutdown_grace_s = 1.0\n')
     # The environment overrides the file (grace period long enough for the stream to finish).
-    process, url = await _start_serve(config, {"LLMTALLY_SERVER_SHUTDOWN_GRACE_S": "20"})
+    process, url = await start_serve(config, {"LLMTALLY_SERVER_SHUTDOWN_GRACE_S": "20"})
     try:
         async with aiohttp.ClientSession() as session:
             async with session.post(
@@ -108,7 +112,7 @@ async def test_sighup_reloads_prices_without_restart(tmp_path: Path, upstream: F
         )
 
     write(1)
-    process, url = await _start_serve(config, {})
+    process, url = await start_serve(config, {})
     try:
         async with aiohttp.ClientSession() as session:
             headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -162,7 +166,7 @@ async def test_sigterm_delivers_every_queued_record(tmp_path: Path, upstream: Fa
         f'[pipeline]\nbatch_size = 5\nspill_dir = "{tmp_path / "spill"}"\n'
         f'[sinks.webhook]\nurl = "{hook}"\n'
     )
-    process, url = await _start_serve(config, {})
+    process, url = await start_serve(config, {})
     chat = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
     try:
         async with aiohttp.ClientSession() as session:

@@ -1,7 +1,8 @@
-"""The proxy's transport: route, forward unchanged, stream back, hand an Exchange to metering.
+"""The proxy's transport: route, forward unchanged, stream back, hand an Exchange to the meter.
 
 Forward first, meter second: nothing here can fail a call because metering failed. Body parsing
-lives in :mod:`llmtally.providers`; counting and pricing run in the record pipeline's worker.
+lives in :mod:`llmtally.providers`; counting and pricing run wherever the :class:`Meter` runs them
+(another process under ``llmtally serve``; the record pipeline's thread when embedded).
 """
 
 from __future__ import annotations
@@ -22,12 +23,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from llmtally.config import Config
-from llmtally.counters import TokenCounter, build_counters
-from llmtally.metering import Exchange, safe_build_record
-from llmtally.pipeline import RecordPipeline
-from llmtally.pipeline.build import prometheus_of
+from llmtally.metering import Exchange, Meter
 from llmtally.pipeline.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
-from llmtally.pricing import PriceBook
 from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter, StreamParser
 from llmtally.providers.encoding import DECODABLE, Decoder
 from llmtally.record import Provider
@@ -76,22 +73,18 @@ def new_request_id() -> str:
 @dataclass(slots=True)
 class ProxyState:
     config: Config
-    pipeline: RecordPipeline
-    prices: PriceBook
-    counters: dict[Provider, TokenCounter]
+    meter: Meter
     session: aiohttp.ClientSession | None = None
     draining: bool = False
     drains: set[asyncio.Task[None]] = field(default_factory=set)
     upstreams: dict[Provider, URL] = field(default_factory=dict)
 
 
-def create_app(config: Config, pipeline: RecordPipeline, prices: PriceBook | None = None) -> web.Application:
-    """The proxy application; the caller owns running it (see :mod:`llmtally.proxy.server`)."""
+def create_app(config: Config, meter: Meter) -> web.Application:
+    """The proxy application; the caller owns running it and the meter (see :mod:`llmtally.proxy.server`)."""
     state = ProxyState(
         config=config,
-        pipeline=pipeline,
-        prices=prices or PriceBook(config.pricing),
-        counters=build_counters(config.counters, load_on_demand=False),
+        meter=meter,
         upstreams={
             "openai": URL(config.upstreams.openai),
             "anthropic": URL(config.upstreams.anthropic),
@@ -122,7 +115,6 @@ async def _on_startup(app: web.Application) -> None:
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),  # a proxy must not keep one client's cookies for another
     )
-    state.pipeline.start()
 
 
 async def _on_shutdown(app: web.Application) -> None:
@@ -142,10 +134,13 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    sink = prometheus_of(request.app[STATE_KEY].pipeline)
-    if sink is None:
+    try:
+        body = await request.app[STATE_KEY].meter.metrics()
+    except (OSError, aiohttp.ClientError) as exc:
+        return _json_error(503, "metrics_unavailable", f"the record process did not answer: {exc}")
+    if body is None:
         return _json_error(404, "not_found", "metrics are off ([sinks.prometheus] enabled = false)")
-    return web.Response(body=sink.render(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+    return web.Response(body=body, headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
 
 
 async def _readyz(request: web.Request) -> web.Response:
@@ -243,12 +238,7 @@ async def _proxy(provider: Provider, request: web.Request) -> web.StreamResponse
         return await _forward_metered(state, request, adapter, metered, exchange, upstream_url, headers, t0)
     finally:
         if not exchange.deferred:  # one record per metered call, whatever happened
-            _submit(state, adapter, exchange)
-
-
-def _submit(state: ProxyState, adapter: ProviderAdapter, exchange: Exchange) -> None:
-    counter = state.counters[exchange.provider]
-    state.pipeline.submit(partial(safe_build_record, exchange, adapter, counter, state.prices))
+            state.meter.submit(exchange)
 
 
 def _upstream_url(base: URL, raw_path: str, provider: str) -> URL | None:
@@ -382,7 +372,7 @@ async def _forward_metered(
         transport = request.transport
         if not isinstance(exc, asyncio.CancelledError) or transport is None or transport.is_closing():
             exchange.client_disconnected = True
-            _on_client_gone(state, adapter, exchange, upstream, parser, decode)
+            _on_client_gone(state, exchange, upstream, parser, decode)
         raise
     except (TimeoutError, aiohttp.ClientError) as exc:
         # The upstream failed mid-body: headers are sent, so all we can do is cut the client off.
@@ -406,7 +396,6 @@ def _feed_copy(parser: StreamParser, decode: Decoder, chunk: bytes) -> bytes:
 
 def _on_client_gone(
     state: ProxyState,
-    adapter: ProviderAdapter,
     exchange: Exchange,
     upstream: aiohttp.ClientResponse,
     parser: StreamParser | None,
@@ -420,7 +409,7 @@ def _on_client_gone(
         and len(state.drains) < metering.max_drains
     ):
         task = asyncio.get_running_loop().create_task(
-            _drain(state, adapter, exchange, upstream, parser, decode), name="llmtally-drain"
+            _drain(state, exchange, upstream, parser, decode), name="llmtally-drain"
         )
         state.drains.add(task)
         task.add_done_callback(state.drains.discard)
@@ -433,7 +422,6 @@ def _on_client_gone(
 
 async def _drain(
     state: ProxyState,
-    adapter: ProviderAdapter,
     exchange: Exchange,
     upstream: aiohttp.ClientResponse,
     parser: StreamParser,
@@ -448,4 +436,4 @@ async def _drain(
     finally:
         upstream.close()
         _, exchange.summary = parser.finish()
-        _submit(state, adapter, exchange)
+        state.meter.submit(exchange)

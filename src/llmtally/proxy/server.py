@@ -1,4 +1,8 @@
-"""Running the proxy: listen, and on SIGTERM stop accepting, drain, flush every record, exit 0."""
+"""Running the proxy: listen, and on SIGTERM stop accepting, drain, flush every record, exit 0.
+
+:func:`run` (``llmtally serve``) starts proxy worker processes under :mod:`llmtally.supervisor`;
+:func:`serve` is the single-process form (``[server] workers = 0``, and for embedding).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,29 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
+from typing import Any
 
 from aiohttp import web
 
 from llmtally.config import Config
+from llmtally.metering import LocalMeter
 from llmtally.pipeline.build import build_pipeline
-from llmtally.pricing import PriceBook
 from llmtally.pricing.reload import PriceReloader, start_auto_update
-from llmtally.proxy.app import STATE_KEY, create_admin_app, create_app
+from llmtally.proxy.app import create_admin_app, create_app
 
 log = logging.getLogger("llmtally.server")
+
+
+async def preload_gemini(meter: LocalMeter) -> None:
+    """Load the Gemini tokenizer now (~2 s), so the first Gemini record is not an estimate."""
+    load = getattr(meter.counters["gemini"], "load", None)
+    if load is not None:
+        try:
+            await asyncio.to_thread(load)
+        except Exception as exc:
+            log.error("Gemini tokenizer preload failed: %s", exc)
 
 
 def configure_logging(level: str) -> None:
@@ -37,18 +52,15 @@ async def serve(
     stop: asyncio.Event | None = None,
     config_path: str | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop`` is set); ``ready`` gets the bound port.
+    """Serve in this one process until SIGTERM/SIGINT (or ``stop`` is set); ``ready`` gets the bound port.
 
     SIGHUP (or a change of the config or prices file) reloads prices.
     """
     pipeline = build_pipeline(config)
-    app = create_app(config, pipeline)
-    state = app[STATE_KEY]
-
-    def use(book: PriceBook) -> None:
-        state.prices = book  # one reference swap: each record is priced by exactly one book
-
-    reloader = PriceReloader(config, config_path, use, state.prices)
+    meter = LocalMeter(config, pipeline)
+    pipeline.start()
+    app = create_app(config, meter)
+    reloader = PriceReloader(config, config_path, meter.use_prices, meter.prices)
     if config.pricing.auto_update:
         start_auto_update(config.pricing.auto_update_interval_h)
     runner = web.AppRunner(
@@ -75,7 +87,7 @@ async def serve(
             config.server.admin_port,
         )
     if config.counters.gemini.preload:
-        await _preload_gemini(app)
+        await preload_gemini(meter)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -101,16 +113,6 @@ async def serve(
     log.info("stopped; records delivered %s, dropped %d", dict(stats.delivered), stats.dropped)
 
 
-async def _preload_gemini(app: web.Application) -> None:
-    counter = app[STATE_KEY].counters["gemini"]
-    load = getattr(counter, "load", None)
-    if load is not None:
-        try:
-            await asyncio.to_thread(load)
-        except Exception as exc:
-            log.error("Gemini tokenizer preload failed: %s", exc)
-
-
 def _bound_port(runner: web.AppRunner) -> int | None:
     for addr in runner.addresses:
         if isinstance(addr, tuple) and len(addr) >= 2:
@@ -119,20 +121,33 @@ def _bound_port(runner: web.AppRunner) -> int | None:
 
 
 def run(
-    config: Config, host: str | None = None, port: int | None = None, config_path: str | None = None
-) -> None:
-    """Blocking entry point for ``llmtally serve``."""
-    if host is not None or port is not None:
-        server = replace(
-            config.server,
-            host=host if host is not None else config.server.host,
-            port=port if port is not None else config.server.port,
-        )
-        config = replace(config, server=server)
+    config: Config,
+    host: str | None = None,
+    port: int | None = None,
+    config_path: str | None = None,
+    workers: int | None = None,
+) -> int:
+    """Blocking entry point for ``llmtally serve``; the exit status."""
+    from llmtally.supervisor import StartupError, supervise
+
+    server = replace(
+        config.server,
+        host=host if host is not None else config.server.host,
+        port=port if port is not None else config.server.port,
+        workers=workers if workers is not None else config.server.workers,
+    )
+    config = replace(config, server=server)
     configure_logging(config.logging.level)
+    main = supervise if server.workers else serve
     try:
         import uvloop
     except ImportError:  # pragma: no cover - optional on some platforms
-        asyncio.run(serve(config, config_path=config_path))
+        runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     else:
-        uvloop.run(serve(config, config_path=config_path))
+        runner = uvloop.run
+    try:
+        runner(main(config, config_path=config_path))
+    except (StartupError, OSError) as exc:
+        log.error("cannot serve: %s", exc)
+        return 1
+    return 0

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from llmtally.config import Config, MeteringConfig, UpstreamsConfig
+from llmtally.metering import LocalMeter
 from llmtally.pipeline import MemorySink, RecordPipeline, Sink
 from llmtally.pipeline.prometheus import PrometheusSink
 from llmtally.proxy.app import create_app
@@ -28,6 +29,7 @@ class RunningProxy:
     url: str
     pipeline: RecordPipeline
     memory: MemorySink
+    meter: LocalMeter
     runner: web.AppRunner
     app: web.Application
     extra_sinks: list[Sink] = field(default_factory=list)
@@ -58,7 +60,9 @@ async def start_proxy(
         )
     pipeline = RecordPipeline([memory, prometheus, *(sinks or [])], pipeline_config)
     prometheus.bind(pipeline)
-    app = create_app(config, pipeline)
+    meter = LocalMeter(config, pipeline)
+    pipeline.start()
+    app = create_app(config, meter)
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, shutdown_timeout=config.server.shutdown_grace_s
     )
@@ -66,7 +70,7 @@ async def start_proxy(
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = runner.addresses[0][1]
-    return RunningProxy(f"http://{host}:{bound}", pipeline, memory, runner, app, list(sinks or []))
+    return RunningProxy(f"http://{host}:{bound}", pipeline, memory, meter, runner, app, list(sinks or []))
 
 
 __all__ = ["MeteringConfig", "RunningProxy", "UpstreamsConfig", "config_for_upstream", "start_proxy"]

@@ -1,0 +1,278 @@
+"""The link between proxy worker processes and the record process, over a Unix socket.
+
+Under ``llmtally serve`` the proxy workers only move bytes; each metered call's
+:class:`~llmtally.metering.Exchange` travels to the main process, which counts, prices and delivers
+records. Python work in a thread of the proxy process would compete with its event loop for the GIL
+(the profile in docs/performance.md showed ~170 µs per ``socket.send`` under load); in another process
+it competes only for a core, which the kernel schedules far more finely.
+
+Frames are a 4-byte big-endian length and a pickle. Pickle is safe here: both ends are llmtally
+processes of the same user, and the socket lives in a private (0700) directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from llmtally.metering import Exchange
+from llmtally.providers.base import Endpoint, MeteredRequest
+
+log = logging.getLogger("llmtally.link")
+
+_HEADER = struct.Struct(">I")
+#: A frame larger than this is refused (request and response bodies are capped far below it).
+MAX_FRAME = 1 << 31
+#: Warn when this much is waiting to reach the record process (it is slow or stuck).
+BACKLOG_WARNING_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReady:
+    """A proxy worker is listening."""
+
+    pid: int
+    port: int
+
+
+def _frame(message: object) -> bytes:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(data)) + data
+
+
+def exchange_to_wire(ex: Exchange) -> tuple[Any, ...]:
+    """An exchange as a flat tuple: pickling it is several times cheaper than pickling the dataclasses
+    (which goes through Python-level ``__getstate__`` per object), and it runs on the proxy's loop.
+
+    ``input_estimate`` (a local object) and ``deferred`` (a proxy-side flag) do not travel.
+    """
+    r = ex.request
+    e = r.endpoint
+    return (
+        ex.request_id, ex.provider, ex.started_at,
+        e.provider, e.name, e.url_model, e.always_stream,
+        r.body, r.model, r.stream, r.payload, r.injected_usage, r.stream_format,
+        r.service_tier, r.inference_geo, r.error,
+        ex.summary, ex.response_body, ex.response_chunks, ex.response_encoding, ex.status,
+        ex.latency_ms, ex.ttfb_ms, ex.client_disconnected, ex.tags, ex.error, ex.upstream_request_id,
+        ex.count_input,
+    )  # fmt: skip
+
+
+def exchange_from_wire(t: tuple[Any, ...]) -> Exchange:
+    (
+        request_id, provider, started_at,
+        e_provider, e_name, e_url_model, e_always_stream,
+        body, model, stream, payload, injected_usage, stream_format,
+        service_tier, inference_geo, request_error,
+        summary, response_body, response_chunks, response_encoding, status,
+        latency_ms, ttfb_ms, client_disconnected, tags, error, upstream_request_id,
+        count_input,
+    ) = t  # fmt: skip
+    request = MeteredRequest(
+        endpoint=Endpoint(e_provider, e_name, e_url_model, e_always_stream),
+        body=body,
+        model=model,
+        stream=stream,
+        payload=payload,
+        injected_usage=injected_usage,
+        stream_format=stream_format,
+        service_tier=service_tier,
+        inference_geo=inference_geo,
+        error=request_error,
+    )
+    return Exchange(
+        request_id=request_id,
+        provider=provider,
+        request=request,
+        started_at=started_at,
+        summary=summary,
+        response_body=response_body,
+        response_chunks=response_chunks,
+        response_encoding=response_encoding,
+        status=status,
+        latency_ms=latency_ms,
+        ttfb_ms=ttfb_ms,
+        client_disconnected=client_disconnected,
+        tags=tags,
+        error=error,
+        upstream_request_id=upstream_request_id,
+        count_input=count_input,
+    )
+
+
+class LinkClient:
+    """A proxy worker's end: a :class:`~llmtally.metering.Meter` whose records are built elsewhere."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, admin_path: str | None
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._admin_path = admin_path
+        self._admin: aiohttp.ClientSession | None = None
+        self._warned = False
+        #: Frames sent in one write per event-loop iteration: fewer syscalls under load.
+        self._pending: list[bytes] = []
+        self.lost_records = 0
+        #: Set when the record process went away (EOF): the worker should stop taking calls.
+        self.closed = asyncio.Event()
+        self._watch = asyncio.get_running_loop().create_task(self._watch_peer(), name="llmtally-link")
+
+    @classmethod
+    async def connect(cls, path: str, admin_path: str | None = None) -> LinkClient:
+        reader, writer = await asyncio.open_unix_connection(path)
+        return cls(reader, writer, admin_path)
+
+    async def _watch_peer(self) -> None:
+        with contextlib.suppress(OSError):
+            await self._reader.read()  # the record process never writes: this returns at EOF
+        self.closed.set()
+
+    def _send(self, message: object) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(_frame(message))
+
+    def _flush(self) -> None:
+        frames, self._pending = self._pending, []
+        if self._writer.is_closing():
+            self.lost_records += len(frames)
+            log.error("record process gone: %d exchanges not sent", len(frames))
+            return
+        self._writer.writelines(frames)
+        if not self._warned and self._writer.transport.get_write_buffer_size() > BACKLOG_WARNING_BYTES:
+            self._warned = True
+            log.warning(
+                "the record process is behind: over %d MB of exchanges waiting", BACKLOG_WARNING_BYTES >> 20
+            )
+
+    def submit(self, exchange: Exchange) -> None:
+        if self.closed.is_set() or self._writer.is_closing():
+            self.lost_records += 1
+            log.error(
+                "record process gone: no record for request %s (%d lost)",
+                exchange.request_id,
+                self.lost_records,
+            )
+            return
+        try:
+            self._send(exchange_to_wire(exchange))
+        except Exception:  # never let metering break the caller's traffic
+            self.lost_records += 1
+            log.exception(
+                "could not send the exchange of request %s to the record process", exchange.request_id
+            )
+
+    def send_ready(self, port: int) -> None:
+        self._send(WorkerReady(os.getpid(), port))
+
+    async def metrics(self) -> bytes | None:
+        """The record process's Prometheus exposition, fetched over its admin socket."""
+        if self._admin_path is None:
+            return None
+        if self._admin is None:
+            self._admin = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(self._admin_path),
+                timeout=aiohttp.ClientTimeout(total=10),
+            )
+        async with self._admin.get("http://llmtally/metrics") as response:
+            if response.status == 404:
+                return None
+            response.raise_for_status()
+            return await response.read()
+
+    async def close(self) -> None:
+        """Send what is buffered, then close (the record process sees EOF and knows we are done)."""
+        if self._admin is not None:
+            await self._admin.close()
+        if self._pending:
+            self._flush()
+        with contextlib.suppress(OSError):
+            if not self._writer.is_closing():
+                await self._writer.drain()
+                self._writer.write_eof()
+                # Wait for the record process to close its end: everything sent has been read.
+                await asyncio.wait_for(self.closed.wait(), 30)
+        self._writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            await self._writer.wait_closed()
+        self._watch.cancel()
+
+
+class LinkServer:
+    """The record process's end: reads frames from every worker and hands each exchange on."""
+
+    def __init__(
+        self,
+        path: str,
+        on_exchange: Callable[[Exchange], None],
+        on_ready: Callable[[WorkerReady], None],
+    ) -> None:
+        self.path = path
+        self._on_exchange = on_exchange
+        self._on_ready = on_ready
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self.received = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._accept, self.path)
+        os.chmod(self.path, 0o600)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await self._read(reader)
+        finally:
+            self._connections.discard(task)
+            writer.close()  # the worker waits for this: all it sent was read
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                header = await reader.readexactly(_HEADER.size)
+                (size,) = _HEADER.unpack(header)
+                if size >= MAX_FRAME:
+                    log.error("link frame of %d bytes refused; closing the connection", size)
+                    return
+                message = pickle.loads(await reader.readexactly(size))
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return  # the worker closed (or died); what it finished sending was handled
+            except Exception:
+                log.exception("unreadable link frame; closing the connection")
+                return
+            if isinstance(message, WorkerReady):
+                self._on_ready(message)
+            elif isinstance(message, tuple):
+                self.received += 1
+                self._on_exchange(exchange_from_wire(message))
+            else:
+                log.error("unknown link message %r", type(message).__name__)
+
+    async def wait_idle(self, within_s: float) -> bool:
+        """Wait until every worker has disconnected; False if some are still connected after ``within_s``."""
+        if not self._connections:
+            return True
+        _, pending = await asyncio.wait(set(self._connections), timeout=within_s)
+        return not pending
+
+    async def close(self) -> None:
+        for task in list(self._connections):
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)

@@ -1,0 +1,73 @@
+"""One proxy worker process: the transport only, its records built by the main process.
+
+``llmtally serve`` starts ``[server] workers`` of these (see :mod:`llmtally.supervisor`). Each binds the
+proxy port with SO_REUSEPORT, so the kernel spreads connections across them, and sends every metered
+call's exchange over a :class:`~llmtally.pipeline.link.LinkClient`. A worker stops on SIGTERM/SIGINT
+(draining in-flight calls for up to ``shutdown_grace_s``) or when the main process goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from llmtally.config import Config
+from llmtally.pipeline.link import LinkClient
+from llmtally.proxy.app import create_app
+
+log = logging.getLogger("llmtally.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    config: Config
+    index: int
+    #: The proxy port, already resolved (the main process holds it reserved).
+    port: int
+    link_path: str
+    admin_path: str
+
+
+def worker_main(spec: WorkerSpec) -> None:
+    """A worker process's entry point (started with multiprocessing's "spawn")."""
+    from llmtally.proxy.server import configure_logging
+
+    configure_logging(spec.config.logging.level)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # prices live in the main process; it reloads them
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - optional on some platforms
+        asyncio.run(serve_worker(spec))
+    else:
+        uvloop.run(serve_worker(spec))
+
+
+async def serve_worker(spec: WorkerSpec) -> None:
+    config = spec.config
+    link = await LinkClient.connect(spec.link_path, spec.admin_path)
+    app = create_app(config, link)
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=config.server.shutdown_grace_s, handle_signals=False
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, spec.port, reuse_address=True, reuse_port=True)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    lost = loop.create_task(link.closed.wait())
+    lost.add_done_callback(lambda _: stop.set())
+    link.send_ready(spec.port)
+    await stop.wait()
+    if link.closed.is_set():
+        log.error("worker %d: the record process is gone; stopping", spec.index)
+    await runner.cleanup()  # stop listening, let in-flight calls finish, then on_cleanup
+    await link.close()
+    lost.cancel()

@@ -1,0 +1,276 @@
+"""``llmtally serve``: proxy worker processes, and this one building and delivering every record.
+
+The main process holds the proxy port (bound with SO_REUSEPORT, not listening), starts ``[server]
+workers`` proxy processes that listen on it, and runs the one record pipeline they all feed through a
+Unix socket. So records are counted and priced off the proxy's event loop (and off its GIL), there
+is one stdout writer (whole JSON lines whatever the worker count), one spill directory and one set of
+Prometheus metrics, served on the admin listener and, through the workers, on the proxy port.
+
+SIGTERM/SIGINT: readiness turns 503, workers stop accepting and drain for up to ``shutdown_grace_s``,
+then every record they sent is delivered and the process exits 0. A worker that dies is restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.process
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from llmtally.config import Config
+from llmtally.metering import LocalMeter
+from llmtally.pipeline.build import build_pipeline
+from llmtally.pipeline.link import LinkServer, WorkerReady
+from llmtally.pipeline.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
+from llmtally.pricing.reload import PriceReloader, start_auto_update
+from llmtally.proxy.server import preload_gemini
+from llmtally.proxy.worker import WorkerSpec, worker_main
+
+log = logging.getLogger("llmtally.server")
+
+#: A worker must be listening this soon after it starts.
+WORKER_START_TIMEOUT_S = 60.0
+#: Wait this long before restarting a worker that died, so a crash loop does not spin.
+RESTART_DELAY_S = 1.0
+
+
+class StartupError(RuntimeError):
+    """The proxy workers could not start; the message says why."""
+
+
+@dataclass
+class Workers:
+    """The proxy worker processes and what the main process knows of them."""
+
+    config: Config
+    port: int
+    link_path: str
+    admin_path: str
+    processes: dict[int, multiprocessing.process.BaseProcess] = field(default_factory=dict)
+    exited: dict[int, asyncio.Event] = field(default_factory=dict)
+    ready: dict[int, WorkerReady] = field(default_factory=dict)
+    stopping: bool = False
+    #: All workers were up once: from then on a dead worker is restarted, before it ends the start.
+    started: bool = False
+    #: Set when a worker died before the first start completed (why is in the log).
+    start_failed: asyncio.Event = field(default_factory=asyncio.Event)
+    restarts: int = 0
+
+    def start(self, index: int) -> None:
+        spec = WorkerSpec(self.config, index, self.port, self.link_path, self.admin_path)
+        process = multiprocessing.get_context("spawn").Process(
+            target=worker_main, args=(spec,), name=f"llmtally-proxy-{index}"
+        )
+        process.start()
+        self.processes[index] = process
+        self.exited[index] = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(process.sentinel, self._exited, index, process)
+
+    def on_ready(self, message: WorkerReady) -> None:
+        for index, process in self.processes.items():
+            if process.pid == message.pid:
+                self.ready[index] = message
+
+    @property
+    def all_ready(self) -> bool:
+        return len(self.ready) == self.config.server.workers and not self.stopping
+
+    def _exited(self, index: int, process: multiprocessing.process.BaseProcess) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(process.sentinel)
+        process.join(0)
+        self.ready.pop(index, None)
+        self.exited[index].set()
+        if self.stopping:
+            return
+        if not self.started:
+            log.error("proxy worker %d exited with %s while starting", index, process.exitcode)
+            self.start_failed.set()
+            return
+        log.error(
+            "proxy worker %d (pid %s) exited with %s; restarting it in %.0f s",
+            index, process.pid, process.exitcode, RESTART_DELAY_S,
+        )  # fmt: skip
+        self.restarts += 1
+        loop.call_later(RESTART_DELAY_S, self._restart, index)
+
+    def _restart(self, index: int) -> None:
+        if not self.stopping:
+            self.start(index)
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM every worker; SIGKILL what is still running after the grace period."""
+        self.stopping = True
+        for process in self.processes.values():
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + grace_s + 5
+        for index, process in self.processes.items():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.exited[index].wait(), max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.error("proxy worker pid %s did not stop in time: killed", process.pid)
+                process.kill()
+            process.join(5)
+
+
+def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
+    """Bind (not listen) the proxy port with SO_REUSEPORT: it resolves port 0 and keeps the port ours
+    while workers come and go; only listening sockets take connections."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock, int(sock.getsockname()[1])
+
+
+def _admin_app(meter: LocalMeter, workers: Workers) -> web.Application:
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        if workers.stopping:
+            return web.json_response({"status": "draining"}, status=503)
+        if not workers.all_ready:
+            up = len(workers.ready)
+            return web.json_response(
+                {"status": f"starting: {up}/{workers.config.server.workers} workers"}, status=503
+            )
+        return web.json_response({"status": "ready"})
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = await meter.metrics()
+        if body is None:
+            return web.json_response(
+                {
+                    "error": {
+                        "type": "not_found",
+                        "message": "metrics are off ([sinks.prometheus] enabled = false)",
+                    }
+                },
+                status=404,
+            )
+        return web.Response(body=body, headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def supervise(
+    config: Config,
+    ready: Callable[[int], Awaitable[None] | None] | None = None,
+    stop: asyncio.Event | None = None,
+    config_path: str | None = None,
+) -> None:
+    """Serve with ``config.server.workers`` proxy processes until SIGTERM/SIGINT (or ``stop``)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # from the start: a stop while starting is orderly too
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    pipeline = build_pipeline(config)
+    meter = LocalMeter(config, pipeline)
+    pipeline.start()
+    reloader = PriceReloader(config, config_path, meter.use_prices, meter.prices)
+    if config.pricing.auto_update:
+        start_auto_update(config.pricing.auto_update_interval_h)
+    runtime = Path(tempfile.mkdtemp(prefix="llmtally-"))  # 0700: only this user reaches the sockets
+    placeholder, port = _reserve_port(config.server.host, config.server.port)
+    workers = Workers(config, port, str(runtime / "link.sock"), str(runtime / "admin.sock"))
+    all_ready = asyncio.Event()
+
+    def on_ready(message: WorkerReady) -> None:
+        workers.on_ready(message)
+        if workers.all_ready:
+            all_ready.set()
+
+    link = LinkServer(workers.link_path, meter.submit, on_ready)
+    admin_app = _admin_app(meter, workers)
+    admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
+    await admin_runner.setup()
+    try:
+        await link.start()
+        await web.UnixSite(admin_runner, workers.admin_path).start()
+        if config.server.admin_port:
+            await web.TCPSite(
+                admin_runner, config.server.admin_host, config.server.admin_port, reuse_address=True
+            ).start()
+            log.info(
+                "admin (healthz, readyz, metrics) on http://%s:%d",
+                config.server.admin_host,
+                config.server.admin_port,
+            )
+        if config.counters.gemini.preload:
+            await preload_gemini(meter)
+        for index in range(config.server.workers):
+            workers.start(index)
+        await _first_of((all_ready, workers.start_failed, stop), WORKER_START_TIMEOUT_S)
+        if stop.is_set():
+            log.info("stopped while starting")
+            return
+        if not all_ready.is_set():
+            raise StartupError(
+                f"{len(workers.ready)} of {config.server.workers} proxy workers started "
+                "(see their errors above)"
+            )
+        workers.started = True
+        log.info(
+            "llmtally listening on http://%s:%d (%d proxy worker%s)",
+            config.server.host, port, config.server.workers, "" if config.server.workers == 1 else "s",
+        )  # fmt: skip
+        with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+            loop.add_signal_handler(signal.SIGHUP, reloader.trigger)
+        reloader.start()
+        if ready is not None:
+            result = ready(port)
+            if result is not None:
+                await result
+        await stop.wait()
+        log.info("shutting down: draining in-flight requests (up to %.0f s)", config.server.shutdown_grace_s)
+    finally:
+        await workers.stop(config.server.shutdown_grace_s)  # readyz answers 503 meanwhile
+        if not await link.wait_idle(10):
+            log.error("a proxy worker's link stayed open after it stopped")
+        await link.close()
+        await reloader.stop()
+        await pipeline.close()
+        await admin_runner.cleanup()
+        placeholder.close()
+        shutil.rmtree(runtime, ignore_errors=True)
+    stats = pipeline.stats
+    log.info(
+        "stopped; records received %d, delivered %s, dropped %d, worker restarts %d",
+        link.received, dict(stats.delivered), stats.dropped, workers.restarts,
+    )  # fmt: skip
+
+
+async def _first_of(events: tuple[asyncio.Event, ...], within_s: float) -> None:
+    """Wait until any of ``events`` is set, or ``within_s`` passes."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

@@ -1,0 +1,110 @@
+"""The worker → record-process link: exchanges arrive whole, in order, all of them."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from datetime import UTC, datetime
+from pathlib import Path
+
+from llmtally.metering import Exchange
+from llmtally.pipeline.link import (
+    LinkClient,
+    LinkServer,
+    WorkerReady,
+    exchange_from_wire,
+    exchange_to_wire,
+)
+from llmtally.providers import ADAPTERS
+from llmtally.providers.base import ResponseSummary
+from llmtally.record import TokenUsage
+
+
+def _exchange(n: int = 0) -> Exchange:
+    adapter = ADAPTERS["openai"]
+    endpoint = adapter.route("v1/chat/completions")
+    assert endpoint is not None
+    body = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi %d"}]}' % n
+    request = adapter.prepare(endpoint, body, {}, inject_stream_usage=True)
+    assert request.payload is not None and request.injected_usage
+    summary = ResponseSummary(
+        model="gpt-4o-2024-08-06",
+        usage=TokenUsage(input_tokens=12, output_tokens=7, cache_read_tokens=3, reasoning_tokens=2),
+        output_text=["Hel", "lo"],
+        upstream_request_id="req_1",
+        service_tier="default",
+        error=None,
+        complete=True,
+    )
+    return Exchange(
+        request_id=f"id-{n}",
+        provider="openai",
+        request=request,
+        started_at=datetime(2026, 11, 24, 5, 0, 0, 123456, tzinfo=UTC),
+        summary=summary,
+        response_body=b"{}",
+        response_chunks=[b"a", b"b"],
+        response_encoding="gzip",
+        status=200,
+        latency_ms=51.5,
+        ttfb_ms=3.25,
+        client_disconnected=True,
+        tags={"tenant": "acme"},
+        error="something to say",
+        upstream_request_id="up-1",
+        count_input=True,
+    )
+
+
+def test_wire_form_round_trips_every_field() -> None:
+    exchange = _exchange()
+    back = exchange_from_wire(pickle.loads(pickle.dumps(exchange_to_wire(exchange))))
+    assert back == exchange  # the request payload is parsed again from the same body
+
+
+def test_wire_form_keeps_an_unparsable_request_as_it_was() -> None:
+    adapter = ADAPTERS["anthropic"]
+    endpoint = adapter.route("v1/messages")
+    assert endpoint is not None
+    request = adapter.prepare(endpoint, b"not json", {}, inject_stream_usage=True)
+    exchange = Exchange("x", "anthropic", request, datetime.now(UTC), status=400)
+    back = exchange_from_wire(exchange_to_wire(exchange))
+    assert back == exchange and back.request.payload is None and back.request.error
+
+
+async def test_every_exchange_arrives_in_order_and_close_waits_for_the_reader(tmp_path: Path) -> None:
+    received: list[Exchange] = []
+    ready: list[WorkerReady] = []
+    server = LinkServer(str(tmp_path / "link.sock"), received.append, ready.append)
+    await server.start()
+    assert (tmp_path / "link.sock").stat().st_mode & 0o077 == 0  # only this user may connect
+    clients = [await LinkClient.connect(server.path) for _ in range(3)]
+    sent = [[_exchange(i * 1000 + n) for n in range(400)] for i in range(len(clients))]
+    for i, client in enumerate(clients):
+        client.send_ready(8000 + i)
+    for n in range(400):
+        for client, batch in zip(clients, sent, strict=True):
+            client.submit(batch[n])
+    # close() returns once the server has read everything this client sent.
+    await asyncio.gather(*(client.close() for client in clients))
+    assert await server.wait_idle(5)
+    await server.close()
+    assert server.received == 1200 and len(received) == 1200
+    for i, batch in enumerate(sent):
+        ids = [e.request_id for e in received if int(e.request_id[3:]) // 1000 == i]
+        assert ids == [e.request_id for e in batch]  # per connection, in the order sent
+    assert received[0] == sent[0][0]
+    assert sorted(r.port for r in ready) == [8000, 8001, 8002]
+
+
+async def test_a_client_knows_when_the_record_process_is_gone(tmp_path: Path) -> None:
+    server = LinkServer(str(tmp_path / "link.sock"), lambda e: None, lambda r: None)
+    await server.start()
+    client = await LinkClient.connect(server.path)
+    client.submit(_exchange(1))
+    await asyncio.sleep(0.05)
+    await server.close()  # the record process went away
+    await asyncio.wait_for(client.closed.wait(), 5)
+    client.submit(_exchange(2))  # counted and logged, never raised into the proxy
+    assert client.lost_records == 1
+    await client.close()

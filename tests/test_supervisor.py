@@ -1,0 +1,156 @@
+"""``llmtally serve --workers N`` as real processes: one record stream, shared metrics, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import aiohttp
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmtally.testing import FakeUpstream
+from tests.conftest import API_KEY
+from tests.proxy.test_server import start_serve
+
+CHAT = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _workers(pid: int) -> list[int]:
+    return [c for c in _children(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+async def _calls(url: str, count: int, connections: int) -> None:
+    # Separate sessions: separate connections, which SO_REUSEPORT spreads over the workers.
+    async def one_connection(n: int) -> None:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(n):
+                async with session.post(
+                    url + "/openai/v1/chat/completions", data=CHAT, headers=HEADERS
+                ) as response:
+                    assert response.status == 200
+                    await response.read()
+
+    await asyncio.gather(*(one_connection(count // connections) for _ in range(connections)))
+
+
+def _calls_counted(metrics: str) -> float:
+    for family in text_string_to_metric_families(metrics):
+        if family.name == "llmtally_requests":
+            return sum(s.value for s in family.samples if s.name == "llmtally_requests_total")
+    raise AssertionError("no llmtally_requests_total")
+
+
+async def test_two_workers_feed_one_record_stream_and_one_set_of_metrics(
+    tmp_path: Path, upstream: FakeUpstream, unused_tcp_port: int
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[upstreams]\nopenai = "{upstream.url}"\n[server]\nadmin_port = {unused_tcp_port}\n')
+    process, url = await start_serve(config, {}, "--workers", "2")
+    try:
+        assert len(_workers(process.pid)) == 2
+        await _calls(url, 240, 24)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{unused_tcp_port}/readyz") as response:
+                assert response.status == 200
+            await asyncio.sleep(0.5)  # records are built after the responses
+            # /metrics answers the same on the admin port and, through a worker, on the proxy port.
+            async with session.get(f"http://127.0.0.1:{unused_tcp_port}/metrics") as response:
+                admin_metrics = await response.text()
+            async with session.get(url + "/metrics") as response:
+                assert response.status == 200
+                proxy_metrics = await response.text()
+        assert _calls_counted(admin_metrics) == _calls_counted(proxy_metrics) == 240
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, stderr.decode()
+    records = [orjson.loads(line) for line in stdout.splitlines()]  # every line whole JSON
+    assert len(records) == 240
+    assert len({r["request_id"] for r in records}) == 240
+    assert all(r["usage_source"] == "provider" and r["total_cost"] > 0 for r in records)
+
+
+async def test_a_dead_worker_is_replaced_and_service_goes_on(tmp_path: Path, upstream: FakeUpstream) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[upstreams]\nopenai = "{upstream.url}"\n')
+    process, url = await start_serve(config, {}, "--workers", "1")
+    try:
+        await _calls(url, 5, 1)
+        async with aiohttp.ClientSession() as session:
+            while True:  # the records are on their way to the main process before the crash
+                async with session.get(url + "/metrics") as response:
+                    if _calls_counted(await response.text()) == 5:
+                        break
+        (old,) = _workers(process.pid)
+        os.kill(old, signal.SIGKILL)
+        for _ in range(100):  # restarted after a second
+            await asyncio.sleep(0.1)
+            now = _workers(process.pid)
+            if now and now != [old]:
+                break
+        await asyncio.sleep(1.0)  # the new worker is listening
+        await _calls(url, 5, 1)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, stderr.decode()
+    assert b"exited with -9; restarting it" in stderr
+    assert len(stdout.splitlines()) == 10  # the records of calls before the crash were not lost
+
+
+async def test_workers_stop_when_the_main_process_dies(tmp_path: Path, upstream: FakeUpstream) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[upstreams]\nopenai = "{upstream.url}"\n')
+    process, _ = await start_serve(config, {}, "--workers", "2")
+    workers = _workers(process.pid)
+    assert len(workers) == 2
+    process.kill()
+    await process.wait()
+    for _ in range(100):  # no orphan keeps the port and swallows calls that nobody meters
+        if not any(Path(f"/proc/{pid}").exists() and _running(pid) for pid in workers):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(f"orphaned workers still running: {workers}")
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def test_a_single_process_serves_too(tmp_path: Path, upstream: FakeUpstream) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[upstreams]\nopenai = "{upstream.url}"\n[server]\nworkers = 0\n')
+    process, url = await start_serve(config, {})
+    try:
+        assert _workers(process.pid) == []
+        await _calls(url, 3, 1)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, stderr.decode()
+    assert len(stdout.splitlines()) == 3
