@@ -31,9 +31,15 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests load_tests examples
 	$(BIN)/mypy
 
-# Proxy overhead against direct calls and nginx (Debian's nginx is used when installed).
-load: $(STAMP)
-	$(BIN)/python load_tests/run.py
+# Proxy overhead against direct calls, nginx (Debian's, when installed) and LiteLLM's proxy, which gets
+# its own virtualenv here (load_tests/.venv-litellm) so it never touches llmtally's.
+LITELLM := load_tests/.venv-litellm/bin/litellm
+$(LITELLM):
+	@$(PYTHON) -m venv load_tests/.venv-litellm >&2
+	@load_tests/.venv-litellm/bin/python -m pip install --quiet 'litellm[proxy]' >&2
+
+load: $(STAMP) $(LITELLM)
+	$(BIN)/python load_tests/run.py $(LOAD_ARGS)
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I src/llmtally/pipeline/proto --python_out=src/llmtally/pipeline/proto \

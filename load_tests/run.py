@@ -1,20 +1,22 @@
-"""Proxy overhead, measured side by side: direct calls, llmtally, and nginx, against one fake upstream.
+"""Proxy overhead, side by side: direct calls, llmtally, nginx and LiteLLM's proxy, one upstream.
 
-    .venv/bin/python load_tests/run.py [--duration 5] [--concurrency 1,16,64] [--latency-ms 50]
+    .venv/bin/python load_tests/run.py [--duration 4] [--concurrency 1,16,64,256] [--rates 200,800]
 
-Starts the fake upstream, llmtally (`llmtally serve`) and, when installed, nginx (`proxy_pass`, buffering
-off, upstream keep-alive) as separate processes; drives each with persistent-connection async clients at
-fixed concurrency, non-streamed and streamed (OpenAI chat format), after a warm-up; prints a table and
-writes load_tests/results/<date>.json. Added latency is each proxy's percentile minus the direct call's.
-
-Not yet here (see docs/performance.md): the LiteLLM proxy, fixed offered rates, the other providers'
-formats, and the chart. It also holds --open-streams streams open at once and reports llmtally's RSS.
+Starts the lean fake upstream (load_tests/lean.py: canned bytes in each provider's wire format after a
+fixed delay; streams at a fixed cadence), llmtally (``llmtally serve``, 1 and 2 proxy workers), Debian's
+nginx (``proxy_pass``, buffering off, keep-alive; when installed) and LiteLLM's proxy (its pass-through
+routes; from load_tests/.venv-litellm, which ``make load`` creates) as separate processes. Against the
+same upstream, in the same run, it drives each target at fixed concurrency and at fixed offered
+rates, non-streamed and streamed, for each provider, after a warm-up. It prints a table and writes
+load_tests/results/<date>.json and a PNG chart. "Added" is a target's value minus the direct call's
+in the same cell. CPU and peak RSS count every process of a target (llmtally's workers included).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -29,12 +31,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import aiohttp
+import uvloop
+from lean import Samples, build_request, closed_loop, open_loop
 
 HERE = Path(__file__).resolve().parent
-BODY = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Say hello"}]}'
-STREAM_BODY = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"Say hello"}]}'
-HEADERS = {"Authorization": "Bearer sk-load-test", "Content-Type": "application/json"}
+PROVIDERS = ("openai", "anthropic", "gemini")
 
 
 def free_port() -> int:
@@ -43,9 +44,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def pct(values: list[float], q: float) -> float:
+def wait_for_port(port: int, within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"nothing listening on port {port} after {within_s:.0f} s")
+
+
+def pct(values: list[float], q: float) -> float | None:
     if not values:
-        return float("nan")
+        return None
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
 
@@ -53,136 +65,109 @@ def pct(values: list[float], q: float) -> float:
 @dataclass
 class Result:
     target: str
+    provider: str
     mode: str
-    concurrency: int
+    load: str  # "c=16" (closed loop) or "r=200" (offered requests/s)
     requests: int = 0
     errors: int = 0
     rps: float = 0.0
-    p50_ms: float = 0.0
-    p95_ms: float = 0.0
-    p99_ms: float = 0.0
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
     ttfb_p50_ms: float | None = None
     chunk_gap_p50_ms: float | None = None
-    proxy_cpu_s: float | None = None
-    proxy_peak_rss_mb: float | None = None
+    overhead_header_p50_ms: float | None = None
+    cpu_s: float | None = None
+    peak_rss_mb: float | None = None
     added: dict[str, float] = field(default_factory=dict)
 
 
 class Proc:
-    def __init__(
-        self, args: list[str], env: dict[str, str] | None = None, ready: bytes | None = None
-    ) -> None:
+    """A target's process (and, through /proc, its children)."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, ready: bytes | None = None,
+                 cwd: str | None = None, timeout: float = 120) -> None:  # fmt: skip
         self.popen = subprocess.Popen(
-            args, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+            args, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            cwd=cwd, start_new_session=True,
+        )  # fmt: skip
         if ready is not None:
-            assert self.popen.stderr is not None
-            while ready not in (line := self.popen.stderr.readline()):
-                if not line:
-                    raise RuntimeError(f"{args[0]} exited: {self.popen.wait()}")
+            assert self.popen.stdout is not None
+            deadline = time.monotonic() + timeout
+            while ready not in (line := self.popen.stdout.readline()):
+                if not line or time.monotonic() > deadline:
+                    raise RuntimeError(f"{args[0]} did not start: {self.popen.poll()}")
+        # Keep draining its output so a chatty target never blocks on a full pipe.
+        if self.popen.stdout is not None:
+            import threading
+
+            threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.popen.stdout is not None
+        for _ in self.popen.stdout:
+            pass
+
+    def pids(self) -> list[int]:
+        found, todo = [], [self.popen.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                with contextlib.suppress(OSError):
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+        return found
 
     def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().split()
-        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    def _status_mb(self, key: str) -> float:
+        total = 0.0
+        for pid in self.pids():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            if key in status:
+                total += int(status.split(key)[1].split()[0]) / 1024
+        return total
 
     def rss_mb(self) -> float:
-        status = Path(f"/proc/{self.popen.pid}/status").read_text()
-        return int(status.split("VmRSS:")[1].split()[0]) / 1024
+        return self._status_mb("VmRSS:")
 
     def peak_rss_mb(self) -> float:
-        status = Path(f"/proc/{self.popen.pid}/status").read_text()
-        return int(status.split("VmHWM:")[1].split()[0]) / 1024
+        return self._status_mb("VmHWM:")
 
     def stop(self) -> None:
-        self.popen.send_signal(signal.SIGTERM)
         try:
+            os.killpg(self.popen.pid, signal.SIGTERM)
             self.popen.wait(30)
-        except subprocess.TimeoutExpired:
+        except (ProcessLookupError, subprocess.TimeoutExpired):
             self.popen.kill()
-
-
-async def drive(
-    url: str, stream: bool, concurrency: int, duration: float, warmup: float
-) -> dict[str, list[float]]:
-    latencies: list[float] = []
-    ttfbs: list[float] = []
-    gaps: list[float] = []
-    errors = 0
-    body = STREAM_BODY if stream else BODY
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        start = time.perf_counter()
-        measure_from = start + warmup
-        stop_at = measure_from + duration
-
-        async def worker() -> None:
-            nonlocal errors
-            while (now := time.perf_counter()) < stop_at:
-                first = last = None
-                local_gaps = []
-                try:
-                    async with session.post(url, data=body, headers=HEADERS) as response:
-                        async for _ in response.content.iter_any():
-                            t = time.perf_counter()
-                            if first is None:
-                                first = t
-                            elif last is not None:
-                                local_gaps.append(t - last)
-                            last = t
-                        ok = response.status == 200
-                except aiohttp.ClientError:
-                    ok = False
-                end = time.perf_counter()
-                if now < measure_from:
-                    continue  # warm-up
-                if not ok:
-                    errors += 1
-                    continue
-                latencies.append((end - now) * 1000)
-                if stream and first is not None:
-                    ttfbs.append((first - now) * 1000)
-                    gaps.extend(g * 1000 for g in local_gaps)
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return {"latency": latencies, "ttfb": ttfbs, "gaps": gaps, "errors": [float(errors)]}
-
-
-async def open_streams(url: str, count: int, proc: Proc) -> dict[str, float]:
-    """Hold ``count`` streams open at once (the upstream sends slowly); the proxy's RSS meanwhile."""
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=300)
-    ) as session:
-        responses = []
-
-        async def start() -> None:
-            response = await session.post(url, data=STREAM_BODY, headers=HEADERS)
-            await response.content.readany()  # the stream is open and flowing
-            responses.append(response)
-
-        before = proc.peak_rss_mb()
-        await asyncio.gather(*(start() for _ in range(count)))
-        rss_now = proc.rss_mb()
-        opened = len(responses)
-        for response in responses:
-            response.close()
-    return {"streams": opened, "rss_mb": rss_now, "peak_rss_before_mb": before}
 
 
 NGINX_CONF = """
 worker_processes 1;
 error_log {dir}/error.log;
 pid {dir}/nginx.pid;
-events {{ worker_connections 4096; }}
+events {{ worker_connections 8192; }}
 http {{
   access_log off;
   client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
   fastcgi_temp_path {dir}/fcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
-  upstream fake {{ server 127.0.0.1:{upstream_port}; keepalive 256; }}
+  upstream fake {{ server 127.0.0.1:{upstream_port}; keepalive 512; }}
   server {{
-    listen 127.0.0.1:{port};
-    location /openai/ {{
-      proxy_pass http://fake/;
+    listen 127.0.0.1:{port} backlog=4096;
+    location ~ ^/(openai|anthropic|gemini)/ {{
+      rewrite ^/[a-z]+(/.*)$ $1 break;
+      proxy_pass http://fake;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_buffering off;
@@ -192,174 +177,283 @@ http {{
 }}
 """
 
+LITELLM_CONF = "general_settings:\n  pass_through_endpoints:\n" + "".join(
+    f'    - path: "/pt/{p}"\n      target: "{{upstream}}"\n      include_subpath: true\n' for p in PROVIDERS
+)
+
+
+def start_targets(
+    args: argparse.Namespace, work: Path, upstream_port: int
+) -> dict[str, tuple[int, str, Proc | None]]:
+    """name → (port, path prefix before /<provider>, process)."""
+    up = f"http://127.0.0.1:{upstream_port}"
+    targets: dict[str, tuple[int, str, Proc | None]] = {"direct": (upstream_port, "", None)}
+    for workers in args.llmtally_workers:
+        port = free_port()
+        proc = Proc(
+            [sys.executable, "-m", "llmtally", "serve", "--port", str(port), "--workers", str(workers)],
+            env={
+                "LLMTALLY_UPSTREAMS_OPENAI": up, "LLMTALLY_UPSTREAMS_ANTHROPIC": up,
+                "LLMTALLY_UPSTREAMS_GEMINI": up, "LLMTALLY_CONFIG": str(HERE.parent / "config.toml"),
+                "LLMTALLY_LOGGING_DESTINATION": str(work / f"records-{workers}w.jsonl"),
+                "LLMTALLY_PIPELINE_SPILL_DIR": str(work / f"spill-{workers}w"),
+            },
+            ready=b"listening on",
+        )  # fmt: skip
+        targets[f"llmtally-{workers}w"] = (port, "/{provider}", proc)
+    nginx_bin = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx_bin and not args.no_nginx:
+        port = free_port()
+        (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, upstream_port=upstream_port, port=port))
+        proc = Proc([nginx_bin, "-p", str(work), "-c", str(work / "nginx.conf"), "-g", "daemon off;"])
+        time.sleep(1)
+        targets["nginx"] = (port, "/{provider}", proc)
+    else:
+        print("nginx: off or not installed (apt-get install nginx-light); skipped", flush=True)
+    litellm = Path(args.litellm_bin)
+    if litellm.exists() and not args.no_litellm:
+        port = free_port()
+        (work / "litellm.yaml").write_text(LITELLM_CONF.format(upstream=up))
+        proc = Proc(
+            [str(litellm), "--config", str(work / "litellm.yaml"), "--port", str(port), "--num_workers", "1"],
+            env={"LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",  # loopback load test only
+                 "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+            cwd=str(work),
+        )  # fmt: skip
+        wait_for_port(port, 120)
+        targets["litellm"] = (port, "/pt/{provider}", proc)
+    else:
+        print(f"LiteLLM: {litellm} not found (make load installs it); skipped", flush=True)
+    return targets
+
+
+def summarise(name: str, provider: str, mode: str, load: str, s: Samples, duration: float) -> Result:
+    return Result(
+        name, provider, mode, load,
+        requests=len(s.latency_ms), errors=s.errors, rps=len(s.latency_ms) / duration,
+        p50_ms=pct(s.latency_ms, 0.5), p95_ms=pct(s.latency_ms, 0.95), p99_ms=pct(s.latency_ms, 0.99),
+        ttfb_p50_ms=pct(s.ttfb_ms, 0.5) if mode == "stream" else None,
+        chunk_gap_p50_ms=pct(s.gap_ms, 0.5) if mode == "stream" else None,
+        overhead_header_p50_ms=pct(s.overhead_ms, 0.5),
+    )  # fmt: skip
+
+
+def added(result: Result, base: Result) -> dict[str, float]:
+    out = {}
+    for key in ("p50_ms", "p95_ms", "p99_ms", "ttfb_p50_ms", "chunk_gap_p50_ms"):
+        mine, theirs = getattr(result, key), getattr(base, key)
+        if mine is not None and theirs is not None:
+            out[key] = mine - theirs
+    if base.rps:
+        out["rps_ratio"] = result.rps / base.rps
+    return out
+
+
+def cells(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(provider, mode, load) in run order: every concurrency for OpenAI, 16 and 64 for the others,
+    and the offered rates (non-streamed OpenAI)."""
+    out = []
+    for provider in args.providers:
+        levels = args.concurrency if provider == "openai" else [c for c in args.concurrency if c in (16, 64)]
+        for mode in ("json", "stream"):
+            out += [(provider, mode, f"c={c}") for c in levels]
+    out += [("openai", "json", f"r={r}") for r in args.rates]
+    return out
+
+
+async def run_cell(
+    port: int, prefix: str, provider: str, mode: str, load: str, args: argparse.Namespace
+) -> Samples:
+    request = build_request("127.0.0.1", port, prefix.format(provider=provider), provider, mode == "stream")
+    kind, value = load.split("=")
+    if kind == "c":
+        return await closed_loop("127.0.0.1", port, request, int(value), args.duration, args.warmup)
+    return await open_loop("127.0.0.1", port, request, float(value), args.duration, args.warmup)
+
+
+async def open_streams(port: int, count: int, proc: Proc) -> dict[str, float]:
+    """Hold ``count`` streams open at once (the upstream sends slowly); the proxy's RSS meanwhile."""
+    from lean import ClientConnection, _connect
+
+    request = build_request("127.0.0.1", port, "/openai", "openai", True)
+    conns: list[ClientConnection] = []
+    for _ in range(count):
+        conn = await _connect("127.0.0.1", port)
+        conns.append(conn)
+        assert conn.transport is not None
+        conn.transport.write(request)
+    deadline = time.monotonic() + 60
+    while sum(c.first is not None for c in conns) < count and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)  # polls many connections' first byte; an Event each would be noise
+    opened = sum(c.first is not None for c in conns)
+    rss = proc.rss_mb()
+    for conn in conns:
+        if conn.transport is not None:
+            conn.transport.close()
+    return {"streams": opened, "rss_mb": rss}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell")
+    parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per cell")
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--concurrency", default="1,16,64,256")
+    parser.add_argument("--rates", default="200,800", help="offered requests/s (open loop); empty: none")
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--llmtally-workers", default="1,2", help="llmtally targets by proxy worker count")
     parser.add_argument("--latency-ms", type=float, default=50.0, help="fake upstream delay before headers")
-    parser.add_argument("--chunks", type=int, default=20)
+    parser.add_argument("--chunks", type=int, default=20, help="text events per stream")
     parser.add_argument("--chunk-interval-ms", type=float, default=5.0)
+    parser.add_argument("--piece-chars", type=int, default=0, help="characters per text piece (body size)")
     parser.add_argument("--no-nginx", action="store_true")
+    parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--litellm-bin", default=str(HERE / ".venv-litellm" / "bin" / "litellm"))
     parser.add_argument("--open-streams", type=int, default=1000, help="streams held open at once (0: skip)")
+    parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    args.rates = [float(r) for r in args.rates.split(",") if r]
+    args.providers = [p for p in args.providers.split(",") if p]
+    args.llmtally_workers = [int(w) for w in args.llmtally_workers.split(",") if w]
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     work = Path(tempfile.mkdtemp(prefix="llmtally-load-"))
 
-    upstream_port, llmtally_port, nginx_port = free_port(), free_port(), free_port()
+    upstream_port = free_port()
+    lean = [sys.executable, str(HERE / "lean.py"), "upstream", "--chunks", str(args.chunks),
+            "--piece-chars", str(args.piece_chars)]  # fmt: skip
     upstream = Proc(
-        [
-            sys.executable,
-            "-m",
-            "llmtally.testing",
-            "--port",
-            str(upstream_port),
-            "--latency-ms",
-            str(args.latency_ms),
-            "--chunks",
-            str(args.chunks),
-            "--chunk-interval-ms",
-            str(args.chunk_interval_ms),
-        ],
-    )
-    time.sleep(1.5)
-    records = work / "records.jsonl"
-    llmtally = Proc(
-        [sys.executable, "-m", "llmtally", "serve", "--port", str(llmtally_port)],
-        env={
-            "LLMTALLY_UPSTREAMS_OPENAI": f"http://127.0.0.1:{upstream_port}",
-            "LLMTALLY_CONFIG": str(HERE.parent / "config.toml"),
-            "LLMTALLY_LOGGING_DESTINATION": str(records),
-            "LLMTALLY_PIPELINE_SPILL_DIR": str(work / "spill"),
-        },
-        ready=b"listening on",
-    )
-    targets = {
-        "direct": (f"http://127.0.0.1:{upstream_port}/v1/chat/completions", None),
-        "llmtally": (f"http://127.0.0.1:{llmtally_port}/openai/v1/chat/completions", llmtally),
-    }
-    nginx = None
-    nginx_bin = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if nginx_bin and not args.no_nginx:
-        (work / "nginx.conf").write_text(
-            NGINX_CONF.format(dir=work, upstream_port=upstream_port, port=nginx_port)
-        )
-        nginx = Proc([nginx_bin, "-p", str(work), "-c", str(work / "nginx.conf"), "-g", "daemon off;"])
-        time.sleep(1)
-        targets["nginx"] = (f"http://127.0.0.1:{nginx_port}/openai/v1/chat/completions", nginx)
+        [*lean, "--port", str(upstream_port), "--latency-ms", str(args.latency_ms),
+         "--chunk-interval-ms", str(args.chunk_interval_ms)],
+        ready=b"lean upstream on",
+    )  # fmt: skip
+    targets = start_targets(args, work, upstream_port)
     results: list[Result] = []
-    open_streams_result: dict[str, float] = {}
+    held: dict[str, float] = {}
     try:
-        for mode in ("json", "stream"):
-            for concurrency in [int(c) for c in args.concurrency.split(",")]:
-                baseline = None
-                for name, (url, proc) in targets.items():
-                    cpu0 = proc.cpu_s() if proc else None
-                    data = asyncio.run(drive(url, mode == "stream", concurrency, args.duration, args.warmup))
-                    lat = data["latency"]
-                    result = Result(
-                        name,
-                        mode,
-                        concurrency,
-                        requests=len(lat),
-                        errors=int(data["errors"][0]),
-                        rps=len(lat) / args.duration,
-                        p50_ms=pct(lat, 0.5),
-                        p95_ms=pct(lat, 0.95),
-                        p99_ms=pct(lat, 0.99),
-                    )
-                    if mode == "stream":
-                        result.ttfb_p50_ms = pct(data["ttfb"], 0.5)
-                        result.chunk_gap_p50_ms = pct(data["gaps"], 0.5)
-                    if proc is not None and cpu0 is not None:
-                        result.proxy_cpu_s = proc.cpu_s() - cpu0
-                        result.proxy_peak_rss_mb = proc.peak_rss_mb()
-                    if name == "direct":
-                        baseline = result
-                    elif baseline is not None:
-                        result.added = {
-                            "p50_ms": result.p50_ms - baseline.p50_ms,
-                            "p95_ms": result.p95_ms - baseline.p95_ms,
-                            "p99_ms": result.p99_ms - baseline.p99_ms,
-                            "rps_ratio": result.rps / baseline.rps if baseline.rps else float("nan"),
-                        }
-                        if (
-                            mode == "stream"
-                            and baseline.ttfb_p50_ms is not None
-                            and result.ttfb_p50_ms is not None
-                        ):
-                            result.added["ttfb_p50_ms"] = result.ttfb_p50_ms - baseline.ttfb_p50_ms
-                            result.added["chunk_gap_p50_ms"] = (result.chunk_gap_p50_ms or 0) - (
-                                baseline.chunk_gap_p50_ms or 0
-                            )
-                    results.append(result)
-                    print(_row(result), flush=True)
+        for provider, mode, load in cells(args):
+            base = None
+            for name, (port, prefix, proc) in targets.items():
+                cpu0 = proc.cpu_s() if proc else None
+                samples = uvloop.run(run_cell(port, prefix, provider, mode, load, args))
+                result = summarise(name, provider, mode, load, samples, args.duration)
+                if proc is not None and cpu0 is not None:
+                    result.cpu_s = proc.cpu_s() - cpu0
+                    result.peak_rss_mb = proc.peak_rss_mb()
+                if name == "direct":
+                    base = result
+                elif base is not None:
+                    result.added = added(result, base)
+                results.append(result)
+                print(_row(result), flush=True)
         if args.open_streams:
-            # A second slow upstream: each stream stays open for the whole test.
+            # A second, slow upstream: each stream stays open for the whole test.
             slow_port = free_port()
-            slow = Proc([sys.executable, "-m", "llmtally.testing", "--port", str(slow_port), "--chunks", "2",
-                         "--chunk-interval-ms", "20000"])  # fmt: skip
-            time.sleep(1.5)
-            slow_proxy = Proc(
-                [sys.executable, "-m", "llmtally", "serve", "--port", str(free_port())],
+            slow = Proc([*lean, "--port", str(slow_port), "--latency-ms", "0",
+                         "--chunk-interval-ms", "60000"], ready=b"lean upstream on")  # fmt: skip
+            port = free_port()
+            proxy = Proc(
+                [sys.executable, "-m", "llmtally", "serve", "--port", str(port)],
                 env={"LLMTALLY_UPSTREAMS_OPENAI": f"http://127.0.0.1:{slow_port}",
                      "LLMTALLY_LOGGING_DESTINATION": str(work / "slow-records.jsonl"),
                      "LLMTALLY_PIPELINE_SPILL_DIR": str(work / "slow-spill")},
                 ready=b"listening on",
             )  # fmt: skip
-            port = slow_proxy.popen.args[5]  # type: ignore[index]
             try:
-                held = asyncio.run(open_streams(f"http://127.0.0.1:{port}/openai/v1/chat/completions",
-                                                args.open_streams, slow_proxy))  # fmt: skip
+                held = uvloop.run(open_streams(port, args.open_streams, proxy))
             finally:
-                slow_proxy.stop()
+                proxy.stop()
                 slow.stop()
             print(
-                f"\n{held['streams']:.0f} streams open at once: llmtally RSS {held['rss_mb']:.0f} MB",
-                flush=True,
+                f"\n{held['streams']:.0f} streams open at once: "
+                f"llmtally RSS {held['rss_mb']:.0f} MB (all processes)"
             )
-            open_streams_result = held
     finally:
-        for proc in (nginx, llmtally, upstream):
+        for _, _, proc in targets.values():
             if proc is not None:
                 proc.stop()
-    delivered = sum(1 for _ in records.open()) if records.exists() else 0
-    sent = sum(r.requests + r.errors for r in results if r.target == "llmtally")
-    print(f"\nllmtally records written: {delivered} (measured llmtally requests: {sent}, plus warm-up)")
-    out = HERE / "results" / f"{datetime.now(UTC):%Y-%m-%d}.json"
-    out.parent.mkdir(exist_ok=True)
+        upstream.stop()
+    records = {}
+    for workers in args.llmtally_workers:
+        path = work / f"records-{workers}w.jsonl"
+        written = sum(1 for _ in path.open()) if path.exists() else 0
+        answered = sum(r.requests + r.errors for r in results if r.target == f"llmtally-{workers}w")
+        records[f"llmtally-{workers}w"] = {"records": written, "measured_requests": answered}
+        print(f"llmtally-{workers}w records written: {written} (measured requests {answered}, plus warm-ups)")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = f"{datetime.now(UTC):%Y-%m-%d}"
     machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": sys.platform}
-    out.write_text(
-        json.dumps(
-            {
-                "machine": machine,
-                "args": vars(args),
-                "records_written": delivered,
-                "open_streams": open_streams_result,
-                "results": [asdict(r) for r in results],
-            },
-            indent=2,
-        )
-    )
-    print(f"results: {out}")
+    report = {"machine": machine, "args": vars(args), "records": records, "open_streams": held,
+              "results": [asdict(r) for r in results]}  # fmt: skip
+    (out_dir / f"{stamp}.json").write_text(json.dumps(report, indent=2))
+    chart(results, out_dir / f"{stamp}.png")
+    print(f"results: {out_dir / stamp}.json and .png")
 
 
 def _row(r: Result) -> str:
+    def f(v: float | None) -> str:
+        return f"{v:8.2f}" if v is not None else "       -"
+
     extra = ""
     if r.added:
         a = r.added
-        extra = f"  added p50 {a['p50_ms']:+6.2f} p99 {a['p99_ms']:+7.2f} ms  rps x{a['rps_ratio']:.2f}"
-        if "ttfb_p50_ms" in r.added:
-            extra += f"  ttfb {r.added['ttfb_p50_ms']:+.2f} gap {r.added['chunk_gap_p50_ms']:+.2f} ms"
-    cpu = f" cpu {r.proxy_cpu_s:.1f}s rss {r.proxy_peak_rss_mb:.0f}MB" if r.proxy_cpu_s is not None else ""
+        extra = (
+            f"  added p50 {a.get('p50_ms', 0):+7.2f} p99 {a.get('p99_ms', 0):+8.2f}"
+            f"  rps x{a.get('rps_ratio', 0):.2f}"
+        )
+        if "ttfb_p50_ms" in a:
+            extra += f"  ttfb {a['ttfb_p50_ms']:+.2f} gap {a.get('chunk_gap_p50_ms', 0):+.2f}"
+    cpu = f" cpu {r.cpu_s:5.1f}s rss {r.peak_rss_mb:4.0f}MB" if r.cpu_s is not None else ""
     return (
-        f"{r.mode:6s} c={r.concurrency:<3d} {r.target:9s} {r.rps:8.0f} rps  p50 {r.p50_ms:7.2f} "
-        f"p99 {r.p99_ms:7.2f} ms  err {r.errors}{cpu}{extra}"
+        f"{r.provider:9s} {r.mode:6s} {r.load:7s} {r.target:12s} {r.rps:7.0f} rps p50{f(r.p50_ms)} "
+        f"p99{f(r.p99_ms)} err {r.errors}{cpu}{extra}"
     )
+
+
+def chart(results: list[Result], path: Path) -> None:
+    """Requests/s and added p50/p99 latency per target, OpenAI non-streamed and streamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r.target for r in results))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    for row, mode in enumerate(("json", "stream")):
+        cell = [r for r in results if r.provider == "openai" and r.mode == mode and r.load.startswith("c=")]
+        loads = list(dict.fromkeys(r.load for r in cell))
+        for col, (metric, title) in enumerate(
+            (
+                ("rps", "requests/s"),
+                ("p50_ms", "added latency p50 (ms)"),
+                ("p99_ms", "added latency p99 (ms)"),
+            )
+        ):
+            ax = axes[row][col]
+            for name in names:
+                ys = []
+                for load in loads:
+                    match = [r for r in cell if r.target == name and r.load == load]
+                    if not match:
+                        ys.append(float("nan"))
+                    elif metric == "rps":
+                        ys.append(match[0].rps)
+                    else:
+                        ys.append(match[0].added.get(metric, 0.0) if name != "direct" else 0.0)
+                ax.plot(loads, ys, marker="o", label=name)
+            ax.set_title(f"OpenAI {'streamed' if mode == 'stream' else 'non-streamed'}: {title}")
+            ax.set_xlabel("concurrent clients")
+            if metric != "rps":
+                ax.set_yscale("symlog", linthresh=1.0)
+            ax.grid(True, alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle("llmtally load test: same fake upstream (50 ms), same run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
