@@ -18,7 +18,6 @@ import logging
 import multiprocessing
 import multiprocessing.process
 import shutil
-import signal
 import socket
 import tempfile
 import time
@@ -32,9 +31,15 @@ from llmtally.config import Config
 from llmtally.metering import LocalMeter
 from llmtally.pipeline.build import build_pipeline
 from llmtally.pipeline.link import LinkServer, WorkerReady
-from llmtally.pipeline.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from llmtally.pricing.reload import PriceReloader, start_auto_update
-from llmtally.proxy.server import preload_gemini
+from llmtally.proxy.app import create_admin_app
+from llmtally.proxy.server import (
+    announce,
+    preload_gemini,
+    reload_on_sighup,
+    start_admin_listener,
+    stop_on_signals,
+)
 from llmtally.proxy.worker import WorkerSpec, worker_main
 
 log = logging.getLogger("llmtally.server")
@@ -86,6 +91,14 @@ class Workers:
     @property
     def all_ready(self) -> bool:
         return len(self.ready) == self.config.server.workers and not self.stopping
+
+    def not_ready(self) -> str | None:
+        """Readiness for the admin listener: None when every worker is listening."""
+        if self.stopping:
+            return "draining"
+        if not self.all_ready:
+            return f"starting: {len(self.ready)}/{self.config.server.workers} workers"
+        return None
 
     def _exited(self, index: int, process: multiprocessing.process.BaseProcess) -> None:
         loop = asyncio.get_running_loop()
@@ -143,41 +156,6 @@ def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
     return sock, int(sock.getsockname()[1])
 
 
-def _admin_app(meter: LocalMeter, workers: Workers) -> web.Application:
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(request: web.Request) -> web.Response:
-        if workers.stopping:
-            return web.json_response({"status": "draining"}, status=503)
-        if not workers.all_ready:
-            up = len(workers.ready)
-            return web.json_response(
-                {"status": f"starting: {up}/{workers.config.server.workers} workers"}, status=503
-            )
-        return web.json_response({"status": "ready"})
-
-    async def metrics(request: web.Request) -> web.Response:
-        body = await meter.metrics()
-        if body is None:
-            return web.json_response(
-                {
-                    "error": {
-                        "type": "not_found",
-                        "message": "metrics are off ([sinks.prometheus] enabled = false)",
-                    }
-                },
-                status=404,
-            )
-        return web.Response(body=body, headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
-
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    return app
-
-
 async def supervise(
     config: Config,
     ready: Callable[[int], Awaitable[None] | None] | None = None,
@@ -186,10 +164,7 @@ async def supervise(
 ) -> None:
     """Serve with ``config.server.workers`` proxy processes until SIGTERM/SIGINT (or ``stop``)."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # from the start: a stop while starting is orderly too
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)  # from the start: a stop while starting is orderly too
     pipeline = build_pipeline(config)
     meter = LocalMeter(config, pipeline)
     pipeline.start()
@@ -207,21 +182,14 @@ async def supervise(
             all_ready.set()
 
     link = LinkServer(workers.link_path, meter.submit, on_ready)
-    admin_app = _admin_app(meter, workers)
-    admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
+    admin_runner = web.AppRunner(
+        create_admin_app(meter, workers.not_ready), access_log=None, handle_signals=False
+    )
     await admin_runner.setup()
     try:
         await link.start()
         await web.UnixSite(admin_runner, workers.admin_path).start()
-        if config.server.admin_port:
-            await web.TCPSite(
-                admin_runner, config.server.admin_host, config.server.admin_port, reuse_address=True
-            ).start()
-            log.info(
-                "admin (healthz, readyz, metrics) on http://%s:%d",
-                config.server.admin_host,
-                config.server.admin_port,
-            )
+        await start_admin_listener(admin_runner, config.server)
         if config.counters.gemini.preload:
             await preload_gemini(meter)
         for index in range(config.server.workers):
@@ -240,13 +208,8 @@ async def supervise(
             "llmtally listening on http://%s:%d (%d proxy worker%s)",
             config.server.host, port, config.server.workers, "" if config.server.workers == 1 else "s",
         )  # fmt: skip
-        with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
-            loop.add_signal_handler(signal.SIGHUP, reloader.trigger)
-        reloader.start()
-        if ready is not None:
-            result = ready(port)
-            if result is not None:
-                await result
+        reload_on_sighup(reloader)
+        await announce(ready, port)
         await stop.wait()
         log.info("shutting down: draining in-flight requests (up to %.0f s)", config.server.shutdown_grace_s)
     finally:

@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -48,6 +49,9 @@ TAG_PREFIX = "x-llmtally-tag-"
 OVERHEAD_HEADER = "x-llmtally-overhead-ms"
 
 STATE_KEY: web.AppKey[ProxyState] = web.AppKey("llmtally_state")
+#: Why the service is not ready to take calls ("draining", "starting: ..."), or None when it is.
+NotReady = Callable[[], str | None]
+HEALTH_KEY: web.AppKey[tuple[Meter, NotReady]] = web.AppKey("llmtally_health")
 
 # Request ids: a random per-process prefix and a counter (32 hex digits, like a UUID) — unique without
 # a urandom syscall on every request, which the profile showed at ~20 µs each.
@@ -93,9 +97,7 @@ def create_app(config: Config, meter: Meter) -> web.Application:
     )
     app = web.Application(client_max_size=config.server.max_request_body_mb * 1024 * 1024)
     app[STATE_KEY] = state
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
+    _add_health_routes(app, meter, lambda: "draining" if state.draining else None)
     for provider in ADAPTERS:
         app.router.add_route("*", f"/{provider}/{{tail:.*}}", partial(_proxy, provider))
     app.router.add_route("*", "/{tail:.*}", _not_found)
@@ -129,13 +131,20 @@ async def _on_cleanup(app: web.Application) -> None:
         await state.session.close()
 
 
+def _add_health_routes(app: web.Application, meter: Meter, not_ready: NotReady) -> None:
+    app[HEALTH_KEY] = (meter, not_ready)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+
+
 async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
 async def _metrics(request: web.Request) -> web.Response:
     try:
-        body = await request.app[STATE_KEY].meter.metrics()
+        body = await request.app[HEALTH_KEY][0].metrics()
     except (OSError, aiohttp.ClientError) as exc:
         return _json_error(503, "metrics_unavailable", f"the record process did not answer: {exc}")
     if body is None:
@@ -144,19 +153,22 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    if request.app[STATE_KEY].draining:
-        return web.json_response({"status": "draining"}, status=503)
+    reason = request.app[HEALTH_KEY][1]()
+    if reason is not None:
+        return web.json_response({"status": reason}, status=503)
     return web.json_response({"status": "ready"})
 
 
-def create_admin_app(proxy_app: web.Application) -> web.Application:
-    """Health, readiness and metrics only, sharing the proxy's state (for the admin listener)."""
+def create_admin_app(meter: Meter, not_ready: NotReady) -> web.Application:
+    """Health, readiness and metrics only (the admin listener): the proxy's, or the supervisor's."""
     admin = web.Application()
-    admin[STATE_KEY] = proxy_app[STATE_KEY]
-    admin.router.add_get("/healthz", _healthz)
-    admin.router.add_get("/readyz", _readyz)
-    admin.router.add_get("/metrics", _metrics)
+    _add_health_routes(admin, meter, not_ready)
     return admin
+
+
+def admin_app_of(proxy_app: web.Application) -> web.Application:
+    """The admin listener's app for a single-process proxy: its meter and its readiness."""
+    return create_admin_app(*proxy_app[HEALTH_KEY])
 
 
 def _json_error(status: int, kind: str, message: str) -> web.Response:

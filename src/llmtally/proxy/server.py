@@ -17,11 +17,11 @@ from typing import Any
 
 from aiohttp import web
 
-from llmtally.config import Config
+from llmtally.config import Config, ServerConfig
 from llmtally.metering import LocalMeter
 from llmtally.pipeline.build import build_pipeline
 from llmtally.pricing.reload import PriceReloader, start_auto_update
-from llmtally.proxy.app import create_admin_app, create_app
+from llmtally.proxy.app import admin_app_of, create_app
 
 log = logging.getLogger("llmtally.server")
 
@@ -34,6 +34,37 @@ async def preload_gemini(meter: LocalMeter) -> None:
             await asyncio.to_thread(load)
         except Exception as exc:
             log.error("Gemini tokenizer preload failed: %s", exc)
+
+
+async def start_admin_listener(runner: web.AppRunner, server: ServerConfig) -> None:
+    """The admin listener on ``[server] admin_host:admin_port`` (when the port is set)."""
+    if not server.admin_port:
+        return
+    await web.TCPSite(runner, server.admin_host, server.admin_port, reuse_address=True).start()
+    log.info("admin (healthz, readyz, metrics) on http://%s:%d", server.admin_host, server.admin_port)
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set ``stop``."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Not available off the main thread or on Windows; then only `stop` ends the server.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+def reload_on_sighup(reloader: PriceReloader) -> None:
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.trigger)
+    reloader.start()
+
+
+async def announce(ready: Callable[[int], Awaitable[None] | None] | None, port: int) -> None:
+    """Tell the caller the bound port (``ready`` may be sync or async)."""
+    if ready is not None:
+        result = ready(port)
+        if result is not None:
+            await result
 
 
 def configure_logging(level: str) -> None:
@@ -76,31 +107,15 @@ async def serve(
     log.info("llmtally listening on http://%s:%d", config.server.host, port)
     admin_runner = None
     if config.server.admin_port:
-        admin_runner = web.AppRunner(create_admin_app(app), access_log=None, handle_signals=False)
+        admin_runner = web.AppRunner(admin_app_of(app), access_log=None, handle_signals=False)
         await admin_runner.setup()
-        await web.TCPSite(
-            admin_runner, config.server.admin_host, config.server.admin_port, reuse_address=True
-        ).start()
-        log.info(
-            "admin (healthz, readyz, metrics) on http://%s:%d",
-            config.server.admin_host,
-            config.server.admin_port,
-        )
+        await start_admin_listener(admin_runner, config.server)
     if config.counters.gemini.preload:
         await preload_gemini(meter)
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        # Not available off the main thread or on Windows; then only `stop` ends the server.
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
-        loop.add_signal_handler(signal.SIGHUP, reloader.trigger)
-    reloader.start()
-    if ready is not None:
-        result = ready(port)
-        if result is not None:
-            await result
+    stop_on_signals(stop)
+    reload_on_sighup(reloader)
+    await announce(ready, port)
     await stop.wait()
     log.info("shutting down: draining in-flight requests (up to %.0f s)", config.server.shutdown_grace_s)
     # cleanup(): stop listening → on_shutdown (readyz 503) → wait for handlers → on_cleanup.
