@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmtally.testing import FakeUpstream
 from tests.conftest import API_KEY
-from tests.proxy.test_server import start_serve
+from tests.proxy.test_server import serving, start_serve, stop_serve
 
 CHAT = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
@@ -56,8 +56,7 @@ async def test_two_workers_feed_one_record_stream_and_one_set_of_metrics(
 ) -> None:
     config = tmp_path / "config.toml"
     config.write_text(f'[upstreams]\nopenai = "{upstream.url}"\n[server]\nadmin_port = {unused_tcp_port}\n')
-    process, url = await start_serve(config, {}, "--workers", "2")
-    try:
+    async with serving(config, {}, "--workers", "2") as (process, url):
         assert len(_workers(process.pid)) == 2
         await _calls(url, 240, 24)
         async with aiohttp.ClientSession() as session:
@@ -71,13 +70,7 @@ async def test_two_workers_feed_one_record_stream_and_one_set_of_metrics(
                 assert response.status == 200
                 proxy_metrics = await response.text()
         assert _calls_counted(admin_metrics) == _calls_counted(proxy_metrics) == 240
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode == 0, stderr.decode()
+        stdout, _ = await stop_serve(process)
     records = [orjson.loads(line) for line in stdout.splitlines()]  # every line whole JSON
     assert len(records) == 240
     assert len({r["request_id"] for r in records}) == 240
@@ -87,8 +80,7 @@ async def test_two_workers_feed_one_record_stream_and_one_set_of_metrics(
 async def test_a_dead_worker_is_replaced_and_service_goes_on(tmp_path: Path, upstream: FakeUpstream) -> None:
     config = tmp_path / "config.toml"
     config.write_text(f'[upstreams]\nopenai = "{upstream.url}"\n')
-    process, url = await start_serve(config, {}, "--workers", "1")
-    try:
+    async with serving(config, {}, "--workers", "1") as (process, url):
         await _calls(url, 5, 1)
         async with aiohttp.ClientSession() as session:
             while True:  # the records are on their way to the main process before the crash
@@ -104,13 +96,7 @@ async def test_a_dead_worker_is_replaced_and_service_goes_on(tmp_path: Path, ups
                 break
         await asyncio.sleep(1.0)  # the new worker is listening
         await _calls(url, 5, 1)
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode == 0, stderr.decode()
+        stdout, stderr = await stop_serve(process)
     assert b"exited with -9; restarting it" in stderr
     assert len(stdout.splitlines()) == 10  # the records of calls before the crash were not lost
 
@@ -142,15 +128,8 @@ def _running(pid: int) -> bool:
 async def test_a_single_process_serves_too(tmp_path: Path, upstream: FakeUpstream) -> None:
     config = tmp_path / "config.toml"
     config.write_text(f'[upstreams]\nopenai = "{upstream.url}"\n[server]\nworkers = 0\n')
-    process, url = await start_serve(config, {})
-    try:
+    async with serving(config, {}) as (process, url):
         assert _workers(process.pid) == []
         await _calls(url, 3, 1)
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode == 0, stderr.decode()
+        stdout, _ = await stop_serve(process)
     assert len(stdout.splitlines()) == 3

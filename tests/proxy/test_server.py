@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -45,6 +47,28 @@ async def start_serve(
         match = re.search(rb"listening on (http://\S+)", line)
         if match:
             return process, match.group(1).decode()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    config: Path, env: dict[str, str], *args: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """:func:`start_serve`, and the process killed on the way out if a test left it running."""
+    process, url = await start_serve(config, env, *args)
+    try:
+        yield process, url
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def stop_serve(process: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
+    """SIGTERM; its stdout and stderr once it exited, which it must do with status 0."""
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, stderr.decode()
+    return stdout, stderr
 
 
 async def test_serve_drains_streams_and_flushes_records_on_sigterm(
@@ -118,6 +142,12 @@ async def test_sighup_reloads_prices_without_restart(tmp_path: Path, upstream: F
             headers = {"Authorization": f"Bearer {API_KEY}"}
             async with session.post(url + "/openai/v1/chat/completions", data=body, headers=headers) as r:
                 await r.read()
+            # The record is built in the main process: wait until it has the call, so this test
+            # reloads after the first call was priced, not while its exchange is still in flight.
+            for _ in range(500):
+                if b"llmtally_requests_total{" in await (await session.get(url + "/metrics")).read():
+                    break
+                await asyncio.sleep(0.02)
             write(2)
             process.send_signal(signal.SIGHUP)
             assert process.stderr is not None
