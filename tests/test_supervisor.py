@@ -133,3 +133,28 @@ async def test_a_single_process_serves_too(tmp_path: Path, upstream: FakeUpstrea
         await _calls(url, 3, 1)
         stdout, _ = await stop_serve(process)
     assert len(stdout.splitlines()) == 3
+
+
+async def test_streams_cut_off_at_shutdown_are_all_recorded(tmp_path: Path, upstream: FakeUpstream) -> None:
+    # Workers cancel what is still running when the grace ends; every such call's record must still
+    # reach the main process before it stops.
+    upstream.config.chunk_interval_s = 60
+    config = tmp_path / "config.toml"
+    config.write_text(f'[upstreams]\nopenai = "{upstream.url}"\n[server]\nshutdown_grace_s = 0.5\n')
+    stream = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    async with serving(config, {}, "--workers", "2") as (process, url):
+        sessions = [aiohttp.ClientSession() for _ in range(20)]
+        try:
+            for session in sessions:
+                response = await session.post(
+                    url + "/openai/v1/chat/completions", data=stream, headers=HEADERS
+                )
+                assert (await response.content.readany()).startswith(b"data: ")
+            stdout, stderr = await stop_serve(process)
+        finally:
+            for session in sessions:
+                await session.close()
+    records = [orjson.loads(line) for line in stdout.splitlines()]
+    assert len(records) == 20, stderr.decode()
+    assert all(r["error"].startswith("cut off at shutdown") for r in records)
+    assert b"lost" not in stderr

@@ -235,6 +235,74 @@ async def test_client_disconnect_cancels_upstream(make_proxy: MakeProxy, upstrea
     assert upstream.cancelled_streams == 1  # the upstream call was closed, not read to the end
 
 
+async def test_client_leaving_a_silent_stream_cancels_it_at_once(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    # A model "thinking": nothing after the first event for a minute. The upstream call must be closed
+    # when the client goes, not when the upstream next sends (tokens would be billed meanwhile).
+    upstream.config.chunk_interval_s = 60
+    proxy = await make_proxy()
+    body = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    left = time.monotonic()
+    await _read_first_chunk_then_leave(proxy.url + "/openai/v1/chat/completions", body, AUTH)
+    record = await first_record(proxy)
+    assert record["client_disconnected"] is True
+    assert record["error"] is None
+    assert time.monotonic() - left < 5
+    for _ in range(50):
+        if upstream.cancelled_streams:
+            break
+        await asyncio.sleep(0.1)
+    assert upstream.cancelled_streams == 1
+
+
+async def test_client_leaving_before_the_upstream_answers_is_recorded(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    upstream.config.latency_s = 60
+    proxy = await make_proxy()
+    port = int(proxy.url.rsplit(":", 1)[1])
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = "".join(f"{k}: {v}\r\n" for k, v in AUTH.items())
+    writer.write(
+        f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(CHAT)}\r\n"
+        f"{head}\r\n".encode()
+        + CHAT
+    )
+    await writer.drain()
+    await asyncio.sleep(0.3)  # the call is with the upstream now
+    writer.close()
+    record = await first_record(proxy)
+    assert record["client_disconnected"] is True
+    assert record["status"] is None
+    assert record["usage_source"] == "estimated"
+
+
+async def test_calls_cut_off_at_shutdown_still_get_their_records(upstream: FakeUpstream) -> None:
+    upstream.config.chunk_interval_s = 60
+    base = Config()
+    config = dataclasses.replace(base, server=dataclasses.replace(base.server, shutdown_grace_s=0.3))
+    proxy = await start_proxy(config_for_upstream(upstream.url, config))
+    body = b'{"model":"claude-sonnet-5","max_tokens":10,"stream":true,"messages":[]}'
+    async with aiohttp.ClientSession() as session:
+        responses = [
+            await session.post(
+                proxy.url + "/anthropic/v1/messages", data=body, headers={"x-api-key": API_KEY}
+            )
+            for _ in range(5)
+        ]
+        for response in responses:
+            assert (await response.content.readany()).startswith(b"event: message_start")
+        await proxy.stop()  # the grace ends with the streams still open
+        for response in responses:
+            response.close()
+    assert len(proxy.records) == 5
+    for record in proxy.records:
+        assert record["error"] == "cut off at shutdown: still running when shutdown_grace_s ended"
+        assert record["client_disconnected"] is False
+        assert record["input_tokens"] == 12050  # message_start's usage was read before the cut
+
+
 async def test_client_disconnect_drain_gets_exact_usage(
     make_proxy: MakeProxy, upstream: FakeUpstream
 ) -> None:

@@ -80,8 +80,20 @@ class ProxyState:
     meter: Meter
     session: aiohttp.ClientSession | None = None
     draining: bool = False
+    #: Loop time when the shutdown grace ends and the runner cancels what is still running.
+    cut_at: float | None = None
     drains: set[asyncio.Task[None]] = field(default_factory=set)
     upstreams: dict[Provider, URL] = field(default_factory=dict)
+    #: Metered calls whose exchange is not yet with the meter; shutdown waits for none.
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
+#: After the shutdown grace, cancelled handlers get this long to hand their exchanges to the meter.
+SUBMIT_AFTER_CANCEL_S = 5.0
 
 
 def create_app(config: Config, meter: Meter) -> web.Application:
@@ -119,12 +131,36 @@ async def _on_startup(app: web.Application) -> None:
     )
 
 
+def proxy_runner(app: web.Application) -> web.AppRunner:
+    """The runner for a proxy app (every form of serving, and the test harness).
+
+    Handlers are cancelled when their client goes away, so an upstream call that is silent (a model
+    thinking before its first token) is closed or drained at once, not at its next byte; at shutdown
+    in-flight calls get ``shutdown_grace_s``.
+    """
+    return web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=app[STATE_KEY].config.server.shutdown_grace_s,
+        handler_cancellation=True,
+    )
+
+
 async def _on_shutdown(app: web.Application) -> None:
-    app[STATE_KEY].draining = True
+    state = app[STATE_KEY]
+    state.draining = True
+    state.cut_at = asyncio.get_running_loop().time() + state.config.server.shutdown_grace_s
 
 
 async def _on_cleanup(app: web.Application) -> None:
     state = app[STATE_KEY]
+    # Handlers cancelled at the end of the grace period still have to submit their exchanges: the
+    # runner does not wait for them, and whoever stops the meter next would lose those records.
+    try:
+        await asyncio.wait_for(state.idle.wait(), SUBMIT_AFTER_CANCEL_S)
+    except TimeoutError:
+        log.error("%d metered calls never finished after being cancelled: no record", state.in_flight)
     if state.drains:
         await asyncio.gather(*state.drains, return_exceptions=True)
     if state.session is not None:
@@ -246,11 +282,16 @@ async def _proxy(provider: Provider, request: web.Request) -> web.StreamResponse
         # counting thread measured worse tail latency under load (docs/performance.md).
         count_input=state.config.metering.estimate_input,
     )
+    state.in_flight += 1
+    state.idle.clear()
     try:
         return await _forward_metered(state, request, adapter, metered, exchange, upstream_url, headers, t0)
     finally:
         if not exchange.deferred:  # one record per metered call, whatever happened
             state.meter.submit(exchange)
+        state.in_flight -= 1
+        if not state.in_flight:
+            state.idle.set()
 
 
 def _upstream_url(base: URL, raw_path: str, provider: str) -> URL | None:
@@ -332,6 +373,10 @@ async def _forward_metered(
         exchange.error = f"{kind}: {message}"
         exchange.latency_ms = (time.perf_counter() - t0) * 1000
         return _json_error(status, kind, message)
+    except asyncio.CancelledError:  # the client left (or shutdown) before the upstream answered
+        _note_cancel(state, request, exchange)
+        exchange.latency_ms = (time.perf_counter() - t0) * 1000
+        raise
     upstream_wait = time.perf_counter() - t_sent
     exchange.status = upstream.status
     if adapter.request_id_header:
@@ -381,10 +426,11 @@ async def _forward_metered(
         await response.write_eof()
         return response
     except (ConnectionResetError, asyncio.CancelledError) as exc:
-        transport = request.transport
-        if not isinstance(exc, asyncio.CancelledError) or transport is None or transport.is_closing():
+        if not isinstance(exc, asyncio.CancelledError) or _note_cancel(state, request, exchange):
             exchange.client_disconnected = True
             _on_client_gone(state, exchange, upstream, parser, decode)
+        elif parser is not None:
+            _, exchange.summary = parser.finish()  # what usage the stream carried so far
         raise
     except (TimeoutError, aiohttp.ClientError) as exc:
         # The upstream failed mid-body: headers are sent, so all we can do is cut the client off.
@@ -399,6 +445,16 @@ async def _forward_metered(
         exchange.latency_ms = (time.perf_counter() - t0) * 1000
         if not exchange.deferred:
             upstream.release()
+
+
+def _note_cancel(state: ProxyState, request: web.Request, exchange: Exchange) -> bool:
+    """Why a handler was cancelled, noted on its exchange: True when its client went away."""
+    if state.cut_at is not None and asyncio.get_running_loop().time() >= state.cut_at:
+        exchange.error = "cut off at shutdown: still running when shutdown_grace_s ended"
+        return False
+    transport = request.transport
+    exchange.client_disconnected = transport is None or transport.is_closing()
+    return exchange.client_disconnected
 
 
 def _feed_copy(parser: StreamParser, decode: Decoder, chunk: bytes) -> bytes:

@@ -21,7 +21,7 @@ from llmtally.config import Config, ServerConfig
 from llmtally.metering import LocalMeter
 from llmtally.pipeline.build import build_pipeline
 from llmtally.pricing.reload import PriceReloader, start_auto_update
-from llmtally.proxy.app import admin_app_of, create_app
+from llmtally.proxy.app import admin_app_of, create_app, proxy_runner
 
 log = logging.getLogger("llmtally.server")
 
@@ -94,12 +94,7 @@ async def serve(
     reloader = PriceReloader(config, config_path, meter.use_prices, meter.prices)
     if config.pricing.auto_update:
         start_auto_update(config.pricing.auto_update_interval_h)
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        shutdown_timeout=config.server.shutdown_grace_s,
-        handle_signals=False,
-    )
+    runner = proxy_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
     await site.start()

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from llmtally.config import Config
 from llmtally.pipeline.link import LinkClient
-from llmtally.proxy.app import create_app
+from llmtally.proxy.app import create_app, proxy_runner
 
 log = logging.getLogger("llmtally.worker")
 
@@ -51,9 +51,7 @@ async def serve_worker(spec: WorkerSpec) -> None:
     config = spec.config
     link = await LinkClient.connect(spec.link_path, spec.admin_path)
     app = create_app(config, link)
-    runner = web.AppRunner(
-        app, access_log=None, shutdown_timeout=config.server.shutdown_grace_s, handle_signals=False
-    )
+    runner = proxy_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, spec.port, reuse_address=True, reuse_port=True)
     await site.start()

@@ -149,8 +149,11 @@ class FakeUpstream:
         self.url = ""
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        # Short shutdown: a "fake-hang" handler must not hold a test up for the default 60 s.
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+        # Short shutdown: a "fake-hang" handler must not hold a test up for the default 60 s. Handlers
+        # are cancelled when the proxy closes the connection, as a provider stops generating.
+        self._runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=0.5, handler_cancellation=True
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()

@@ -13,7 +13,7 @@ from llmtally.config import Config, MeteringConfig, UpstreamsConfig
 from llmtally.metering import LocalMeter
 from llmtally.pipeline import MemorySink, RecordPipeline, Sink
 from llmtally.pipeline.prometheus import PrometheusSink
-from llmtally.proxy.app import create_app
+from llmtally.proxy.app import create_app, proxy_runner
 
 
 def config_for_upstream(base_url: str, config: Config | None = None, **metering: Any) -> Config:
@@ -63,9 +63,7 @@ async def start_proxy(
     meter = LocalMeter(config, pipeline)
     pipeline.start()
     app = create_app(config, meter)
-    runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=config.server.shutdown_grace_s
-    )
+    runner = proxy_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
