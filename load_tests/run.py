@@ -285,7 +285,8 @@ async def open_streams(port: int, count: int, proc: Proc) -> dict[str, float]:
     deadline = time.monotonic() + 60
     while sum(c.first is not None for c in conns) < count and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.1)  # polls many connections' first byte; an Event each would be noise
-    opened = sum(c.first is not None for c in conns)
+    # A stream counts once its 200 head and first event arrived (an error answer has a body too).
+    opened = sum(c.first is not None and c.parser.get_status_code() == 200 for c in conns)
     rss = proc.rss_mb()
     for conn in conns:
         if conn.transport is not None:

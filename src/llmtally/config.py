@@ -54,8 +54,9 @@ class UpstreamsConfig:
     connect_timeout_s: float = 10.0
     #: Longest silence between two upstream bytes before the call fails with 504.
     read_timeout_s: float = 600.0
-    #: Keep-alive connections kept per upstream host.
-    pool_size: int = 256
+    #: Most connections open at once to one upstream host (0: no limit). Every call in flight holds
+    #: one, streams included; at the limit a call waits up to ``connect_timeout_s`` for a free one.
+    max_connections: int = 0
 
 
 @dataclass(frozen=True, slots=True)

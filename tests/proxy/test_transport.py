@@ -303,6 +303,48 @@ async def test_calls_cut_off_at_shutdown_still_get_their_records(upstream: FakeU
         assert record["input_tokens"] == 12050  # message_start's usage was read before the cut
 
 
+async def test_concurrent_streams_are_not_capped_by_default(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    # Streams hold their upstream connection for minutes; a default cap turned the 257th into a 504.
+    upstream.config.chunk_interval_s = 60
+    proxy = await make_proxy()
+    body = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        responses = await asyncio.gather(
+            *(
+                session.post(proxy.url + "/openai/v1/chat/completions", data=body, headers=AUTH)
+                for _ in range(300)
+            )
+        )
+        firsts = await asyncio.gather(*(r.content.readany() for r in responses))
+        assert [r.status for r in responses] == [200] * 300
+        assert all(first.startswith(b"data: ") for first in firsts)
+        for response in responses:
+            response.close()
+
+
+async def test_max_connections_caps_calls_in_flight_with_a_clear_504(upstream: FakeUpstream) -> None:
+    upstream.config.chunk_interval_s = 60
+    base = Config()
+    upstreams = dataclasses.replace(base.upstreams, max_connections=1, connect_timeout_s=0.3)
+    proxy = await start_proxy(
+        config_for_upstream(upstream.url, dataclasses.replace(base, upstreams=upstreams))
+    )
+    body = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    try:
+        async with aiohttp.ClientSession() as session:
+            holding = await session.post(proxy.url + "/openai/v1/chat/completions", data=body, headers=AUTH)
+            assert holding.status == 200
+            status, _, payload = await post(proxy.url + "/openai/v1/chat/completions", CHAT)
+            holding.close()
+        assert status == 504
+        assert "max_connections" in orjson.loads(payload)["error"]["message"]
+    finally:
+        await proxy.stop()
+
+
 async def test_client_disconnect_drain_gets_exact_usage(
     make_proxy: MakeProxy, upstream: FakeUpstream
 ) -> None:

@@ -122,7 +122,8 @@ def create_app(config: Config, meter: Meter) -> web.Application:
 async def _on_startup(app: web.Application) -> None:
     state = app[STATE_KEY]
     up = state.config.upstreams
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=up.pool_size, ttl_dns_cache=300)
+    # Idle connections stay pooled for reuse (keep-alive); the limit caps calls in flight, not the pool.
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=up.max_connections, ttl_dns_cache=300)
     state.session = aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=None, connect=up.connect_timeout_s, sock_read=up.read_timeout_s),
@@ -318,6 +319,15 @@ async def _send_upstream(
 
 
 def _upstream_failure(exc: BaseException) -> tuple[int, str, str]:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return (
+            504,
+            "upstream_timeout",
+            (
+                "no connection to the upstream within connect_timeout_s "
+                "(unreachable, or all [upstreams] max_connections busy)"
+            ),
+        )
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return 504, "upstream_timeout", "the upstream did not answer in time"
     return 502, "upstream_unreachable", f"cannot reach the upstream: {type(exc).__name__}: {exc}"
