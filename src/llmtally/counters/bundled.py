@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import hashlib
 import threading
 from collections.abc import Callable
@@ -44,6 +47,18 @@ def read_verified(name: str, expected: str | None = None) -> bytes:
 
 def bundled_path(name: str) -> Path:
     return Path(str(DATA / name))
+
+
+def return_freed_memory() -> None:
+    """Give the heap freed after loading a tokenizer back to the OS.
+
+    Parsing the Gemma 3 ``tokenizer.json`` (33 MB of JSON) peaks near 490 MB of RSS of which ~290 MB is
+    freed garbage that glibc keeps mapped; ``malloc_trim`` returns it (measured: 487 → 194 MB).
+    Elsewhere (musl, macOS) this does nothing.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # tiktoken's own constructors name the file by URL and its published hash; we run them with the
