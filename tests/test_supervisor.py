@@ -27,7 +27,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _workers(pid: int) -> list[int]:
-    return [c for c in _children(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return [c for c in _children(pid) if b"llmtally.proxy.worker" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
 async def _calls(url: str, count: int, connections: int) -> None:
@@ -97,7 +97,7 @@ async def test_a_dead_worker_is_replaced_and_service_goes_on(tmp_path: Path, ups
         await asyncio.sleep(1.0)  # the new worker is listening
         await _calls(url, 5, 1)
         stdout, stderr = await stop_serve(process)
-    assert b"exited with -9; restarting it" in stderr
+    assert b"exited with -9; restarting it" in stderr, stderr.decode()
     assert len(stdout.splitlines()) == 10  # the records of calls before the crash were not lost
 
 

@@ -4,17 +4,56 @@ Two faces: a transparent HTTP proxy (``llmtally serve``) that writes one priced 
 call, and a library. See README.md and docs/.
 """
 
-from llmtally.config import Config, ConfigError, load_config
-from llmtally.counters import TokenCount, TokenizerUnavailable
-from llmtally.record import Cost, TokenUsage, UsageRecord
-from llmtally.tracker import (
-    CallParams,
-    Price,
-    TokenCountParams,
-    TokenTracker,
-    UnknownModelError,
-    UsageMetrics,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmtally.config import Config, ConfigError, load_config
+    from llmtally.counters import TokenCount, TokenizerUnavailable
+    from llmtally.record import Cost, TokenUsage, UsageRecord
+    from llmtally.tracker import (
+        CallParams,
+        Price,
+        TokenCountParams,
+        TokenTracker,
+        UnknownModelError,
+        UsageMetrics,
+    )
+
+# Imported on first use (PEP 562): a proxy worker imports llmtally.config and the transport, and must
+# not pay for tokenizers, price data and the record pipeline it never uses (~15 MB per process).
+_PUBLIC = {
+    "Config": "llmtally.config",
+    "ConfigError": "llmtally.config",
+    "load_config": "llmtally.config",
+    "TokenCount": "llmtally.counters",
+    "TokenizerUnavailable": "llmtally.counters",
+    "Cost": "llmtally.record",
+    "TokenUsage": "llmtally.record",
+    "UsageRecord": "llmtally.record",
+    "CallParams": "llmtally.tracker",
+    "Price": "llmtally.tracker",
+    "TokenCountParams": "llmtally.tracker",
+    "TokenTracker": "llmtally.tracker",
+    "UnknownModelError": "llmtally.tracker",
+    "UsageMetrics": "llmtally.tracker",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llmtally' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __version__ = "0.1.0"
 

@@ -2,6 +2,6 @@ import sys
 
 from llmtally.cli import main
 
-# Guarded: `serve` starts its proxy workers with multiprocessing's "spawn", which imports this module again.
+# Guarded: importing this module (pydoc, tools) must not run the CLI.
 if __name__ == "__main__":
     sys.exit(main())

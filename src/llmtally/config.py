@@ -9,8 +9,10 @@ dataclass field types so an error names the key and the problem, and unknown key
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
+import sys
 import tomllib
 import types
 import typing
@@ -81,6 +83,16 @@ class LoggingConfig:
     destination: str = "stdout"
     #: Level of diagnostic logs on stderr.
     level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+def configure_logging(level: str) -> None:
+    """Diagnostics go to stderr; stdout carries usage records only."""
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,60 +1,30 @@
 """From an observed exchange to a priced :class:`~llmtally.record.UsageRecord`.
 
-The proxy fills an :class:`Exchange` while it forwards bytes; :func:`build_record` runs later in
-the record pipeline (off the request path): it picks provider usage when there is some, estimates
-otherwise, and prices the result.
+The proxy fills an :class:`~llmtally.exchange.Exchange` while it forwards bytes; :func:`build_record`
+runs later in the record pipeline (off the request path): it picks provider usage when there is some,
+estimates otherwise, and prices the result.
 """
 
 from __future__ import annotations
 
 import logging
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from llmtally.counters import TokenCount, TokenCounter, build_counters
+from llmtally.exchange import Exchange
 from llmtally.pricing import PriceBook
 from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter, ResponseSummary
 from llmtally.providers.encoding import decode_body
-from llmtally.record import Provider, TokenUsage, UsageRecord, UsageSource
+from llmtally.record import TokenUsage, UsageRecord, UsageSource
 
 if TYPE_CHECKING:
     from llmtally.config import Config
     from llmtally.pipeline import RecordPipeline
 
 log = logging.getLogger("llmtally.metering")
-
-
-@dataclass(slots=True)
-class Exchange:
-    """What the proxy saw of one metered call."""
-
-    request_id: str
-    provider: Provider
-    request: MeteredRequest
-    started_at: datetime
-    summary: ResponseSummary | None = None
-    #: A non-streamed response body (decoded), parsed later in the pipeline worker.
-    response_body: bytes | None = None
-    #: Or the body as it arrived, with its Content-Encoding: decoded in the worker too.
-    response_chunks: list[bytes] | None = None
-    response_encoding: str = "identity"
-    status: int | None = None
-    latency_ms: float = 0.0
-    ttfb_ms: float | None = None
-    client_disconnected: bool = False
-    tags: dict[str, str] = field(default_factory=dict)
-    error: str | None = None
-    upstream_request_id: str | None = None
-    #: Local count of the request's input tokens: a count, a count still running in the proxy's
-    #: counting thread, or None (not counted yet).
-    input_estimate: TokenCount | Future[TokenCount | None] | None = None
-    #: A background drain owns this exchange and submits its record when done.
-    deferred: bool = False
-    #: Count the request's input tokens for ``estimated_input_tokens`` even when the provider reports usage.
-    count_input: bool = False
 
 
 def estimate_input(counter: TokenCounter, request: MeteredRequest) -> TokenCount | None:
@@ -209,18 +179,6 @@ def _estimated_usage(
 
 def _rfc3339(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class Meter(Protocol):
-    """Where the proxy hands what it saw; builds each exchange's record off the request path."""
-
-    def submit(self, exchange: Exchange) -> None:
-        """Take an exchange; never blocks, never raises."""
-        ...
-
-    async def metrics(self) -> bytes | None:
-        """The Prometheus exposition of the records built so far; None when metrics are off."""
-        ...
 
 
 class LocalMeter:

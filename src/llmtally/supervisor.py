@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
-import multiprocessing.process
+import pickle
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -40,7 +40,7 @@ from llmtally.proxy.server import (
     start_admin_listener,
     stop_on_signals,
 )
-from llmtally.proxy.worker import WorkerSpec, worker_main
+from llmtally.proxy.worker import WorkerSpec
 
 log = logging.getLogger("llmtally.server")
 
@@ -56,13 +56,17 @@ class StartupError(RuntimeError):
 
 @dataclass
 class Workers:
-    """The proxy worker processes and what the main process knows of them."""
+    """The proxy worker processes and what the main process knows of them.
+
+    Each is a plain ``python -c`` child, its :class:`WorkerSpec` pickled on its stdin: multiprocessing's
+    "spawn" would add a resource-tracker process (12 MB) and re-import the parent's ``__main__``.
+    """
 
     config: Config
     port: int
     link_path: str
     admin_path: str
-    processes: dict[int, multiprocessing.process.BaseProcess] = field(default_factory=dict)
+    processes: dict[int, asyncio.subprocess.Process] = field(default_factory=dict)
     exited: dict[int, asyncio.Event] = field(default_factory=dict)
     ready: dict[int, WorkerReady] = field(default_factory=dict)
     stopping: bool = False
@@ -71,17 +75,24 @@ class Workers:
     #: Set when a worker died before the first start completed (why is in the log).
     start_failed: asyncio.Event = field(default_factory=asyncio.Event)
     restarts: int = 0
+    _watches: set[asyncio.Task[None]] = field(default_factory=set)
 
-    def start(self, index: int) -> None:
+    async def start(self, index: int) -> None:
         spec = WorkerSpec(self.config, index, self.port, self.link_path, self.admin_path)
-        process = multiprocessing.get_context("spawn").Process(
-            target=worker_main, args=(spec,), name=f"llmtally-proxy-{index}"
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "from llmtally.proxy.worker import main; main()",
+            stdin=asyncio.subprocess.PIPE,
         )
-        process.start()
+        assert process.stdin is not None
+        process.stdin.write(pickle.dumps(spec))
+        process.stdin.close()
         self.processes[index] = process
         self.exited[index] = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_reader(process.sentinel, self._exited, index, process)
+        watch = asyncio.get_running_loop().create_task(self._watch(index, process))
+        self._watches.add(watch)
+        watch.add_done_callback(self._watches.discard)
 
     def on_ready(self, message: WorkerReady) -> None:
         for index, process in self.processes.items():
@@ -100,43 +111,41 @@ class Workers:
             return f"starting: {len(self.ready)}/{self.config.server.workers} workers"
         return None
 
-    def _exited(self, index: int, process: multiprocessing.process.BaseProcess) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(process.sentinel)
-        process.join(0)
+    async def _watch(self, index: int, process: asyncio.subprocess.Process) -> None:
+        code = await process.wait()
         self.ready.pop(index, None)
         self.exited[index].set()
         if self.stopping:
             return
         if not self.started:
-            log.error("proxy worker %d exited with %s while starting", index, process.exitcode)
+            log.error("proxy worker %d exited with %s while starting", index, code)
             self.start_failed.set()
             return
         log.error(
             "proxy worker %d (pid %s) exited with %s; restarting it in %.0f s",
-            index, process.pid, process.exitcode, RESTART_DELAY_S,
+            index, process.pid, code, RESTART_DELAY_S,
         )  # fmt: skip
         self.restarts += 1
-        loop.call_later(RESTART_DELAY_S, self._restart, index)
-
-    def _restart(self, index: int) -> None:
+        await asyncio.sleep(RESTART_DELAY_S)
         if not self.stopping:
-            self.start(index)
+            await self.start(index)
 
     async def stop(self, grace_s: float) -> None:
         """SIGTERM every worker; SIGKILL what is still running after the grace period."""
         self.stopping = True
         for process in self.processes.values():
-            if process.is_alive():
+            if process.returncode is None:
                 process.terminate()
         deadline = time.monotonic() + grace_s + 5
         for index, process in self.processes.items():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.exited[index].wait(), max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
+            if process.returncode is None:
                 log.error("proxy worker pid %s did not stop in time: killed", process.pid)
                 process.kill()
-            process.join(5)
+                await process.wait()
+        for watch in list(self._watches):
+            watch.cancel()
 
 
 def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
@@ -193,7 +202,7 @@ async def supervise(
         if config.counters.gemini.preload:
             await preload_gemini(meter)
         for index in range(config.server.workers):
-            workers.start(index)
+            await workers.start(index)
         await _first_of((all_ready, workers.start_failed, stop), WORKER_START_TIMEOUT_S)
         if stop.is_set():
             log.info("stopped while starting")

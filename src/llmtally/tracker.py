@@ -25,7 +25,8 @@ from llmtally.config import Config, load_config
 from llmtally.counters import ChatInput, TokenCount, TokenCounter, build_counters
 from llmtally.counters.anthropic import AnthropicCounter, Calibration
 from llmtally.counters.exact import ExactCounter, ExactCountError
-from llmtally.metering import Exchange, build_record, estimate_input
+from llmtally.exchange import Exchange
+from llmtally.metering import build_record, estimate_input
 from llmtally.pipeline.background import BackgroundPipeline
 from llmtally.pipeline.sinks import CallbackSink, Sink
 from llmtally.pricing import PriceBook

@@ -7,7 +7,7 @@ import pickle
 from datetime import UTC, datetime
 from pathlib import Path
 
-from llmtally.metering import Exchange
+from llmtally.exchange import Exchange
 from llmtally.pipeline.link import (
     LinkClient,
     LinkServer,

@@ -1,7 +1,7 @@
 """The link between proxy worker processes and the record process, over a Unix socket.
 
 Under ``llmtally serve`` the proxy workers only move bytes; each metered call's
-:class:`~llmtally.metering.Exchange` travels to the main process, which counts, prices and delivers
+:class:`~llmtally.exchange.Exchange` travels to the main process, which counts, prices and delivers
 records. Python work in a thread of the proxy process would compete with its event loop for the GIL
 (the profile in docs/performance.md showed ~170 µs per ``socket.send`` under load); in another process
 it competes only for a core, which the kernel schedules far more finely.
@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from llmtally.metering import Exchange
+from llmtally.exchange import Exchange
 from llmtally.providers.base import Endpoint, MeteredRequest
 
 log = logging.getLogger("llmtally.link")
@@ -111,7 +111,7 @@ def exchange_from_wire(t: tuple[Any, ...]) -> Exchange:
 
 
 class LinkClient:
-    """A proxy worker's end: a :class:`~llmtally.metering.Meter` whose records are built elsewhere."""
+    """A proxy worker's end: a :class:`~llmtally.exchange.Meter` whose records are built elsewhere."""
 
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, admin_path: str | None

@@ -24,8 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from llmtally.config import Config
-from llmtally.metering import Exchange, Meter
-from llmtally.pipeline.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
+from llmtally.exchange import Exchange, Meter
 from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter, StreamParser
 from llmtally.providers.encoding import DECODABLE, Decoder
 from llmtally.record import Provider
@@ -186,7 +185,9 @@ async def _metrics(request: web.Request) -> web.Response:
         return _json_error(503, "metrics_unavailable", f"the record process did not answer: {exc}")
     if body is None:
         return _json_error(404, "not_found", "metrics are off ([sinks.prometheus] enabled = false)")
-    return web.Response(body=body, headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+    from llmtally.pipeline.prometheus import CONTENT_TYPE  # prometheus_client: not in every worker
+
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def _readyz(request: web.Request) -> web.Response:

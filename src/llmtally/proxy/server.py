@@ -10,14 +10,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 
-from llmtally.config import Config, ServerConfig
+from llmtally.config import Config, ServerConfig, configure_logging
 from llmtally.metering import LocalMeter
 from llmtally.pipeline.build import build_pipeline
 from llmtally.pricing.reload import PriceReloader, start_auto_update
@@ -65,16 +64,6 @@ async def announce(ready: Callable[[int], Awaitable[None] | None] | None, port: 
         result = ready(port)
         if result is not None:
             await result
-
-
-def configure_logging(level: str) -> None:
-    """Diagnostics go to stderr; stdout carries usage records only."""
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 async def serve(

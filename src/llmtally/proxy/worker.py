@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pickle
 import signal
+import sys
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from llmtally.config import Config
+from llmtally.config import Config, configure_logging
 from llmtally.pipeline.link import LinkClient
 from llmtally.proxy.app import create_app, proxy_runner
 
@@ -33,10 +35,14 @@ class WorkerSpec:
     admin_path: str
 
 
-def worker_main(spec: WorkerSpec) -> None:
-    """A worker process's entry point (started with multiprocessing's "spawn")."""
-    from llmtally.proxy.server import configure_logging
+def main() -> None:
+    """A worker process's entry point: its :class:`WorkerSpec` comes pickled on stdin (from the
+    supervisor, its parent: trusted input)."""
+    worker_main(pickle.load(sys.stdin.buffer))
 
+
+def worker_main(spec: WorkerSpec) -> None:
+    """Run one proxy worker until SIGTERM/SIGINT or until the main process goes away."""
     configure_logging(spec.config.logging.level)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # prices live in the main process; it reloads them
     try:
