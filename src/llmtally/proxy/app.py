@@ -27,6 +27,13 @@ from llmtally.config import Config
 from llmtally.exchange import Exchange, Meter
 from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter, StreamParser
 from llmtally.providers.encoding import DECODABLE, Decoder
+from llmtally.proxy.upstream import (
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamLimits,
+    UpstreamPool,
+    UpstreamResponse,
+)
 from llmtally.record import Provider
 
 log = logging.getLogger("llmtally.proxy")
@@ -77,7 +84,10 @@ def new_request_id() -> str:
 class ProxyState:
     config: Config
     meter: Meter
+    #: Unmetered passthrough calls (any method, streamed bodies): aiohttp's general client.
     session: aiohttp.ClientSession | None = None
+    #: Metered calls, the hot path: a lean keep-alive client (see :mod:`llmtally.proxy.upstream`).
+    pool: UpstreamPool | None = None
     draining: bool = False
     #: Loop time when the shutdown grace ends and the runner cancels what is still running.
     cut_at: float | None = None
@@ -129,6 +139,7 @@ async def _on_startup(app: web.Application) -> None:
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),  # a proxy must not keep one client's cookies for another
     )
+    state.pool = UpstreamPool(UpstreamLimits(up.connect_timeout_s, up.read_timeout_s, up.max_connections))
 
 
 def proxy_runner(app: web.Application) -> web.AppRunner:
@@ -165,6 +176,8 @@ async def _on_cleanup(app: web.Application) -> None:
         await asyncio.gather(*state.drains, return_exceptions=True)
     if state.session is not None:
         await state.session.close()
+    if state.pool is not None:
+        state.pool.close()
 
 
 def _add_health_routes(app: web.Application, meter: Meter, not_ready: NotReady) -> None:
@@ -320,7 +333,7 @@ async def _send_upstream(
 
 
 def _upstream_failure(exc: BaseException) -> tuple[int, str, str]:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+    if isinstance(exc, UpstreamConnectTimeout | aiohttp.ConnectionTimeoutError):
         return (
             504,
             "upstream_timeout",
@@ -376,9 +389,10 @@ async def _forward_metered(
     t0: float,
 ) -> web.StreamResponse:
     t_sent = time.perf_counter()
+    assert state.pool is not None
     try:
-        upstream = await _send_upstream(state, request, url, headers, metered.body)
-    except (TimeoutError, aiohttp.ClientError) as exc:
+        upstream = await state.pool.post(url, headers.items(), metered.body)
+    except (TimeoutError, UpstreamError) as exc:
         status, kind, message = _upstream_failure(exc)
         exchange.status = status
         exchange.error = f"{kind}: {message}"
@@ -401,12 +415,32 @@ async def _forward_metered(
     kept: list[bytes] | None = [] if parser is None else None
     kept_size = 0
 
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    if parser is None and upstream.complete:
+        # The whole (small) body came with the head: answer in one send, nothing to stream.
+        body = upstream.body_if_complete()
+        if body is not None and len(body) <= max_body:
+            exchange.ttfb_ms = (time.perf_counter() - t0) * 1000
+            exchange.response_chunks, exchange.response_encoding = [body], encoding
+            whole = web.Response(
+                body=body,
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=_client_headers(upstream.headers, keep_length=False),
+            )
+            _overhead_header(state, whole, t0, upstream_wait)
+            exchange.latency_ms = (time.perf_counter() - t0) * 1000
+            return whole
+
+    # Head and first chunk in one send when the chunk came with the head (an SSE stream's first
+    # event usually does); otherwise the head goes at once, so a client sees the status while a
+    # model is still thinking.
+    response_type = _HeadWithFirstChunk if upstream.body_arrived else web.StreamResponse
+    response = response_type(status=upstream.status, reason=upstream.reason)
     response.headers.extend(_client_headers(upstream.headers, keep_length=not editing))
     _overhead_header(state, response, t0, upstream_wait)
     try:
         await response.prepare(request)
-        async for chunk in upstream.content.iter_any():
+        async for chunk in upstream.chunks():
             if exchange.ttfb_ms is None:
                 exchange.ttfb_ms = (time.perf_counter() - t0) * 1000
             out = chunk
@@ -443,7 +477,7 @@ async def _forward_metered(
         elif parser is not None:
             _, exchange.summary = parser.finish()  # what usage the stream carried so far
         raise
-    except (TimeoutError, aiohttp.ClientError) as exc:
+    except (TimeoutError, UpstreamError) as exc:
         # The upstream failed mid-body: headers are sent, so all we can do is cut the client off.
         status, kind, message = _upstream_failure(exc)
         exchange.error = f"{kind} during the response body: {message}"
@@ -468,6 +502,16 @@ def _note_cancel(state: ProxyState, request: web.Request, exchange: Exchange) ->
     return exchange.client_disconnected
 
 
+class _HeadWithFirstChunk(web.StreamResponse):
+    """A stream response whose head is sent together with its first body write.
+
+    aiohttp's own ``web.Response`` defers its head this way (the same class attribute); should a
+    future aiohttp drop it, the head is simply sent on its own again.
+    """
+
+    _send_headers_immediately = False
+
+
 def _feed_copy(parser: StreamParser, decode: Decoder, chunk: bytes) -> bytes:
     parser.feed(decode(chunk))
     return chunk
@@ -476,7 +520,7 @@ def _feed_copy(parser: StreamParser, decode: Decoder, chunk: bytes) -> bytes:
 def _on_client_gone(
     state: ProxyState,
     exchange: Exchange,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     parser: StreamParser | None,
     decode: Decoder,
 ) -> None:
@@ -502,15 +546,15 @@ def _on_client_gone(
 async def _drain(
     state: ProxyState,
     exchange: Exchange,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     parser: StreamParser,
     decode: Decoder,
 ) -> None:
     try:
         async with asyncio.timeout(state.config.metering.drain_timeout_s):
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.chunks():
                 parser.feed(decode(chunk))
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (UpstreamError, TimeoutError) as exc:
         exchange.error = f"drain after client disconnect failed: {type(exc).__name__}"
     finally:
         upstream.close()

@@ -1,0 +1,458 @@
+"""The upstream client for metered calls: HTTP/1.1 keep-alive connections on the event loop, llhttp parsing.
+
+Metered calls are the proxy's hot path, and aiohttp's client was its largest cost (a third of a
+worker's CPU per call in the profile: request and response objects, timers, header processing). The
+proxy knows exactly what it sends — a POST whose body is already in memory, to one of three
+configured origins — so this client does only that: write the head and body in one send, parse the
+answer with llhttp (httptools, as uvicorn does), hand body bytes over as they arrive with flow
+control, and put the connection back in its origin's pool when the response ended cleanly.
+Unmetered passthrough calls (uploads, GETs, anything else) keep aiohttp's general client.
+
+Like aiohttp, a POST is never retried (RFC 9112 §9.3.1): a pooled connection the upstream closed is
+noticed and dropped before use; one that closes as it is used fails the call with 502.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ssl
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import cast
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+#: Body bytes buffered ahead of the reader before the upstream socket stops being read.
+HIGH_WATER = 256 * 1024
+#: How long an idle pooled connection is kept (aiohttp's default; providers close idle ones later).
+KEEPALIVE_S = 15.0
+
+
+class UpstreamError(Exception):
+    """The upstream call failed; the message says how."""
+
+
+class UpstreamConnectError(UpstreamError):
+    """No connection: refused, unresolvable, TLS failure."""
+
+
+class UpstreamConnectTimeout(UpstreamError, TimeoutError):
+    """No connection within ``connect_timeout_s`` (or every allowed connection stayed busy)."""
+
+
+class UpstreamReadTimeout(UpstreamError, TimeoutError):
+    """The upstream sent nothing for ``read_timeout_s``."""
+
+
+class UpstreamDisconnected(UpstreamError):
+    """The upstream closed the connection before the response ended."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream's answer is not valid HTTP/1.1."""
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def of(cls, url: URL) -> Origin:
+        assert url.host is not None and url.port is not None
+        return cls(url.scheme, url.host, url.port)
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+
+@dataclass(slots=True)
+class UpstreamLimits:
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 600.0
+    #: Connections open at once per origin; 0: no limit.
+    max_connections: int = 0
+
+
+class UpstreamResponse:
+    """One response: status and headers at once, the body as it arrives (:meth:`chunks`)."""
+
+    __slots__ = (
+        "_buffered",
+        "_conn",
+        "_done",
+        "_error",
+        "_read_timeout",
+        "_size",
+        "_waiter",
+        "headers",
+        "reason",
+        "status",
+    )
+
+    def __init__(self, conn: _Connection, read_timeout: float) -> None:
+        self._conn: _Connection | None = conn
+        self._read_timeout = read_timeout
+        self._buffered: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.status = 0
+        self.reason = ""
+        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived (all of it is in :meth:`body_if_complete`'s reach)."""
+        return self._done and self._error is None
+
+    @property
+    def body_arrived(self) -> bool:
+        """Some body bytes are already here (they came with the head)."""
+        return bool(self._buffered)
+
+    def body_if_complete(self) -> bytes | None:
+        """The whole body when it has all arrived already (no wait), else None."""
+        if not self.complete:
+            return None
+        body = b"".join(self._buffered)
+        self._buffered.clear()
+        self._size = 0
+        self.release()
+        return body
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive; raises :class:`UpstreamError` if the body is cut short."""
+        while True:
+            while self._buffered:
+                chunk = self._buffered.popleft()
+                self._size -= len(chunk)
+                conn = self._conn
+                if conn is not None and conn.paused and not self._buffered:
+                    conn.resume()
+                yield chunk
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                self.release()
+                return
+            await self._wait()
+
+    async def _wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(self._read_timeout, _expire, waiter, self._read_timeout)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def release(self) -> None:
+        """Done with this response: its connection goes back to the pool if the body ended cleanly."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.response_released(reusable=self.complete)
+
+    def close(self) -> None:
+        """Abandon the response and close its connection (the upstream stops generating)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    # Called by the connection ----------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _feed(self, data: bytes) -> bool:
+        """Buffer body bytes; True when the reader is this far behind and reading should pause."""
+        self._buffered.append(data)
+        self._size += len(data)
+        self._wake()
+        return self._size > HIGH_WATER
+
+    def _finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._done:
+            self._error = exc
+            self._done = True
+            self._wake()
+
+
+def _expire(waiter: asyncio.Future[UpstreamResponse] | asyncio.Future[None], after_s: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(UpstreamReadTimeout(f"the upstream sent nothing for {after_s:g} s"))
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to an origin; one request at a time."""
+
+    def __init__(self, pool: UpstreamPool, origin: Origin) -> None:
+        self.pool = pool
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.response: UpstreamResponse | None = None
+        self.head: asyncio.Future[UpstreamResponse] | None = None
+        self.header_pairs: list[tuple[str, str]] = []
+        self.reason = b""
+        self.keep_alive = True
+        self.paused = False
+        self.closed = False
+        self.idle_since = 0.0
+        #: Body framing from the headers: without length or chunking, the body ends at EOF.
+        self.delimited = True
+
+    # asyncio.Protocol ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.response is None:
+            self.close()  # bytes nobody asked for: this connection cannot be trusted
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamProtocolError(f"invalid HTTP from the upstream: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        response = self.response
+        if response is not None and self.head is None and not self.delimited:
+            response._finish()  # a body delimited by the end of the connection
+        else:
+            self._fail(UpstreamDisconnected("the upstream closed the connection mid-response"))
+
+    # llhttp callbacks ---------------------------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_pairs.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:  # informational (103 Early Hints): the real answer follows
+            self.header_pairs, self.reason = [], b""
+            return
+        response, head = self.response, self.head
+        assert response is not None
+        headers: CIMultiDict[str] = CIMultiDict(self.header_pairs)
+        response.status = status
+        response.reason = self.reason.decode("latin-1")
+        response.headers = CIMultiDictProxy(headers)
+        self.delimited = (
+            "content-length" in headers
+            or "chunked" in headers.get("transfer-encoding", "").lower()
+            or status in (204, 304)
+        )
+        self.keep_alive = self.parser.should_keep_alive()
+        self.header_pairs, self.reason = [], b""
+        self.head = None
+        if head is not None and not head.done():
+            head.set_result(response)
+
+    def on_body(self, body: bytes) -> None:
+        response = self.response
+        if response is not None and response._feed(body):
+            self.pause()
+
+    def on_message_complete(self) -> None:
+        if self.head is not None:  # a 1xx message ended; keep waiting for the answer
+            return
+        self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
+        if self.response is not None:
+            self.response._finish()
+
+    # Use -----------------------------------------------------------------------------------------
+
+    def send(self, data: bytes, read_timeout: float) -> asyncio.Future[UpstreamResponse]:
+        assert self.transport is not None
+        self.response = UpstreamResponse(self, read_timeout)
+        self.head = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        return self.head
+
+    def pause(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def response_released(self, reusable: bool) -> None:
+        self.response = None
+        self.head = None
+        if reusable and self.keep_alive and not self.closed and not self.paused:
+            self.pool.put_back(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+        self.pool.forget(self)
+
+    def _fail(self, exc: BaseException) -> None:
+        head, response = self.head, self.response
+        if head is not None and not head.done():
+            head.set_exception(exc)
+            self.head = None
+        if response is not None:
+            response._fail(exc)
+
+
+@dataclass
+class UpstreamPool:
+    """Keep-alive connections per origin, shared by every metered call of a proxy process."""
+
+    limits: UpstreamLimits = field(default_factory=UpstreamLimits)
+    ssl_context: ssl.SSLContext | None = None
+    _idle: dict[Origin, list[_Connection]] = field(default_factory=dict)
+    _open: dict[Origin, set[_Connection]] = field(default_factory=dict)
+    _opening: dict[Origin, int] = field(default_factory=dict)
+    _waiters: dict[Origin, collections.deque[asyncio.Future[_Connection | None]]] = field(
+        default_factory=dict
+    )
+
+    async def post(self, url: URL, headers: Iterable[tuple[str, str]], body: bytes) -> UpstreamResponse:
+        """Send ``body`` to ``url`` with exactly ``headers`` (plus Host and Content-Length); the head."""
+        origin = Origin.of(url)
+        conn = await self._acquire(origin)
+        lines = [f"POST {url.raw_path_qs} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in headers]
+        lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+        read_timeout = self.limits.read_timeout_s
+        head = conn.send("".join(lines).encode("latin-1") + body, read_timeout)
+        timer = asyncio.get_running_loop().call_later(read_timeout, _expire, head, read_timeout)
+        try:
+            return await head
+        except BaseException:  # failed, timed out, or the caller was cancelled: nobody reads this
+            conn.close()
+            raise
+        finally:
+            timer.cancel()
+
+    async def _acquire(self, origin: Origin) -> _Connection:
+        idle = self._idle.get(origin)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and now - conn.idle_since < KEEPALIVE_S:
+                return conn
+            conn.close()
+        try:
+            async with asyncio.timeout(self.limits.connect_timeout_s):
+                limit = self.limits.max_connections
+                if limit and len(self._open.get(origin, ())) + self._opening.get(origin, 0) >= limit:
+                    handed = await self._wait_for_connection(origin)
+                    if handed is not None:
+                        return handed
+                return await self._connect(origin)
+        except TimeoutError:
+            raise UpstreamConnectTimeout(
+                f"no connection to {origin.host}:{origin.port} within {self.limits.connect_timeout_s:g} s"
+            ) from None
+
+    async def _wait_for_connection(self, origin: Origin) -> _Connection | None:
+        """At max_connections: wait for a connection handed over by a finished call (or for one to
+        close, None: then this call may open its own)."""
+        waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(origin, collections.deque())
+        waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:  # timed out, or the caller left: pass on what was handed
+            if waiter.done() and not waiter.cancelled() and (handed := waiter.result()) is not None:
+                self.put_back(handed)
+            elif waiter.done() and not waiter.cancelled():
+                self._wake_one(origin, None)
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                waiters.remove(waiter)
+
+    def _wake_one(self, origin: Origin, conn: _Connection | None) -> bool:
+        waiters = self._waiters.get(origin)
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return True
+        return False
+
+    async def _connect(self, origin: Origin) -> _Connection:
+        loop = asyncio.get_running_loop()
+        ssl_context: ssl.SSLContext | None = None
+        if origin.scheme == "https":
+            if self.ssl_context is None:
+                self.ssl_context = ssl.create_default_context()
+            ssl_context = self.ssl_context
+        self._opening[origin] = self._opening.get(origin, 0) + 1
+        try:
+            _, conn = await loop.create_connection(
+                lambda: _Connection(self, origin),
+                origin.host,
+                origin.port,
+                ssl=ssl_context,
+                server_hostname=origin.host if ssl_context is not None else None,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise UpstreamConnectError(
+                f"cannot connect to {origin.host}:{origin.port}: {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            self._opening[origin] -= 1
+        self._open.setdefault(origin, set()).add(conn)
+        return conn
+
+    def put_back(self, conn: _Connection) -> None:
+        """A call is done with a healthy connection: to a waiting call, else to the idle pool."""
+        if self._wake_one(conn.origin, conn):
+            return
+        now = conn.idle_since = time.monotonic()
+        idle = self._idle.setdefault(conn.origin, [])
+        while idle and now - idle[0].idle_since >= KEEPALIVE_S:  # oldest first: close the expired
+            idle[0].close()
+        idle.append(conn)
+
+    def forget(self, conn: _Connection) -> None:
+        """A connection closed: it leaves the pool, and a call waiting for a free slot may connect."""
+        open_ = self._open.get(conn.origin)
+        if open_ is not None and conn in open_:
+            open_.discard(conn)
+            self._wake_one(conn.origin, None)
+        idle = self._idle.get(conn.origin)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def close(self) -> None:
+        """Close every connection (at shutdown, after in-flight calls finished)."""
+        for conns in list(self._open.values()):
+            for conn in list(conns):
+                conn.close()
+        self._idle.clear()
