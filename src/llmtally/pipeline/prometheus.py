@@ -88,6 +88,7 @@ class PrometheusSink:
         )  # fmt: skip
         self._collector = _PipelineCollector()
         r.register(self._collector)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def bind(self, pipeline: RecordPipeline) -> None:
         """Expose this pipeline's queue depth and delivery counters."""
@@ -97,27 +98,35 @@ class PrometheusSink:
         for record in records:
             self.observe(record)
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        # prometheus_client's labels() validates and locks on every call (~4 µs, seven per record);
+        # the children it returns are stable, so they are looked up once per label set.
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe(self, record: dict[str, Any]) -> None:
         provider = str(record.get("provider") or "")
         model = str(record.get("model") or record.get("request_model") or "")
         tags = record.get("tags") or {}
         tag_values = [str(tags.get(t, "")) for t in self._tags]
-        self.requests.labels(
-            provider, model, str(record.get("endpoint") or ""), str(record.get("status")), *tag_values
-        ).inc()
+        endpoint, status = str(record.get("endpoint") or ""), str(record.get("status"))
+        self._child(self.requests, provider, model, endpoint, status, *tag_values).inc()
         for token_type in TOKEN_TYPES:
             value = record.get(f"{token_type}_tokens")
             if value:
-                self.tokens.labels(provider, model, token_type, *tag_values).inc(value)
+                self._child(self.tokens, provider, model, token_type, *tag_values).inc(value)
         total = record.get("total_cost")
         if total is not None:
-            self.cost.labels(provider, model, *tag_values).inc(float(total))
+            self._child(self.cost, provider, model, *tag_values).inc(float(total))
         elif record.get("price_source") == "unknown_model" and record.get("usage_source") != "none":
-            self.unpriced.labels(provider, model).inc()
+            self._child(self.unpriced, provider, model).inc()
         if record.get("latency_ms") is not None:
-            self.latency.labels(provider).observe(float(record["latency_ms"]) / 1000)
+            self._child(self.latency, provider).observe(float(record["latency_ms"]) / 1000)
         if record.get("ttfb_ms") is not None:
-            self.ttfb.labels(provider).observe(float(record["ttfb_ms"]) / 1000)
+            self._child(self.ttfb, provider).observe(float(record["ttfb_ms"]) / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
