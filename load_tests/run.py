@@ -383,15 +383,75 @@ def main() -> None:
         answered = sum(r.requests + r.errors for r in results if r.target == f"llmtally-{workers}w")
         records[f"llmtally-{workers}w"] = {"records": written, "measured_requests": answered}
         print(f"llmtally-{workers}w records written: {written} (measured requests {answered}, plus warm-ups)")
+    targets = check_targets(results, held, records)
+    print("\ntargets (issue 5), judged from this run:")
+    for t in targets:
+        value = "-" if t["value"] is None else f"{t['value']:.2f}"
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        print(f"  {t['target']:24s} {t['what']:38s} {value:>8s} (limit {t['limit']}) {verdict}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = f"{datetime.now(UTC):%Y-%m-%d}"
     machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": sys.platform}
     report = {"machine": machine, "args": vars(args), "records": records, "open_streams": held,
-              "results": [asdict(r) for r in results]}  # fmt: skip
+              "targets": targets, "results": [asdict(r) for r in results]}  # fmt: skip
     (out_dir / f"{stamp}.json").write_text(json.dumps(report, indent=2))
     chart(results, out_dir / f"{stamp}.png")
     print(f"results: {out_dir / stamp}.json and .png")
+
+
+def check_targets(
+    results: list[Result], held: dict[str, float], records: dict[str, dict[str, int]]
+) -> list[dict[str, object]]:
+    """Issue 5's targets, judged from this run: one row per target and llmtally worker count.
+
+    Latency targets take the worst cell over the providers; SSE targets the worst streamed cell at
+    1 and 16 clients; throughput against LiteLLM is compared where both are saturated (the highest
+    concurrency measured), since at 16 clients a 50 ms upstream caps any proxy's requests/s near
+    direct's, 2x LiteLLM's at most.
+    """
+
+    def cells(target: str, mode: str, load: str) -> list[Result]:
+        return [r for r in results if r.target == target and r.mode == mode and r.load == load]
+
+    def worst(target: str, mode: str, loads: tuple[str, ...], key: str) -> float | None:
+        values = [r.added[key] for load in loads for r in cells(target, mode, load) if key in r.added]
+        return max(values) if values else None
+
+    def rps(target: str, load: str) -> float | None:
+        found = [r.rps for r in results if r.target == target and r.provider == "openai"
+                 and r.mode == "json" and r.load == load]  # fmt: skip
+        return found[0] if found else None
+
+    loads = sorted({r.load for r in results if r.load.startswith("c=")}, key=lambda x: int(x[2:]))
+    top = loads[-1] if loads else None
+    rows: list[dict[str, object]] = []
+    for target in sorted({r.target for r in results if r.target.startswith("llmtally")}):
+
+        def row(name: str, value: float | None, limit: float, at_most: bool = True, of: str = target) -> None:
+            met = None if value is None else (value <= limit if at_most else value >= limit)
+            rows.append({"target": of, "what": name, "value": value, "limit": limit, "met": met})
+
+        row("added p50 ms, 16 clients", worst(target, "json", ("c=16",), "p50_ms"), 1.0)
+        row("added p99 ms, 16 clients", worst(target, "json", ("c=16",), "p99_ms"), 2.0)
+        row("added p99 ms, 64 clients", worst(target, "json", ("c=64",), "p99_ms"), 10.0)
+        row("SSE first byte added p50 ms", worst(target, "stream", ("c=1", "c=16"), "ttfb_p50_ms"), 1.0)
+        row("SSE chunk gap added p50 ms", worst(target, "stream", ("c=1", "c=16"), "chunk_gap_p50_ms"), 1.0)
+        if top is not None:
+            mine, theirs, nginx = rps(target, top), rps("litellm", top), rps("nginx", top)
+            row(f"requests/s / LiteLLM's, {top[2:]} clients",
+                mine / theirs if mine and theirs else None, 5.0, at_most=False)  # fmt: skip
+            row(f"requests/s / nginx's, {top[2:]} clients",
+                mine / nginx if mine and nginx else None, 0.5, at_most=False)  # fmt: skip
+        got = records.get(target)
+        if got:
+            row("records written / calls answered", got["records"] / max(1, got["measured_requests"]), 1.0,
+                at_most=False)  # fmt: skip
+    if held:
+        rows.append({"target": "llmtally (default serve)", "what": "RSS MB, 1,000 open streams",
+                     "value": held["rss_mb"], "limit": 150.0,
+                     "met": held["rss_mb"] < 150 and held["streams"] >= 1000})  # fmt: skip
+    return rows
 
 
 def _row(r: Result) -> str:

@@ -133,13 +133,18 @@ class UpstreamResponse:
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive; raises :class:`UpstreamError` if the body is cut short."""
         while True:
-            while self._buffered:
-                chunk = self._buffered.popleft()
-                self._size -= len(chunk)
+            if self._buffered:
+                # Everything already here goes on as one piece (one send to the client, one parse
+                # call): no waiting for more, just no per-read overhead when reads pile up.
+                buffered = self._buffered
+                chunk = buffered.popleft() if len(buffered) == 1 else b"".join(buffered)
+                buffered.clear()
+                self._size = 0
                 conn = self._conn
-                if conn is not None and conn.paused and not self._buffered:
+                if conn is not None and conn.paused:
                     conn.resume()
                 yield chunk
+                continue
             if self._error is not None:
                 raise self._error
             if self._done:
