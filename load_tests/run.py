@@ -227,6 +227,17 @@ def start_targets(
     return targets
 
 
+def settle(procs: list[Proc], within_s: float = 30.0) -> None:
+    """Wait until every process is idle: a target still working off the last cell's backlog
+    (LiteLLM, past saturation) would otherwise take the CPU from the next target's measurement."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        before = sum(p.cpu_s() for p in procs)
+        time.sleep(0.25)
+        if sum(p.cpu_s() for p in procs) - before <= 0.02:
+            return
+
+
 def summarise(name: str, provider: str, mode: str, load: str, s: Samples, duration: float) -> Result:
     return Result(
         name, provider, mode, load,
@@ -337,6 +348,7 @@ def main() -> None:
         for provider, mode, load in cells(args):
             base = None
             for name, (port, prefix, proc) in targets.items():
+                settle([p for _, _, p in targets.values() if p is not None] + [upstream])
                 cpu0 = proc.cpu_s() if proc else None
                 samples = uvloop.run(run_cell(port, prefix, provider, mode, load, args))
                 result = summarise(name, provider, mode, load, samples, args.duration)

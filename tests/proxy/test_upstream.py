@@ -14,6 +14,7 @@ from yarl import URL
 
 from llmtally.proxy.upstream import (
     HIGH_WATER,
+    Origin,
     UpstreamConnectError,
     UpstreamConnectTimeout,
     UpstreamDisconnected,
@@ -301,3 +302,10 @@ async def test_https_verifies_the_upstream_certificate() -> None:
         # The system trust store does not know this authority: refused, not sent.
         with pytest.raises(UpstreamConnectError, match="SSLCertVerificationError"):
             await UpstreamPool().post(url(server, scheme="https"), HEADERS, b"{}")
+
+
+def test_the_host_header_names_the_origin_as_a_client_would() -> None:
+    assert Origin.of(URL("https://api.openai.com/v1")).host_header == "api.openai.com"
+    assert Origin.of(URL("http://127.0.0.1:8080/x")).host_header == "127.0.0.1:8080"
+    assert Origin.of(URL("http://[::1]:8080/x")).host_header == "[::1]:8080"
+    assert Origin.of(URL("https://[2001:db8::1]/x")).host_header == "[2001:db8::1]"
