@@ -201,6 +201,11 @@ def start_targets(
             ready=b"listening on",
         )  # fmt: skip
         targets[f"llmtally-{workers}w"] = (port, "/{provider}", proc)
+    if args.floor:
+        port = free_port()
+        proc = Proc([sys.executable, str(HERE / "floor.py"), "--port", str(port),
+                     "--upstream-port", str(upstream_port)], ready=b"floor proxy listening")  # fmt: skip
+        targets["python-floor"] = (port, "/{provider}", proc)
     nginx_bin = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if nginx_bin and not args.no_nginx:
         port = free_port()
@@ -230,12 +235,14 @@ def start_targets(
 def settle(procs: list[Proc], within_s: float = 30.0) -> None:
     """Wait until every process is idle: a target still working off the last cell's backlog
     (LiteLLM, past saturation) would otherwise take the CPU from the next target's measurement."""
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        before = sum(p.cpu_s() for p in procs)
-        time.sleep(0.25)
-        if sum(p.cpu_s() for p in procs) - before <= 0.02:
+    start = time.monotonic()
+    while time.monotonic() < start + within_s:
+        before = {id(p): p.cpu_s() for p in procs}
+        time.sleep(0.5)
+        busy = [p for p in procs if p.cpu_s() - before[id(p)] > 0.05]  # >10 % of a core
+        if not busy:
             return
+    print(f"  (still busy after {within_s:.0f} s: {[p.popen.args[:3] for p in busy]})", flush=True)
 
 
 def summarise(name: str, provider: str, mode: str, load: str, s: Samples, duration: float) -> Result:
@@ -320,6 +327,9 @@ def main() -> None:
     parser.add_argument("--chunk-interval-ms", type=float, default=5.0)
     parser.add_argument("--piece-chars", type=int, default=0, help="characters per text piece (body size)")
     parser.add_argument("--no-nginx", action="store_true")
+    parser.add_argument(
+        "--floor", action="store_true", help="also measure load_tests/floor.py (a bare uvloop+llhttp hop)"
+    )
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--litellm-bin", default=str(HERE / ".venv-litellm" / "bin" / "litellm"))
     parser.add_argument("--open-streams", type=int, default=1000, help="streams held open at once (0: skip)")
