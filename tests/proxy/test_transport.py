@@ -21,6 +21,7 @@ from tests.conftest import API_KEY, MakeProxy
 from tests.proxy.helpers import first_record, only_record
 
 CHAT = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
+STREAM_CHAT = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 
 
@@ -224,8 +225,7 @@ async def test_client_disconnect_cancels_upstream(make_proxy: MakeProxy, upstrea
     upstream.config.chunk_interval_s = 0.2
     upstream.config.chunks = 10
     proxy = await make_proxy()
-    body = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
-    head = await _read_first_chunk_then_leave(proxy.url + "/openai/v1/chat/completions", body, AUTH)
+    head = await _read_first_chunk_then_leave(proxy.url + "/openai/v1/chat/completions", STREAM_CHAT, AUTH)
     assert head.startswith(b"HTTP/1.1 200")
     record = await first_record(proxy)
     assert record["client_disconnected"] is True
@@ -242,9 +242,8 @@ async def test_client_leaving_a_silent_stream_cancels_it_at_once(
     # when the client goes, not when the upstream next sends (tokens would be billed meanwhile).
     upstream.config.chunk_interval_s = 60
     proxy = await make_proxy()
-    body = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
     left = time.monotonic()
-    await _read_first_chunk_then_leave(proxy.url + "/openai/v1/chat/completions", body, AUTH)
+    await _read_first_chunk_then_leave(proxy.url + "/openai/v1/chat/completions", STREAM_CHAT, AUTH)
     record = await first_record(proxy)
     assert record["client_disconnected"] is True
     assert record["error"] is None
@@ -309,12 +308,11 @@ async def test_concurrent_streams_are_not_capped_by_default(
     # Streams hold their upstream connection for minutes; a default cap turned the 257th into a 504.
     upstream.config.chunk_interval_s = 60
     proxy = await make_proxy()
-    body = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         responses = await asyncio.gather(
             *(
-                session.post(proxy.url + "/openai/v1/chat/completions", data=body, headers=AUTH)
+                session.post(proxy.url + "/openai/v1/chat/completions", data=STREAM_CHAT, headers=AUTH)
                 for _ in range(300)
             )
         )
@@ -332,10 +330,11 @@ async def test_max_connections_caps_calls_in_flight_with_a_clear_504(upstream: F
     proxy = await start_proxy(
         config_for_upstream(upstream.url, dataclasses.replace(base, upstreams=upstreams))
     )
-    body = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
     try:
         async with aiohttp.ClientSession() as session:
-            holding = await session.post(proxy.url + "/openai/v1/chat/completions", data=body, headers=AUTH)
+            holding = await session.post(
+                proxy.url + "/openai/v1/chat/completions", data=STREAM_CHAT, headers=AUTH
+            )
             assert holding.status == 200
             status, _, payload = await post(proxy.url + "/openai/v1/chat/completions", CHAT)
             holding.close()
@@ -436,11 +435,12 @@ async def test_upstream_dying_mid_stream_cuts_the_client_and_is_recorded() -> No
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     proxy = await start_proxy(config_for_upstream(f"http://127.0.0.1:{runner.addresses[0][1]}"))
-    body = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
     try:
         async with (
             aiohttp.ClientSession() as session,
-            session.post(proxy.url + "/openai/v1/chat/completions", data=body, headers=AUTH) as response,
+            session.post(
+                proxy.url + "/openai/v1/chat/completions", data=STREAM_CHAT, headers=AUTH
+            ) as response,
         ):
             assert response.status == 200
             received = b""
