@@ -458,3 +458,14 @@ async def test_upstream_dying_mid_stream_cuts_the_client_and_is_recorded() -> No
     finally:
         await proxy.stop()
         await runner.cleanup()
+
+
+async def test_a_body_too_large_to_meter_is_still_forwarded_whole(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await make_proxy(max_response_body_mb=0)  # every body is "too large" to keep
+    status, _, body = await post(proxy.url + "/openai/v1/chat/completions", CHAT)
+    assert status == 200
+    assert orjson.loads(body)["usage"]["prompt_tokens"] == 1200  # the client got all of it
+    record = await only_record(proxy)
+    assert record["error"] == "response body larger than metering.max_response_body_mb: not parsed"

@@ -53,6 +53,7 @@ HOP_BY_HOP = frozenset(
 )
 TAG_PREFIX = "x-llmtally-tag-"
 OVERHEAD_HEADER = "x-llmtally-overhead-ms"
+TOO_LARGE_TO_METER = "response body larger than metering.max_response_body_mb: not parsed"
 
 STATE_KEY: web.AppKey[ProxyState] = web.AppKey("llmtally_state")
 #: Why the service is not ready to take calls ("draining", "starting: ..."), or None when it is.
@@ -418,9 +419,12 @@ async def _forward_metered(
     if parser is None and upstream.complete:
         # The whole (small) body came with the head: answer in one send, nothing to stream.
         body = upstream.body_if_complete()
-        if body is not None and len(body) <= max_body:
+        if body is not None:
             exchange.ttfb_ms = (time.perf_counter() - t0) * 1000
-            exchange.response_chunks, exchange.response_encoding = [body], encoding
+            if len(body) <= max_body:
+                exchange.response_chunks, exchange.response_encoding = [body], encoding
+            else:
+                exchange.error = TOO_LARGE_TO_METER
             whole = web.Response(
                 body=body,
                 status=upstream.status,
@@ -453,7 +457,7 @@ async def _forward_metered(
                         kept.append(chunk)
                     else:
                         kept = None
-                        exchange.error = "response body larger than metering.max_response_body_mb: not parsed"
+                        exchange.error = TOO_LARGE_TO_METER
             except Exception as exc:  # a parser bug must not break the caller's stream
                 log.exception("metering parser failed; forwarding unchanged from here")
                 exchange.error = f"metering failed: {type(exc).__name__}"
