@@ -12,13 +12,13 @@ import pytest
 import trustme
 from yarl import URL
 
+from llmtally.config import UpstreamsConfig
 from llmtally.proxy.upstream import (
     HIGH_WATER,
     Origin,
     UpstreamConnectError,
     UpstreamConnectTimeout,
     UpstreamDisconnected,
-    UpstreamLimits,
     UpstreamPool,
     UpstreamProtocolError,
     UpstreamReadTimeout,
@@ -182,7 +182,7 @@ async def test_silence_past_the_read_timeout_fails_the_head_and_the_body() -> No
             await writer.drain()
         await asyncio.sleep(10)
 
-    pool = UpstreamPool(UpstreamLimits(read_timeout_s=0.2))
+    pool = UpstreamPool(UpstreamsConfig(read_timeout_s=0.2))
     async with scripted(silent) as server:
         with pytest.raises(UpstreamReadTimeout):
             await pool.post(url(server, "/no-head"), HEADERS, b"{}")
@@ -195,7 +195,7 @@ async def test_silence_past_the_read_timeout_fails_the_head_and_the_body() -> No
 
 
 async def test_connect_failures_say_what_failed() -> None:
-    pool = UpstreamPool(UpstreamLimits(connect_timeout_s=1))
+    pool = UpstreamPool(UpstreamsConfig(connect_timeout_s=1))
     async with scripted(_ok) as server:
         port = server.port
     with pytest.raises(UpstreamConnectError, match=f"127.0.0.1:{port}"):
@@ -209,7 +209,7 @@ async def test_max_connections_makes_calls_wait_for_a_free_connection() -> None:
         await release.wait()
         await _ok(request, reader, writer)
 
-    pool = UpstreamPool(UpstreamLimits(connect_timeout_s=0.3, max_connections=1))
+    pool = UpstreamPool(UpstreamsConfig(connect_timeout_s=0.3, max_connections=1))
     async with scripted(slow) as server:
         first = asyncio.ensure_future(pool.post(url(server), HEADERS, b"{}"))
         await asyncio.sleep(0.05)

@@ -30,7 +30,6 @@ from llmtally.providers.encoding import DECODABLE, Decoder
 from llmtally.proxy.upstream import (
     UpstreamConnectTimeout,
     UpstreamError,
-    UpstreamLimits,
     UpstreamPool,
     UpstreamResponse,
 )
@@ -89,8 +88,8 @@ class ProxyState:
     session: aiohttp.ClientSession | None = None
     #: Metered calls, the hot path: a lean keep-alive client (see :mod:`llmtally.proxy.upstream`).
     pool: UpstreamPool | None = None
-    draining: bool = False
-    #: Loop time when the shutdown grace ends and the runner cancels what is still running.
+    #: Loop time when the shutdown grace ends and the runner cancels what is still running (set at
+    #: shutdown: the proxy is draining from then on).
     cut_at: float | None = None
     drains: set[asyncio.Task[None]] = field(default_factory=set)
     upstreams: dict[Provider, URL] = field(default_factory=dict)
@@ -119,7 +118,7 @@ def create_app(config: Config, meter: Meter) -> web.Application:
     )
     app = web.Application(client_max_size=config.server.max_request_body_mb * 1024 * 1024)
     app[STATE_KEY] = state
-    _add_health_routes(app, meter, lambda: "draining" if state.draining else None)
+    _add_health_routes(app, meter, lambda: "draining" if state.cut_at is not None else None)
     for provider in ADAPTERS:
         app.router.add_route("*", f"/{provider}/{{tail:.*}}", partial(_proxy, provider))
     app.router.add_route("*", "/{tail:.*}", _not_found)
@@ -140,7 +139,7 @@ async def _on_startup(app: web.Application) -> None:
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),  # a proxy must not keep one client's cookies for another
     )
-    state.pool = UpstreamPool(UpstreamLimits(up.connect_timeout_s, up.read_timeout_s, up.max_connections))
+    state.pool = UpstreamPool(up)
 
 
 def proxy_runner(app: web.Application) -> web.AppRunner:
@@ -161,7 +160,6 @@ def proxy_runner(app: web.Application) -> web.AppRunner:
 
 async def _on_shutdown(app: web.Application) -> None:
     state = app[STATE_KEY]
-    state.draining = True
     state.cut_at = asyncio.get_running_loop().time() + state.config.server.shutdown_grace_s
 
 

@@ -27,6 +27,8 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from llmtally.config import UpstreamsConfig
+
 #: Body bytes buffered ahead of the reader before the upstream socket stops being read.
 HIGH_WATER = 256 * 1024
 #: How long an idle pooled connection is kept (aiohttp's default; providers close idle ones later).
@@ -73,14 +75,6 @@ class Origin:
         host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
         default = 443 if self.scheme == "https" else 80
         return host if self.port == default else f"{host}:{self.port}"
-
-
-@dataclass(slots=True)
-class UpstreamLimits:
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 600.0
-    #: Connections open at once per origin; 0: no limit.
-    max_connections: int = 0
 
 
 class UpstreamResponse:
@@ -336,7 +330,8 @@ class _Connection(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections per origin, shared by every metered call of a proxy process."""
 
-    limits: UpstreamLimits = field(default_factory=UpstreamLimits)
+    #: ``connect_timeout_s``, ``read_timeout_s`` and ``max_connections`` (per origin; 0: no limit).
+    limits: UpstreamsConfig = field(default_factory=UpstreamsConfig)
     ssl_context: ssl.SSLContext | None = None
     _idle: dict[Origin, list[_Connection]] = field(default_factory=dict)
     _open: dict[Origin, set[_Connection]] = field(default_factory=dict)
