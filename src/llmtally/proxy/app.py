@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -25,7 +26,7 @@ from yarl import URL
 
 from llmtally.config import Config
 from llmtally.exchange import Exchange, Meter
-from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter, StreamParser
+from llmtally.providers import ADAPTERS, Endpoint, MeteredRequest, ProviderAdapter, StreamParser
 from llmtally.providers.encoding import DECODABLE, Decoder
 from llmtally.proxy.upstream import (
     UpstreamConnectTimeout,
@@ -221,10 +222,15 @@ def admin_app_of(proxy_app: web.Application) -> web.Application:
     return create_admin_app(*proxy_app[HEALTH_KEY])
 
 
+def _error_body(kind: str, message: str) -> bytes:
+    return json.dumps({"error": {"type": kind, "message": message, "source": "llmtally"}}).encode()
+
+
+JSON_TYPE = ("Content-Type", "application/json; charset=utf-8")
+
+
 def _json_error(status: int, kind: str, message: str) -> web.Response:
-    return web.json_response(
-        {"error": {"type": kind, "message": message, "source": "llmtally"}}, status=status
-    )
+    return web.Response(body=_error_body(kind, message), status=status, headers=[JSON_TYPE])
 
 
 async def _not_found(request: web.Request) -> web.Response:
@@ -233,12 +239,15 @@ async def _not_found(request: web.Request) -> web.Response:
     )
 
 
-def _upstream_headers(request: web.Request, metered: bool) -> tuple[CIMultiDict[str], dict[str, str]]:
+def _upstream_headers(
+    headers: Collection[tuple[str, str]], metered: bool
+) -> tuple[CIMultiDict[str], dict[str, str]]:
     """Headers to forward (hop-by-hop, Host and x-llmtally-* removed) and the tags found."""
-    connection_tokens = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
+    connection = ",".join(value for name, value in headers if name.lower() == "connection")
+    connection_tokens = {t.strip().lower() for t in connection.split(",")}
     out: CIMultiDict[str] = CIMultiDict()
     tags: dict[str, str] = {}
-    for name, value in request.headers.items():
+    for name, value in headers:
         low = name.lower()
         if low.startswith("x-llmtally-"):
             if low.startswith(TAG_PREFIX) and len(low) > len(TAG_PREFIX):
@@ -256,34 +265,126 @@ def _upstream_headers(request: web.Request, metered: bool) -> tuple[CIMultiDict[
     return out, tags
 
 
-def _client_headers(upstream: CIMultiDictProxy[str], keep_length: bool) -> CIMultiDict[str]:
+def _client_headers(upstream: CIMultiDictProxy[str], keep_length: bool) -> list[tuple[str, str]]:
     connection_tokens = {t.strip().lower() for t in upstream.get("Connection", "").split(",")}
-    out: CIMultiDict[str] = CIMultiDict()
+    out: list[tuple[str, str]] = []
     for name, value in upstream.items():
         low = name.lower()
         if low in HOP_BY_HOP or low in connection_tokens:
             continue
         if low == "content-length" and not keep_length:
             continue
-        out.add(name, value)
+        out.append((name, value))
     return out
 
 
+class Downstream(Protocol):
+    """Where a metered call's answer goes: aiohttp's response objects, or the fast path's socket
+    (:mod:`llmtally.proxy.fastpath`). Header values are sent as they are."""
+
+    def gone(self) -> bool:
+        """The client's connection is closed or closing."""
+        ...
+
+    def send_whole(self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        """A complete answer (Content-Length is added); it leaves in one send."""
+        ...
+
+    async def start(self, status: int, reason: str, headers: list[tuple[str, str]], hold_head: bool) -> None:
+        """Begin a streamed answer (chunked unless ``headers`` carry Content-Length); ``hold_head``:
+        send the head together with the first write instead of at once."""
+        ...
+
+    async def write(self, data: bytes) -> None:
+        """Body bytes; waits while the client is slow to read. ConnectionResetError if it left."""
+        ...
+
+    async def finish(self) -> None:
+        """The answer is complete."""
+        ...
+
+    def abort(self) -> None:
+        """Cut the client off mid-answer (the upstream failed after the head went out)."""
+        ...
+
+
+class _AiohttpDownstream:
+    """A :class:`Downstream` over aiohttp's request and response objects."""
+
+    __slots__ = ("request", "response")
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+
+    def gone(self) -> bool:
+        transport = self.request.transport
+        return transport is None or transport.is_closing()
+
+    def send_whole(self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.response = web.Response(body=body, status=status, reason=reason or None, headers=headers)
+
+    async def start(self, status: int, reason: str, headers: list[tuple[str, str]], hold_head: bool) -> None:
+        response_type = _HeadWithFirstChunk if hold_head else web.StreamResponse
+        self.response = response = response_type(status=status, reason=reason or None)
+        response.headers.extend(headers)
+        await response.prepare(self.request)
+
+    async def write(self, data: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(data)
+
+    async def finish(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
+
+    def abort(self) -> None:
+        if self.request.transport is not None:
+            self.request.transport.close()
+
+
 async def _proxy(provider: Provider, request: web.Request) -> web.StreamResponse:
+    """aiohttp's handler for every provider path the fast path leaves to it (or all, when it is off)."""
     t0 = time.perf_counter()
     state = request.app[STATE_KEY]
-    adapter = ADAPTERS[provider]
-    subpath = request.match_info["tail"]
-    endpoint = adapter.route(subpath) if request.method == "POST" else None
-    upstream_url = _upstream_url(state.upstreams[provider], request.raw_path, provider)
-    if upstream_url is None:
-        return _json_error(400, "bad_path", "the request path does not map to the configured upstream")
-    headers, tags = _upstream_headers(request, metered=endpoint is not None)
+    endpoint = ADAPTERS[provider].route(request.match_info["tail"]) if request.method == "POST" else None
     if endpoint is None:
+        upstream_url = _upstream_url(state.upstreams[provider], request.raw_path, provider)
+        if upstream_url is None:
+            return _json_error(400, "bad_path", BAD_PATH)
+        headers, _ = _upstream_headers(request.headers.items(), metered=False)
         return await _passthrough(state, request, upstream_url, headers, t0)
-
     body = await request.read()
-    metered = adapter.prepare(endpoint, body, request.query, state.config.metering.inject_stream_usage)
+    down = _AiohttpDownstream(request)
+    await meter_call(
+        state, down, provider, endpoint, request.raw_path, request.headers.items(), body, request.query, t0
+    )
+    assert down.response is not None
+    return down.response
+
+
+BAD_PATH = "the request path does not map to the configured upstream"
+
+
+async def meter_call(
+    state: ProxyState,
+    down: Downstream,
+    provider: Provider,
+    endpoint: Endpoint,
+    raw_path: str,
+    client_headers: Collection[tuple[str, str]],
+    body: bytes,
+    query: Mapping[str, str],
+    t0: float,
+) -> None:
+    """Forward one metered call and answer it through ``down``; its exchange goes to the meter."""
+    adapter = ADAPTERS[provider]
+    upstream_url = _upstream_url(state.upstreams[provider], raw_path, provider)
+    if upstream_url is None:
+        _send_error(down, 400, "bad_path", BAD_PATH)
+        return
+    headers, tags = _upstream_headers(client_headers, metered=True)
+    metered = adapter.prepare(endpoint, body, query, state.config.metering.inject_stream_usage)
     if metered.injected_usage:
         headers["Accept-Encoding"] = "identity"  # the stream is edited: it must arrive uncompressed
     exchange = Exchange(
@@ -299,13 +400,17 @@ async def _proxy(provider: Provider, request: web.Request) -> web.StreamResponse
     state.in_flight += 1
     state.idle.clear()
     try:
-        return await _forward_metered(state, request, adapter, metered, exchange, upstream_url, headers, t0)
+        await _forward_metered(state, down, adapter, metered, exchange, upstream_url, headers, t0)
     finally:
         if not exchange.deferred:  # one record per metered call, whatever happened
             state.meter.submit(exchange)
         state.in_flight -= 1
         if not state.in_flight:
             state.idle.set()
+
+
+def _send_error(down: Downstream, status: int, kind: str, message: str) -> None:
+    down.send_whole(status, "", [JSON_TYPE], _error_body(kind, message))
 
 
 def _upstream_url(base: URL, raw_path: str, provider: str) -> URL | None:
@@ -360,8 +465,9 @@ async def _passthrough(
         return _json_error(status, kind, message)
     try:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        response.headers.extend(_client_headers(upstream.headers, keep_length=True))
-        _overhead_header(state, response, t0)
+        headers_out = _client_headers(upstream.headers, keep_length=True)
+        _overhead_header(state, headers_out, t0)
+        response.headers.extend(headers_out)
         await response.prepare(request)
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
@@ -371,22 +477,22 @@ async def _passthrough(
         upstream.release()
 
 
-def _overhead_header(state: ProxyState, response: web.StreamResponse, t0: float, wait: float = 0.0) -> None:
+def _overhead_header(state: ProxyState, headers: list[tuple[str, str]], t0: float, wait: float = 0.0) -> None:
     if state.config.server.overhead_header:
         overhead = (time.perf_counter() - t0 - wait) * 1000
-        response.headers[OVERHEAD_HEADER] = f"{overhead:.3f}"
+        headers.append((OVERHEAD_HEADER, f"{overhead:.3f}"))
 
 
 async def _forward_metered(
     state: ProxyState,
-    request: web.Request,
+    down: Downstream,
     adapter: ProviderAdapter,
     metered: MeteredRequest,
     exchange: Exchange,
     url: URL,
     headers: CIMultiDict[str],
     t0: float,
-) -> web.StreamResponse:
+) -> None:
     t_sent = time.perf_counter()
     assert state.pool is not None
     try:
@@ -396,9 +502,10 @@ async def _forward_metered(
         exchange.status = status
         exchange.error = f"{kind}: {message}"
         exchange.latency_ms = (time.perf_counter() - t0) * 1000
-        return _json_error(status, kind, message)
+        _send_error(down, status, kind, message)
+        return
     except asyncio.CancelledError:  # the client left (or shutdown) before the upstream answered
-        _note_cancel(state, request, exchange)
+        _note_cancel(state, down, exchange)
         exchange.latency_ms = (time.perf_counter() - t0) * 1000
         raise
     upstream_wait = time.perf_counter() - t_sent
@@ -423,25 +530,19 @@ async def _forward_metered(
                 exchange.response_chunks, exchange.response_encoding = [body], encoding
             else:
                 exchange.error = TOO_LARGE_TO_METER
-            whole = web.Response(
-                body=body,
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=_client_headers(upstream.headers, keep_length=False),
-            )
-            _overhead_header(state, whole, t0, upstream_wait)
+            whole_headers = _client_headers(upstream.headers, keep_length=False)
+            _overhead_header(state, whole_headers, t0, upstream_wait)
             exchange.latency_ms = (time.perf_counter() - t0) * 1000
-            return whole
+            down.send_whole(upstream.status, upstream.reason, whole_headers, body)
+            return
 
     # Head and first chunk in one send when the chunk came with the head (an SSE stream's first
     # event usually does); otherwise the head goes at once, so a client sees the status while a
     # model is still thinking.
-    response_type = _HeadWithFirstChunk if upstream.body_arrived else web.StreamResponse
-    response = response_type(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(_client_headers(upstream.headers, keep_length=not editing))
-    _overhead_header(state, response, t0, upstream_wait)
+    stream_headers = _client_headers(upstream.headers, keep_length=not editing)
+    _overhead_header(state, stream_headers, t0, upstream_wait)
     try:
-        await response.prepare(request)
+        await down.start(upstream.status, upstream.reason, stream_headers, hold_head=upstream.body_arrived)
         async for chunk in upstream.chunks():
             if exchange.ttfb_ms is None:
                 exchange.ttfb_ms = (time.perf_counter() - t0) * 1000
@@ -462,18 +563,17 @@ async def _forward_metered(
                 if parser is not None and not editing:
                     parser = None
             if out:
-                await response.write(out)
+                await down.write(out)
         if parser is not None:
             tail, exchange.summary = parser.finish()
             if tail:
-                await response.write(tail)
+                await down.write(tail)
         elif kept is not None:
             # Decoded and parsed later, in the record worker: nothing of it on the event loop.
             exchange.response_chunks, exchange.response_encoding = kept, encoding
-        await response.write_eof()
-        return response
+        await down.finish()
     except (ConnectionResetError, asyncio.CancelledError) as exc:
-        if not isinstance(exc, asyncio.CancelledError) or _note_cancel(state, request, exchange):
+        if not isinstance(exc, asyncio.CancelledError) or _note_cancel(state, down, exchange):
             exchange.client_disconnected = True
             _on_client_gone(state, exchange, upstream, parser, decode)
         elif parser is not None:
@@ -485,22 +585,19 @@ async def _forward_metered(
         exchange.error = f"{kind} during the response body: {message}"
         if parser is not None:
             _, exchange.summary = parser.finish()
-        if request.transport is not None:
-            request.transport.close()
-        return response
+        down.abort()
     finally:
         exchange.latency_ms = (time.perf_counter() - t0) * 1000
         if not exchange.deferred:
             upstream.release()
 
 
-def _note_cancel(state: ProxyState, request: web.Request, exchange: Exchange) -> bool:
+def _note_cancel(state: ProxyState, down: Downstream, exchange: Exchange) -> bool:
     """Why a handler was cancelled, noted on its exchange: True when its client went away."""
     if state.cut_at is not None and asyncio.get_running_loop().time() >= state.cut_at:
         exchange.error = "cut off at shutdown: still running when shutdown_grace_s ended"
         return False
-    transport = request.transport
-    exchange.client_disconnected = transport is None or transport.is_closing()
+    exchange.client_disconnected = down.gone()
     return exchange.client_disconnected
 
 
