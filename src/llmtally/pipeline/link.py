@@ -34,6 +34,9 @@ _HEADER = struct.Struct(">I")
 MAX_FRAME = 1 << 31
 #: Warn when this much is waiting to reach the record process (it is slow or stuck).
 BACKLOG_WARNING_BYTES = 64 * 1024 * 1024
+#: Exchanges wait this long to travel together: sending each call's at once woke the record process
+#: in the middle of the burst of calls that follows it (+0.5 ms p50 at 16 clients, load test).
+FLUSH_AFTER_S = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +124,7 @@ class LinkClient:
         self._admin_path = admin_path
         self._admin: aiohttp.ClientSession | None = None
         self._warned = False
-        #: Frames sent in one write per event-loop iteration: fewer syscalls under load.
+        #: Frames sent in one write every FLUSH_AFTER_S: fewer syscalls and record-process wake-ups.
         self._pending: list[bytes] = []
         self.lost_records = 0
         #: Set when the record process went away (EOF): the worker should stop taking calls.
@@ -140,11 +143,13 @@ class LinkClient:
 
     def _send(self, message: object) -> None:
         if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_later(FLUSH_AFTER_S, self._flush)
         self._pending.append(_frame(message))
 
     def _flush(self) -> None:
         frames, self._pending = self._pending, []
+        if not frames:  # close() flushed them already
+            return
         if self._writer.is_closing():
             self.lost_records += len(frames)
             log.error("record process gone: %d exchanges not sent", len(frames))
