@@ -46,6 +46,8 @@ class ServerConfig:
     #: Proxy processes sharing the port (SO_REUSEPORT); records are built and delivered by the main
     #: process. 0: one process does both (record building then competes with the proxy for the GIL).
     workers: int = 1
+    #: Metered calls skip aiohttp's request machinery (llmtally.proxy.fastpath); false: aiohttp serves all.
+    fast_path: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -143,22 +143,6 @@ async def _on_startup(app: web.Application) -> None:
     state.pool = UpstreamPool(up)
 
 
-def proxy_runner(app: web.Application) -> web.AppRunner:
-    """The runner for a proxy app (every form of serving, and the test harness).
-
-    Handlers are cancelled when their client goes away, so an upstream call that is silent (a model
-    thinking before its first token) is closed or drained at once, not at its next byte; at shutdown
-    in-flight calls get ``shutdown_grace_s``.
-    """
-    return web.AppRunner(
-        app,
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=app[STATE_KEY].config.server.shutdown_grace_s,
-        handler_cancellation=True,
-    )
-
-
 async def _on_shutdown(app: web.Application) -> None:
     state = app[STATE_KEY]
     state.cut_at = asyncio.get_running_loop().time() + state.config.server.shutdown_grace_s
@@ -222,7 +206,7 @@ def admin_app_of(proxy_app: web.Application) -> web.Application:
     return create_admin_app(*proxy_app[HEALTH_KEY])
 
 
-def _error_body(kind: str, message: str) -> bytes:
+def error_body(kind: str, message: str) -> bytes:
     return json.dumps({"error": {"type": kind, "message": message, "source": "llmtally"}}).encode()
 
 
@@ -230,7 +214,7 @@ JSON_TYPE = ("Content-Type", "application/json; charset=utf-8")
 
 
 def _json_error(status: int, kind: str, message: str) -> web.Response:
-    return web.Response(body=_error_body(kind, message), status=status, headers=[JSON_TYPE])
+    return web.Response(body=error_body(kind, message), status=status, headers=[JSON_TYPE])
 
 
 async def _not_found(request: web.Request) -> web.Response:
@@ -410,7 +394,7 @@ async def meter_call(
 
 
 def _send_error(down: Downstream, status: int, kind: str, message: str) -> None:
-    down.send_whole(status, "", [JSON_TYPE], _error_body(kind, message))
+    down.send_whole(status, "", [JSON_TYPE], error_body(kind, message))
 
 
 def _upstream_url(base: URL, raw_path: str, provider: str) -> URL | None:

@@ -20,7 +20,8 @@ from llmtally.config import Config, ServerConfig, configure_logging
 from llmtally.metering import LocalMeter
 from llmtally.pipeline.build import build_pipeline
 from llmtally.pricing.reload import PriceReloader, start_auto_update
-from llmtally.proxy.app import admin_app_of, create_app, proxy_runner
+from llmtally.proxy.app import admin_app_of, create_app
+from llmtally.proxy.fastpath import proxy_runner
 
 log = logging.getLogger("llmtally.server")
 

@@ -20,7 +20,8 @@ from aiohttp import web
 
 from llmtally.config import Config, configure_logging
 from llmtally.pipeline.link import LinkClient
-from llmtally.proxy.app import create_app, proxy_runner
+from llmtally.proxy.app import create_app
+from llmtally.proxy.fastpath import proxy_runner
 
 log = logging.getLogger("llmtally.worker")
 

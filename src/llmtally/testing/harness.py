@@ -13,7 +13,8 @@ from llmtally.config import Config, MeteringConfig, UpstreamsConfig
 from llmtally.metering import LocalMeter
 from llmtally.pipeline import MemorySink, RecordPipeline, Sink
 from llmtally.pipeline.prometheus import PrometheusSink
-from llmtally.proxy.app import create_app, proxy_runner
+from llmtally.proxy.app import create_app
+from llmtally.proxy.fastpath import proxy_runner
 
 
 def config_for_upstream(base_url: str, config: Config | None = None, **metering: Any) -> Config:

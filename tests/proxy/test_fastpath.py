@@ -1,0 +1,279 @@
+"""The lean front end: metered calls on the fast path, every other request handed to aiohttp.
+
+Raw sockets on loopback, so what crosses the wire (pipelining, keep-alive, framing) is exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import httptools
+import orjson
+from aiohttp import web
+
+from llmtally.config import Config, ServerConfig
+from llmtally.proxy.fastpath import FastPathServer
+from llmtally.testing import FakeUpstream
+from llmtally.testing.harness import RunningProxy, config_for_upstream, start_proxy
+from tests.conftest import API_KEY, MakeProxy
+from tests.proxy.helpers import first_record
+
+CHAT = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
+STREAM_CHAT = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+
+
+def metered_post(body: bytes = CHAT, path: str = "/openai/v1/chat/completions", extra: str = "") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\n{extra}Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+@dataclass
+class Answer:
+    status: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    complete: bool = False
+    keep_alive: bool = True
+
+
+class _Reader:
+    """Reads whole HTTP/1.1 answers off one connection, in order."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+        self.answers: list[Answer] = []
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_message_begin(self) -> None:
+        self.answers.append(Answer())
+
+    def on_status(self, status: bytes) -> None:
+        self.answers[-1].status = self.parser.get_status_code()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.answers[-1].headers[name.decode().lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self.answers[-1].body += body
+
+    def on_message_complete(self) -> None:
+        self.answers[-1].complete = True
+        self.answers[-1].keep_alive = self.parser.should_keep_alive()
+
+    async def answers_until(self, count: int) -> list[Answer]:
+        async with asyncio.timeout(10):
+            while sum(a.complete for a in self.answers) < count:
+                data = await self.reader.read(65536)
+                assert data, "the proxy closed the connection early"
+                self.parser.feed_data(data)
+        return self.answers
+
+
+async def connect(proxy: RunningProxy) -> tuple[_Reader, asyncio.StreamWriter]:
+    host, port = proxy.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    return _Reader(reader), writer
+
+
+def fast_path_of(proxy: RunningProxy) -> FastPathServer:
+    server = proxy.runner.server
+    assert isinstance(server, FastPathServer)
+    return server
+
+
+async def test_metered_calls_take_the_fast_path_and_the_rest_goes_to_aiohttp(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await make_proxy()
+    fast = fast_path_of(proxy)
+    answers, writer = await connect(proxy)
+    writer.write(metered_post())
+    first = (await answers.answers_until(1))[0]
+    assert first.status == 200 and orjson.loads(first.body)["usage"]["prompt_tokens"] == 1200
+    assert len(fast.connections) == 1  # still the fast path's, kept alive
+
+    # A passthrough GET on the same connection: aiohttp's protocol takes the connection over.
+    writer.write(
+        f"GET /openai/v1/models HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer {API_KEY}\r\n\r\n".encode()
+    )
+    second = (await answers.answers_until(2))[1]
+    assert second.status == 200 and b'"gpt-4o"' in second.body
+    assert not fast.connections
+
+    # Metered calls on the handed-over connection are served, and metered, by aiohttp's handler.
+    writer.write(metered_post(STREAM_CHAT))
+    third = (await answers.answers_until(3))[2]
+    assert third.status == 200 and third.body.endswith(b"data: [DONE]\n\n")
+    writer.close()
+    records = await proxy.flush()
+    assert [(r["stream"], r["input_tokens"], r["error"]) for r in records] == [
+        (False, 1200, None),
+        (True, 1200, None),
+    ]
+
+
+async def test_the_fast_path_answers_as_the_upstream_did(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await make_proxy()
+    answers, writer = await connect(proxy)
+    writer.write(metered_post(STREAM_CHAT))
+    streamed = (await answers.answers_until(1))[0]
+    writer.close()
+    assert streamed.status == 200
+    assert streamed.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert streamed.headers["transfer-encoding"] == "chunked"  # the usage chunk is hidden: length changes
+    assert streamed.headers["x-request-id"] == "req_fake_openai_0001"
+    assert float(streamed.headers["x-llmtally-overhead-ms"]) >= 0
+    assert b'"usage"' not in streamed.body  # the client did not ask for usage, so it sees none
+    assert streamed.body.count(b"data: ") == upstream.config.chunks + 3  # role, pieces, finish, [DONE]
+
+
+async def test_pipelined_requests_are_answered_in_order(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await make_proxy()
+    answers, writer = await connect(proxy)
+    embed = b'{"model":"text-embedding-3-small","input":"hello"}'
+    writer.write(metered_post() + metered_post(embed, "/openai/v1/embeddings") + metered_post(STREAM_CHAT))
+    got = await answers.answers_until(3)
+    writer.close()
+    assert [a.status for a in got] == [200, 200, 200]
+    assert b"chat.completion" in got[0].body and b'"embedding"' in got[1].body
+    assert got[2].body.endswith(b"data: [DONE]\n\n")
+    records = await proxy.flush()
+    assert [r["endpoint"] for r in records] == ["chat.completions", "embeddings", "chat.completions"]
+
+
+async def test_a_request_arriving_in_pieces_is_served(make_proxy: MakeProxy, upstream: FakeUpstream) -> None:
+    proxy = await make_proxy()
+    answers, writer = await connect(proxy)
+    request = metered_post()
+    for piece in (request[:7], request[7:60], request[60:-10], request[-10:]):
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(0.02)
+    answer = (await answers.answers_until(1))[0]
+    writer.close()
+    assert answer.status == 200 and upstream.seen.body == CHAT
+
+
+async def test_header_bytes_reach_the_upstream_unchanged(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await make_proxy()
+    answers, writer = await connect(proxy)
+    request = metered_post(extra="X-Team: caf\xe9\r\nX-LLMTally-Tag-Team: search\r\n")
+    writer.write(request.replace("café".encode(), b"caf\xe9"))  # a raw latin-1 byte, as sent on the wire
+    answer = (await answers.answers_until(1))[0]
+    writer.close()
+    assert answer.status == 200
+    assert upstream.seen.headers["X-Team"].encode("utf-8", "surrogateescape") == b"caf\xe9"
+    assert "X-LLMTally-Tag-Team" not in upstream.seen.headers
+    assert (await first_record(proxy))["tags"] == {"team": "search"}
+
+
+async def test_chunked_uploads_and_100_continue_are_handed_to_aiohttp_and_metered(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await make_proxy()
+    answers, writer = await connect(proxy)
+    head = (
+        f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer {API_KEY}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    writer.write(head + b"%x\r\n%b\r\n0\r\n\r\n" % (len(CHAT), CHAT))
+    answer = (await answers.answers_until(1))[0]
+    writer.close()
+    assert answer.status == 200 and upstream.seen.body == CHAT
+    assert not fast_path_of(proxy).connections
+    assert (await first_record(proxy))["input_tokens"] == 1200
+
+
+async def test_bad_and_oversized_requests_get_aiohttps_errors(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    config = Config(server=ServerConfig(max_request_body_mb=1))
+    proxy = await make_proxy(config)
+    answers, writer = await connect(proxy)
+    big = b'{"model":"gpt-4o","messages":[{"role":"user","content":"' + b"a" * (1 << 20) + b'"}]}'
+    writer.write(metered_post(big))
+    too_big = (await answers.answers_until(1))[0]
+    writer.close()
+    assert too_big.status == 413 and upstream.requests == 0
+
+    answers, writer = await connect(proxy)
+    writer.write(b"POST /openai/v1/chat/completions HTTP/1.1\r\nContent-Length: x\r\n\r\n")
+    bad = (await answers.answers_until(1))[0]
+    writer.close()
+    assert bad.status == 400 and upstream.requests == 0
+
+
+async def test_connection_close_is_honoured(make_proxy: MakeProxy, upstream: FakeUpstream) -> None:
+    proxy = await make_proxy()
+    answers, writer = await connect(proxy)
+    writer.write(metered_post(extra="Connection: close\r\n"))
+    answer = (await answers.answers_until(1))[0]
+    assert answer.status == 200 and answer.headers["connection"] == "close" and not answer.keep_alive
+    async with asyncio.timeout(5):
+        assert await answers.reader.read() == b""  # then the proxy closes its end
+    writer.close()
+
+
+async def test_a_slow_reader_holds_the_stream_back_not_the_proxys_memory() -> None:
+    piece = b"data: " + b"x" * 65536 + b"\n\n"
+    pieces = 200  # ~13 MB
+
+    async def flood(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(pieces):
+            await response.write(piece)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", flood)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    proxy = await start_proxy(config_for_upstream(base, inject_stream_usage=False))
+    fast = fast_path_of(proxy)
+    try:
+        answers, writer = await connect(proxy)
+        writer.write(metered_post(STREAM_CHAT))
+        buffered = []
+        received = 0
+        async with asyncio.timeout(30):
+            while True:
+                data = await answers.reader.read(16384)
+                answers.parser.feed_data(data)
+                received += len(data)
+                buffered += [c.transport.get_write_buffer_size() for c in fast.connections if c.transport]
+                if answers.answers and answers.answers[0].complete:
+                    break
+                await asyncio.sleep(0.001)  # a slow client
+        writer.close()
+        assert answers.answers[0].body == piece * pieces
+        assert max(buffered) < 4 * 1024 * 1024  # bounded by flow control, not the 13 MB answer
+        assert (await first_record(proxy))["status"] == 200
+    finally:
+        await proxy.stop()
+        await runner.cleanup()
+
+
+async def test_fast_path_off_leaves_every_request_to_aiohttp(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await make_proxy(Config(server=ServerConfig(fast_path=False)))
+    assert not isinstance(proxy.runner.server, FastPathServer)
+    answers, writer = await connect(proxy)
+    writer.write(metered_post())
+    answer = (await answers.answers_until(1))[0]
+    writer.close()
+    assert answer.status == 200
+    assert (await first_record(proxy))["input_tokens"] == 1200
