@@ -530,22 +530,21 @@ async def _forward_metered(
         async for chunk in upstream.chunks():
             if exchange.ttfb_ms is None:
                 exchange.ttfb_ms = (time.perf_counter() - t0) * 1000
+            if not editing:
+                try:
+                    await down.write(chunk)  # forward first, meter second: parsing waits for the send
+                finally:  # metered even if the client left (a drain reads the rest for the usage)
+                    parser, kept, kept_size = _meter_copy(
+                        exchange, parser, kept, kept_size, decode, chunk, max_body
+                    )
+                continue
+            assert parser is not None
             out = chunk
             try:
-                if parser is not None:
-                    out = parser.feed(decode(chunk)) if editing else _feed_copy(parser, decode, chunk)
-                elif kept is not None:
-                    kept_size += len(chunk)
-                    if kept_size <= max_body:
-                        kept.append(chunk)
-                    else:
-                        kept = None
-                        exchange.error = TOO_LARGE_TO_METER
+                out = parser.feed(decode(chunk))
             except Exception as exc:  # a parser bug must not break the caller's stream
                 log.exception("metering parser failed; forwarding unchanged from here")
                 exchange.error = f"metering failed: {type(exc).__name__}"
-                if parser is not None and not editing:
-                    parser = None
             if out:
                 await down.write(out)
         if parser is not None:
@@ -585,6 +584,33 @@ def _note_cancel(state: ProxyState, down: Downstream, exchange: Exchange) -> boo
     return exchange.client_disconnected
 
 
+def _meter_copy(
+    exchange: Exchange,
+    parser: StreamParser | None,
+    kept: list[bytes] | None,
+    kept_size: int,
+    decode: Decoder,
+    chunk: bytes,
+    max_body: int,
+) -> tuple[StreamParser | None, list[bytes] | None, int]:
+    """Meter a chunk forwarded as it came: feed the stream parser, or keep it for the record worker."""
+    try:
+        if parser is not None:
+            parser.feed(decode(chunk))
+        elif kept is not None:
+            kept_size += len(chunk)
+            if kept_size <= max_body:
+                kept.append(chunk)
+            else:
+                kept = None
+                exchange.error = TOO_LARGE_TO_METER
+    except Exception as exc:  # a parser bug must not break the caller's stream
+        log.exception("metering parser failed; forwarding unchanged from here")
+        exchange.error = f"metering failed: {type(exc).__name__}"
+        parser = None
+    return parser, kept, kept_size
+
+
 class _HeadWithFirstChunk(web.StreamResponse):
     """A stream response whose head is sent together with its first body write.
 
@@ -593,11 +619,6 @@ class _HeadWithFirstChunk(web.StreamResponse):
     """
 
     _send_headers_immediately = False
-
-
-def _feed_copy(parser: StreamParser, decode: Decoder, chunk: bytes) -> bytes:
-    parser.feed(decode(chunk))
-    return chunk
 
 
 def _on_client_gone(
