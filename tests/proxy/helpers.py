@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from llmtally.testing import FakeUpstream
 from llmtally.testing.harness import RunningProxy
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PREFIX = {"openai": "/openai", "anthropic": "/anthropic", "gemini": "/gemini"}
 
 
@@ -54,3 +57,14 @@ def assert_usage(record: dict[str, Any], **expected: Any) -> None:
     got = {k: (money(record[k]) if k.endswith("_cost") else record[k]) for k in expected}
     want = {k: (Decimal(v) if k.endswith("_cost") and v is not None else v) for k, v in expected.items()}
     assert got == want, f"record {record}"
+
+
+async def serve_post(path: str, handler: Handler) -> tuple[web.AppRunner, str]:
+    """A one-route aiohttp server on a free loopback port (a scripted upstream or receiver): its runner
+    (the caller cleans it up) and base URL."""
+    app = web.Application()
+    app.router.add_post(path, handler)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"

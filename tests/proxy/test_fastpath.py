@@ -17,7 +17,7 @@ from llmtally.proxy.fastpath import FastPathServer
 from llmtally.testing import FakeUpstream
 from llmtally.testing.harness import RunningProxy, config_for_upstream, start_proxy
 from tests.conftest import API_KEY, MakeProxy
-from tests.proxy.helpers import first_record
+from tests.proxy.helpers import first_record, serve_post
 
 CHAT = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
 STREAM_CHAT = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
@@ -235,12 +235,7 @@ async def test_a_slow_reader_holds_the_stream_back_not_the_proxys_memory() -> No
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", flood)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    runner, base = await serve_post("/v1/chat/completions", flood)
     proxy = await start_proxy(config_for_upstream(base, inject_stream_usage=False))
     fast = fast_path_of(proxy)
     try:

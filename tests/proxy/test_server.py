@@ -16,6 +16,7 @@ import orjson
 
 from llmtally.testing import FakeUpstream
 from tests.conftest import API_KEY
+from tests.proxy.helpers import serve_post
 
 STREAM = b'{"model":"claude-sonnet-5","max_tokens":10,"stream":true,"messages":[]}'
 
@@ -181,12 +182,8 @@ async def test_sigterm_delivers_every_queued_record(tmp_path: Path, upstream: Fa
         received.extend(r["request_id"] for r in orjson.loads(await request.read())["records"])
         return web.json_response({})
 
-    app = web.Application()
-    app.router.add_post("/ingest", ingest)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    hook = f"http://127.0.0.1:{runner.addresses[0][1]}/ingest"
+    runner, receiver = await serve_post("/ingest", ingest)
+    hook = f"{receiver}/ingest"
 
     upstream.config.chunks = 6
     upstream.config.chunk_interval_s = 0.2

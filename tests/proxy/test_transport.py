@@ -18,7 +18,7 @@ from llmtally.config import Config
 from llmtally.testing import FakeUpstream
 from llmtally.testing.harness import RunningProxy, config_for_upstream, start_proxy
 from tests.conftest import API_KEY, MakeProxy
-from tests.proxy.helpers import first_record, only_record
+from tests.proxy.helpers import first_record, only_record, serve_post
 
 CHAT = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
 STREAM_CHAT = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
@@ -178,13 +178,7 @@ async def _gzip_upstream() -> tuple[web.AppRunner, str]:
             headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
         )
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    return await serve_post("/v1/chat/completions", handler)
 
 
 async def test_compressed_response_passes_through_and_is_metered() -> None:
@@ -429,12 +423,8 @@ async def test_upstream_dying_mid_stream_cuts_the_client_and_is_recorded() -> No
         request.transport.close()  # the upstream dies mid-body
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", dying)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    proxy = await start_proxy(config_for_upstream(f"http://127.0.0.1:{runner.addresses[0][1]}"))
+    runner, base = await serve_post("/v1/chat/completions", dying)
+    proxy = await start_proxy(config_for_upstream(base))
     try:
         async with (
             aiohttp.ClientSession() as session,
