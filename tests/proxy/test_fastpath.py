@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 
 import httptools
 import orjson
+import pytest
 from aiohttp import web
 
 from llmtally.config import Config, ServerConfig
+from llmtally.proxy import fastpath
 from llmtally.proxy.fastpath import FastPathServer
 from llmtally.testing import FakeUpstream
 from llmtally.testing.harness import RunningProxy, config_for_upstream, start_proxy
@@ -190,7 +192,32 @@ async def test_chunked_uploads_and_100_continue_are_handed_to_aiohttp_and_metere
     writer.close()
     assert answer.status == 200 and upstream.seen.body == CHAT
     assert not fast_path_of(proxy).connections
-    assert (await first_record(proxy))["input_tokens"] == 1200
+
+    # Expect: 100-continue: the body is sent only after aiohttp's interim 100 answer.
+    reader, writer = await asyncio.open_connection(*proxy.url.removeprefix("http://").split(":"))
+    writer.write(metered_post(extra="Expect: 100-continue\r\n").removesuffix(CHAT))
+    async with asyncio.timeout(5):
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100 Continue")
+    writer.write(CHAT)
+    async with asyncio.timeout(5):
+        assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+    writer.close()
+    records = await proxy.flush()
+    assert [r["input_tokens"] for r in records] == [1200, 1200]
+
+
+async def test_idle_keep_alive_connections_are_closed(
+    make_proxy: MakeProxy, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fastpath, "KEEPALIVE_S", 0.2)  # aiohttp's 75 s default, shortened
+    proxy = await make_proxy()
+    answers, writer = await connect(proxy)
+    writer.write(metered_post())
+    assert (await answers.answers_until(1))[0].status == 200
+    async with asyncio.timeout(5):
+        assert await answers.reader.read() == b""  # closed by the proxy once idle
+    writer.close()
+    assert not fast_path_of(proxy).connections
 
 
 async def test_bad_and_oversized_requests_get_aiohttps_errors(
