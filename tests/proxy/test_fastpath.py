@@ -163,6 +163,21 @@ async def test_a_request_arriving_in_pieces_is_served(make_proxy: MakeProxy, ups
     assert answer.status == 200 and upstream.seen.body == CHAT
 
 
+async def test_a_large_body_is_forwarded_whole(make_proxy: MakeProxy, upstream: FakeUpstream) -> None:
+    proxy = await make_proxy()
+    answers, writer = await connect(proxy)
+    big = b'{"model":"gpt-4o","messages":[{"role":"user","content":"' + b"word " * 600_000 + b'"}]}'
+    request = metered_post(big)
+    head_size = request.index(b"\r\n\r\n") + 4
+    for i in range(head_size):  # the head a byte at a time, then the 3 MB body as it comes
+        writer.write(request[i : i + 1])
+    writer.write(request[head_size:])
+    answer = (await answers.answers_until(1))[0]
+    assert answer.status == 200 and upstream.seen.body == big
+    assert fast_path_of(proxy).connections  # served by the fast path, not handed over
+    writer.close()
+
+
 async def test_header_bytes_reach_the_upstream_unchanged(
     make_proxy: MakeProxy, upstream: FakeUpstream
 ) -> None:

@@ -135,6 +135,8 @@ class _Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.received: bytes | bytearray = b""
+        #: How far ``received`` has been searched for the end of a head.
+        self.scanned = 0
         self.call: _Call | None = None
         self.task: asyncio.Task[None] | None = None
         self.keep_alive = True
@@ -193,11 +195,16 @@ class _Connection(asyncio.Protocol):
         """Start the next call if its whole request is here; hand anything else to aiohttp."""
         received = self.received
         if self.call is None:
-            head_end = received.find(b"\r\n\r\n")
+            # Search only what is new (and the 3 bytes before it): a head sent a byte at a time
+            # must not be rescanned from its start at every byte.
+            head_end = received.find(b"\r\n\r\n", self.scanned)
             if head_end < 0:
                 if len(received) > MAX_HEAD:
                     self._hand_off()
+                else:
+                    self.scanned = max(0, len(received) - 3)
                 return
+            self.scanned = 0
             call = self._parse_head(bytes(received[: head_end + 4]))
             if call is None:
                 self._hand_off()
