@@ -192,6 +192,18 @@ async def test_header_bytes_reach_the_upstream_unchanged(
     assert "X-LLMTally-Tag-Team" not in upstream.seen.headers
     assert (await first_record(proxy))["tags"] == {"team": "search"}
 
+    # The same through aiohttp's handler (a chunked upload is handed over), with UTF-8 beyond latin-1.
+    answers, writer = await connect(proxy)
+    head = (
+        f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer {API_KEY}\r\n"
+        "X-Team: caf\u00e9 \u20ac\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    writer.write(head + b"%x\r\n%b\r\n0\r\n\r\n" % (len(CHAT), CHAT))
+    answer = (await answers.answers_until(1))[0]
+    writer.close()
+    assert answer.status == 200
+    assert upstream.seen.headers["X-Team"].encode("utf-8", "surrogateescape") == "café €".encode()
+
 
 async def test_chunked_uploads_and_100_continue_are_handed_to_aiohttp_and_metered(
     make_proxy: MakeProxy, upstream: FakeUpstream

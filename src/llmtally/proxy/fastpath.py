@@ -242,7 +242,7 @@ class _Connection(asyncio.Protocol):
                 return None
         if length is None or length > self.server.max_body:
             return None
-        raw_path = self._url.decode("latin-1")
+        raw_path = self._url.decode("utf-8", "surrogateescape")
         path, _, query = raw_path.partition("?")
         provider, slash, tail = path[1:].partition("/")
         if not slash or not path.startswith("/") or "%" in path or "#" in raw_path:
@@ -266,8 +266,10 @@ class _Connection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # latin-1 both ways (the upstream client encodes so): every byte goes on as it came.
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        # As aiohttp decodes them; the upstream client encodes the same way, so every byte goes on.
+        self._headers.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
 
     def _hand_off(self) -> None:
         """aiohttp's protocol takes over this connection, from the request not yet answered."""

@@ -348,7 +348,9 @@ class UpstreamPool:
         lines += [f"{name}: {value}\r\n" for name, value in headers]
         lines.append(f"Content-Length: {len(body)}\r\n\r\n")
         read_timeout = self.limits.read_timeout_s
-        head = conn.send("".join(lines).encode("latin-1") + body, read_timeout)
+        # The server side decodes header bytes as UTF-8 with surrogateescape (aiohttp's way, and the
+        # fast path's): encoding back the same way forwards every byte as it came, valid UTF-8 or not.
+        head = conn.send("".join(lines).encode("utf-8", "surrogateescape") + body, read_timeout)
         timer = asyncio.get_running_loop().call_later(read_timeout, _expire, head, read_timeout)
         try:
             return await head
