@@ -32,6 +32,15 @@ def metered_post(body: bytes = CHAT, path: str = "/openai/v1/chat/completions", 
     ).encode() + body
 
 
+def chunked_post(body: bytes = CHAT, extra: str = "") -> bytes:
+    """A metered call uploaded chunked (no Content-Length): the fast path hands it to aiohttp."""
+    head = (
+        f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\n{extra}Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    return head + b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+
+
 @dataclass
 class Answer:
     status: int = 0
@@ -194,11 +203,7 @@ async def test_header_bytes_reach_the_upstream_unchanged(
 
     # The same through aiohttp's handler (a chunked upload is handed over), with UTF-8 beyond latin-1.
     answers, writer = await connect(proxy)
-    head = (
-        f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer {API_KEY}\r\n"
-        "X-Team: caf\u00e9 \u20ac\r\nTransfer-Encoding: chunked\r\n\r\n"
-    ).encode()
-    writer.write(head + b"%x\r\n%b\r\n0\r\n\r\n" % (len(CHAT), CHAT))
+    writer.write(chunked_post(extra="X-Team: caf\u00e9 \u20ac\r\n"))
     answer = (await answers.answers_until(1))[0]
     writer.close()
     assert answer.status == 200
@@ -210,11 +215,7 @@ async def test_chunked_uploads_and_100_continue_are_handed_to_aiohttp_and_metere
 ) -> None:
     proxy = await make_proxy()
     answers, writer = await connect(proxy)
-    head = (
-        f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer {API_KEY}\r\n"
-        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-    ).encode()
-    writer.write(head + b"%x\r\n%b\r\n0\r\n\r\n" % (len(CHAT), CHAT))
+    writer.write(chunked_post())
     answer = (await answers.answers_until(1))[0]
     writer.close()
     assert answer.status == 200 and upstream.seen.body == CHAT
