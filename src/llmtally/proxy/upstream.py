@@ -368,6 +368,9 @@ class UpstreamPool:
             if not conn.closed and now - conn.idle_since < KEEPALIVE_S:
                 return conn
             conn.close()
+        if asyncio.current_task() is None:
+            # Started eagerly (proxy.fastpath.start_eagerly): the timeout below needs a task.
+            await asyncio.sleep(0)
         try:
             async with asyncio.timeout(self.limits.connect_timeout_s):
                 limit = self.limits.max_connections
