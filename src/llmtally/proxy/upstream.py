@@ -85,6 +85,7 @@ class UpstreamResponse:
         "_conn",
         "_done",
         "_error",
+        "_loop",
         "_read_timeout",
         "_size",
         "_waiter",
@@ -95,6 +96,8 @@ class UpstreamResponse:
 
     def __init__(self, conn: _Connection, read_timeout: float) -> None:
         self._conn: _Connection | None = conn
+        # Kept, not looked up per wait: asyncio.get_running_loop() costs a getpid() syscall each time.
+        self._loop = conn.loop
         self._read_timeout = read_timeout
         self._buffered: collections.deque[bytes] = collections.deque()
         self._size = 0
@@ -148,7 +151,7 @@ class UpstreamResponse:
             await self._wait()
 
     async def _wait(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._waiter = waiter = loop.create_future()
         timer = loop.call_later(self._read_timeout, _expire, waiter, self._read_timeout)
         try:
@@ -205,6 +208,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool, origin: Origin) -> None:
         self.pool = pool
         self.origin = origin
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.response: UpstreamResponse | None = None
@@ -289,7 +293,7 @@ class _Connection(asyncio.Protocol):
     def send(self, data: bytes, read_timeout: float) -> asyncio.Future[UpstreamResponse]:
         assert self.transport is not None
         self.response = UpstreamResponse(self, read_timeout)
-        self.head = asyncio.get_running_loop().create_future()
+        self.head = self.loop.create_future()
         self.transport.write(data)
         return self.head
 
@@ -351,7 +355,7 @@ class UpstreamPool:
         # The server side decodes header bytes as UTF-8 with surrogateescape (aiohttp's way, and the
         # fast path's): encoding back the same way forwards every byte as it came, valid UTF-8 or not.
         head = conn.send("".join(lines).encode("utf-8", "surrogateescape") + body, read_timeout)
-        timer = asyncio.get_running_loop().call_later(read_timeout, _expire, head, read_timeout)
+        timer = conn.loop.call_later(read_timeout, _expire, head, read_timeout)
         try:
             return await head
         except BaseException:  # failed, timed out, or the caller was cancelled: nobody reads this
