@@ -79,6 +79,10 @@ class Result:
     overhead_header_p50_ms: float | None = None
     cpu_s: float | None = None
     peak_rss_mb: float | None = None
+    #: How long the load generator and the upstream each waited for a CPU per wake-up in this cell
+    #: (µs): the machine's scheduling, counted in every latency above (see docs/performance.md).
+    loadgen_cpu_wait_us: float | None = None
+    upstream_cpu_wait_us: float | None = None
     added: dict[str, float] = field(default_factory=dict)
 
 
@@ -144,6 +148,9 @@ class Proc:
 
     def peak_rss_mb(self) -> float:
         return self._status_mb("VmHWM:")
+
+    def sched(self) -> tuple[int, int] | None:
+        return sched_counters(self.popen.pid)
 
     def stop(self) -> None:
         try:
@@ -243,6 +250,26 @@ def settle(procs: list[Proc], within_s: float = 30.0) -> None:
         if not busy:
             return
     print(f"  (still busy after {within_s:.0f} s: {[p.popen.args[:3] for p in busy]})", flush=True)
+
+
+def sched_counters(pid: int) -> tuple[int, int] | None:
+    """(ns spent runnable but waiting for a CPU, times scheduled) over a process's threads, from
+    /proc/<pid>/task/*/schedstat; None where the kernel does not keep them."""
+    wait = slices = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            _, waited, scheduled = (int(v) for v in (task / "schedstat").read_text().split())
+            wait, slices = wait + waited, slices + scheduled
+    except (OSError, ValueError):
+        return None
+    return wait, slices
+
+
+def cpu_wait_us(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Mean wait for a CPU per wake-up between two sched_counters() readings, in µs."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1]) / 1000
 
 
 def summarise(name: str, provider: str, mode: str, load: str, s: Samples, duration: float) -> Result:
@@ -360,8 +387,11 @@ def main() -> None:
             for name, (port, prefix, proc) in targets.items():
                 settle([p for _, _, p in targets.values() if p is not None] + [upstream])
                 cpu0 = proc.cpu_s() if proc else None
+                sched0 = sched_counters(os.getpid()), upstream.sched()
                 samples = uvloop.run(run_cell(port, prefix, provider, mode, load, args))
                 result = summarise(name, provider, mode, load, samples, args.duration)
+                result.loadgen_cpu_wait_us = cpu_wait_us(sched0[0], sched_counters(os.getpid()))
+                result.upstream_cpu_wait_us = cpu_wait_us(sched0[1], upstream.sched())
                 if proc is not None and cpu0 is not None:
                     result.cpu_s = proc.cpu_s() - cpu0
                     result.peak_rss_mb = proc.peak_rss_mb()
@@ -490,6 +520,8 @@ def _row(r: Result) -> str:
         if "ttfb_p50_ms" in a:
             extra += f"  ttfb {a['ttfb_p50_ms']:+.2f} gap {a.get('chunk_gap_p50_ms', 0):+.2f}"
     cpu = f" cpu {r.cpu_s:5.1f}s rss {r.peak_rss_mb:4.0f}MB" if r.cpu_s is not None else ""
+    if r.loadgen_cpu_wait_us is not None:
+        cpu += f" gen-wait {r.loadgen_cpu_wait_us:4.0f}us"
     return (
         f"{r.provider:9s} {r.mode:6s} {r.load:7s} {r.target:12s} {r.rps:7.0f} rps p50{f(r.p50_ms)} "
         f"p99{f(r.p99_ms)} err {r.errors}{cpu}{extra}"
