@@ -194,6 +194,32 @@ async def test_silence_past_the_read_timeout_fails_the_head_and_the_body() -> No
     pool.close()
 
 
+async def test_the_read_timeout_counts_silence_not_the_whole_body() -> None:
+    async def trickle(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(6):  # 0.6 s of body, a byte every 0.1 s: never 0.2 s of silence
+            await asyncio.sleep(0.1)
+            writer.write(b"1\r\nx\r\n")
+            await writer.drain()
+        await asyncio.sleep(10)
+
+    pool = UpstreamPool(UpstreamsConfig(read_timeout_s=0.2))
+    async with scripted(trickle) as server:
+        response = await pool.post(url(server), HEADERS, b"{}")
+        received = []
+        loop_time = asyncio.get_running_loop().time
+        last_byte = loop_time()
+        with pytest.raises(UpstreamReadTimeout):
+            async for chunk in response.chunks():
+                received.append(chunk)
+                last_byte = loop_time()
+        silent_for = loop_time() - last_byte
+        response.close()
+    assert b"".join(received) == b"x" * 6
+    assert 0.15 < silent_for < 0.5  # failed after the read timeout of silence, counted from the last byte
+    pool.close()
+
+
 async def test_connect_failures_say_what_failed() -> None:
     pool = UpstreamPool(UpstreamsConfig(connect_timeout_s=1))
     async with scripted(_ok) as server:

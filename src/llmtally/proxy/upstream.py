@@ -88,6 +88,8 @@ class UpstreamResponse:
         "_loop",
         "_read_timeout",
         "_size",
+        "_timer",
+        "_wait_since",
         "_waiter",
         "headers",
         "reason",
@@ -104,6 +106,8 @@ class UpstreamResponse:
         self._done = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._wait_since = 0.0
         self.status = 0
         self.reason = ""
         self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
@@ -153,21 +157,42 @@ class UpstreamResponse:
     async def _wait(self) -> None:
         loop = self._loop
         self._waiter = waiter = loop.create_future()
-        timer = loop.call_later(self._read_timeout, _expire, waiter, self._read_timeout)
+        # One read timer per response, not one per wait (a stream waits once per event): when it
+        # fires it checks how long the current wait has lasted, and re-arms if not long enough.
+        self._wait_since = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_at(self._wait_since + self._read_timeout, self._check_silence)
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
+
+    def _check_silence(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None:
+            return  # not waiting now: the next wait arms the timer again
+        deadline = self._wait_since + self._read_timeout
+        if self._loop.time() >= deadline:
+            _expire(waiter, self._read_timeout)
+        else:
+            self._timer = self._loop.call_at(deadline, self._check_silence)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def release(self) -> None:
         """Done with this response: its connection goes back to the pool if the body ended cleanly."""
+        self._stop_timer()
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.response_released(reusable=self.complete)
 
     def close(self) -> None:
         """Abandon the response and close its connection (the upstream stops generating)."""
+        self._stop_timer()
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
