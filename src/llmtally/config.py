@@ -75,6 +75,10 @@ class MeteringConfig:
     drain_timeout_s: float = 300.0
     #: Largest response body kept for parsing; a larger non-streamed body is forwarded but not metered.
     max_response_body_mb: int = 64
+    #: Bytes of streams a proxy worker may hold, all streams together, so that they are parsed in
+    #: the record process rather than on the loop that forwards them; past it (and at 0) a stream
+    #: is parsed in the worker as it passes.
+    deferred_stream_parse_mb: int = 32
     #: Count each request's input tokens locally (off the event loop, while the upstream answers).
     estimate_input: bool = True
 

@@ -32,6 +32,8 @@ class Exchange:
     #: Or the body as it arrived, with its Content-Encoding: decoded in the worker too.
     response_chunks: list[bytes] | None = None
     response_encoding: str = "identity"
+    #: ``response_chunks`` are a 2xx stream, parsed with the provider's stream parser.
+    response_stream: bool = False
     status: int | None = None
     latency_ms: float = 0.0
     ttfb_ms: float | None = None

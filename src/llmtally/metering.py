@@ -47,6 +47,19 @@ def _estimate_output(counter: TokenCounter, model: str, summary: ResponseSummary
         return None
 
 
+def _parse_stream(exchange: Exchange, adapter: ProviderAdapter, body: bytes) -> ResponseSummary:
+    """A whole stream through the provider's incremental parser (what the proxy would have done)."""
+    parser = adapter.stream_parser(exchange.request)
+    try:
+        parser.feed(body)
+        _, summary = parser.finish()
+    except Exception as exc:  # as in the proxy: a parser bug is noted, the record still written
+        log.exception("metering parser failed for request %s", exchange.request_id)
+        exchange.error = exchange.error or f"metering failed: {type(exc).__name__}"
+        return ResponseSummary()
+    return summary
+
+
 def build_record(
     exchange: Exchange, adapter: ProviderAdapter, counter: TokenCounter, prices: PriceBook
 ) -> UsageRecord:
@@ -57,10 +70,12 @@ def build_record(
         if exchange.response_chunks is not None:
             exchange.response_body = decode_body(exchange.response_encoding, exchange.response_chunks)
             exchange.response_chunks = None
-        if exchange.response_body is not None:
-            summary = adapter.parse_response(request, exchange.response_body)
-        else:
+        if exchange.response_body is None:
             summary = ResponseSummary()
+        elif exchange.response_stream:  # a short stream, kept whole by the proxy (proxy.metering_copy)
+            summary = _parse_stream(exchange, adapter, exchange.response_body)
+        else:
+            summary = adapter.parse_response(request, exchange.response_body)
     estimate = _resolve_estimate(exchange, counter, needed=exchange.count_input or summary.usage is None)
     model = summary.model or request.model
     errors = [e for e in (exchange.error, request.error, summary.error) if e]

@@ -45,6 +45,7 @@ def _exchange(n: int = 0) -> Exchange:
         response_body=b"{}",
         response_chunks=[b"a", b"b"],
         response_encoding="gzip",
+        response_stream=True,
         status=200,
         latency_ms=51.5,
         ttfb_ms=3.25,

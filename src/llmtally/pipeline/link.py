@@ -65,7 +65,8 @@ def exchange_to_wire(ex: Exchange) -> tuple[Any, ...]:
         e.provider, e.name, e.url_model, e.always_stream,
         r.body, r.model, r.stream, r.payload, r.injected_usage, r.stream_format,
         r.service_tier, r.inference_geo, r.error,
-        ex.summary, ex.response_body, ex.response_chunks, ex.response_encoding, ex.status,
+        ex.summary, ex.response_body, ex.response_chunks, ex.response_encoding, ex.response_stream,
+        ex.status,
         ex.latency_ms, ex.ttfb_ms, ex.client_disconnected, ex.tags, ex.error, ex.upstream_request_id,
         ex.count_input,
     )  # fmt: skip
@@ -77,7 +78,7 @@ def exchange_from_wire(t: tuple[Any, ...]) -> Exchange:
         e_provider, e_name, e_url_model, e_always_stream,
         body, model, stream, payload, injected_usage, stream_format,
         service_tier, inference_geo, request_error,
-        summary, response_body, response_chunks, response_encoding, status,
+        summary, response_body, response_chunks, response_encoding, response_stream, status,
         latency_ms, ttfb_ms, client_disconnected, tags, error, upstream_request_id,
         count_input,
     ) = t  # fmt: skip
@@ -102,6 +103,7 @@ def exchange_from_wire(t: tuple[Any, ...]) -> Exchange:
         response_body=response_body,
         response_chunks=response_chunks,
         response_encoding=response_encoding,
+        response_stream=response_stream,
         status=status,
         latency_ms=latency_ms,
         ttfb_ms=ttfb_ms,

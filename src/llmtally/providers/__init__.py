@@ -8,6 +8,7 @@ from llmtally.providers.base import (
     MeteredRequest,
     ProviderAdapter,
     ResponseSummary,
+    StreamEditor,
     StreamParser,
 )
 from llmtally.providers.gemini import GeminiAdapter
@@ -26,5 +27,6 @@ __all__ = [
     "MeteredRequest",
     "ProviderAdapter",
     "ResponseSummary",
+    "StreamEditor",
     "StreamParser",
 ]

@@ -102,6 +102,9 @@ class AnthropicAdapter:
     def stream_parser(self, request: MeteredRequest) -> _AnthropicStreamParser:
         return _AnthropicStreamParser()
 
+    def stream_editor(self, request: MeteredRequest) -> None:
+        return None  # streams are forwarded as they come
+
     def endpoint_for_request(self, payload: dict[str, Any], model: str | None) -> Endpoint:
         return Endpoint(provider="anthropic", name="messages")
 

@@ -74,10 +74,9 @@ class ResponseSummary:
 
 
 class StreamParser(Protocol):
-    """Incremental parser of one streamed response.
+    """Incremental parser of one streamed response, for metering.
 
-    ``feed`` gets each upstream chunk as it arrives and returns the bytes to send to the client:
-    the same object unless the provider must hide what an injection added.
+    ``feed`` gets each upstream chunk (decoded) as it arrives and returns it.
     """
 
     def feed(self, chunk: bytes) -> bytes: ...
@@ -85,6 +84,18 @@ class StreamParser(Protocol):
     def finish(self) -> tuple[bytes, ResponseSummary]:
         """End of stream: bytes still held back (if any) and the summary."""
         ...
+
+
+class StreamEditor(Protocol):
+    """Edits a streamed response on its way to the client (undoing what llmtally's request edit added).
+
+    ``feed`` gets each upstream chunk and returns the bytes to send now; ``finish`` the bytes still
+    held back at the end. Metering reads the unedited stream through a :class:`StreamParser`.
+    """
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
 
 
 class ProviderAdapter(Protocol):
@@ -110,6 +121,10 @@ class ProviderAdapter(Protocol):
 
     def stream_parser(self, request: MeteredRequest) -> StreamParser:
         """A new incremental parser for one streamed response."""
+        ...
+
+    def stream_editor(self, request: MeteredRequest) -> StreamEditor | None:
+        """An editor for this streamed response, or None when it goes to the client as it comes."""
         ...
 
     def endpoint_for_request(self, payload: dict[str, Any], model: str | None) -> Endpoint:

@@ -117,6 +117,9 @@ class GeminiAdapter:
     def stream_parser(self, request: MeteredRequest) -> _GeminiStreamParser:
         return _GeminiStreamParser(request.stream_format == "sse")
 
+    def stream_editor(self, request: MeteredRequest) -> None:
+        return None  # streams are forwarded as they come
+
     def endpoint_for_request(self, payload: dict[str, Any], model: str | None) -> Endpoint:
         model = (model or "").removeprefix("models/") or None
         if "requests" in payload:

@@ -119,6 +119,9 @@ class OpenAIAdapter:
     def stream_parser(self, request: MeteredRequest) -> _OpenAIStreamParser:
         return _OpenAIStreamParser(request)
 
+    def stream_editor(self, request: MeteredRequest) -> _InjectedUsageHider | None:
+        return _InjectedUsageHider() if request.injected_usage else None
+
     def endpoint_for_request(self, payload: dict[str, Any], model: str | None) -> Endpoint:
         if "messages" in payload:
             name = "chat.completions"
@@ -162,49 +165,26 @@ def _str_or_none(value: Any) -> str | None:
 
 
 class _OpenAIStreamParser:
-    """Parses an OpenAI SSE stream; hides the usage chunk and ``usage: null`` when llmtally asked."""
+    """Parses an OpenAI SSE stream for its usage and text (:class:`_InjectedUsageHider` edits it)."""
 
-    __slots__ = ("_endpoint", "_injected", "_kept", "_splitter", "summary")
+    __slots__ = ("_endpoint", "_kept", "_splitter", "summary")
 
     def __init__(self, request: MeteredRequest) -> None:
         self._endpoint = request.endpoint.name
-        self._injected = request.injected_usage
-        self._splitter = SSESplitter(keep_raw=self._injected)
+        self._splitter = SSESplitter()
         self._kept = [0]
         self.summary = ResponseSummary()
 
     def feed(self, chunk: bytes) -> bytes:
-        events = self._splitter.feed(chunk)
-        if not self._injected:
-            for event in events:
-                self._on_event(event.event, event.data)
-            return chunk
-        out = bytearray()
-        for event in events:
-            out += self._filter(event.raw, self._on_event(event.event, event.data))
-        return bytes(out)
+        for event in self._splitter.feed(chunk):
+            self._on_event(event.event, event.data)
+        return chunk
 
     def finish(self) -> tuple[bytes, ResponseSummary]:
-        events, tail = self._splitter.finish()
-        out = bytearray()
+        events, _ = self._splitter.finish()
         for event in events:
-            keep = self._on_event(event.event, event.data)
-            if self._injected:
-                out += self._filter(event.raw, keep)
-        if self._injected:
-            out += tail
-        return bytes(out), self.summary
-
-    def _filter(self, raw: bytes, obj: Any) -> bytes:
-        if not isinstance(obj, dict) or "usage" not in obj:
-            return raw
-        if obj["usage"] is not None and obj.get("choices") == []:
-            return b""  # the usage-only chunk the injection added
-        if obj["usage"] is None:
-            for form in _USAGE_NULL_FORMS:
-                if form in raw:
-                    return raw.replace(form, b"", 1)
-        return raw
+            self._on_event(event.event, event.data)
+        return b"", self.summary
 
     def _on_event(self, event: str | None, data: str | None) -> Any:
         """Update the summary; return the parsed chunk object (or None)."""
@@ -273,3 +253,77 @@ class _OpenAIStreamParser:
     def _keep(self, text: Any) -> None:
         if isinstance(text, str):
             self.summary.keep_text(text, self._kept)
+
+
+class _InjectedUsageHider:
+    """Removes from an OpenAI stream what the ``include_usage`` injection added, so the client gets the
+    stream it asked for: each chunk's ``"usage":null`` member and the final usage-only chunk.
+
+    It edits bytes and parses only an event that carries a usage object (the last one): forwarding the
+    stream costs a few byte searches per read, not a JSON parse per event on the proxy's event loop.
+    The unedited stream is metered separately. Only whole events go out; a partial one waits for its
+    end. In a JSON chunk an unescaped ``"usage":null`` can only be a member (a string's quotes are
+    escaped), and chat chunks have no nested ``usage``.
+    """
+
+    __slots__ = ("_held", "_splitter")
+
+    def __init__(self) -> None:
+        self._held = b""
+        #: After the first CR (OpenAI sends LF): the general WHATWG framing from then on.
+        self._splitter: SSESplitter | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        buf = self._held + chunk if self._held else chunk
+        if self._splitter is None and b"\r" in buf:
+            self._splitter, self._held = SSESplitter(keep_raw=True), b""
+        if self._splitter is not None:
+            return b"".join(_hide(event.raw, event.data) for event in self._splitter.feed(buf))
+        cut = buf.rfind(b"\n\n")
+        if cut < 0:
+            self._held = buf
+            return b""
+        whole, self._held = buf[: cut + 2], buf[cut + 2 :]
+        if b'"usage"' not in whole:
+            return whole
+        return b"".join(_hide(event + b"\n\n") for event in whole[:-2].split(b"\n\n"))
+
+    def finish(self) -> bytes:
+        """End of stream: an unterminated last event, edited like the rest."""
+        if self._splitter is None:
+            held, self._held = self._held, b""
+            return _hide(held) if held else b""
+        events, tail = self._splitter.finish()
+        out = b"".join(_hide(event.raw, event.data) for event in events if event.raw)
+        if tail:
+            last = [event.data for event in events if not event.raw]
+            out += _hide(tail, last[-1] if last else None)
+        return out
+
+
+def _hide(raw: bytes, data: str | None = None) -> bytes:
+    """An event's bytes without what the injection added (``data``: its data, when already split)."""
+    if b'"usage"' not in raw:
+        return raw
+    for form in _USAGE_NULL_FORMS:
+        if form in raw:
+            return raw.replace(form, b"", 1)
+    if data is None:
+        data = _sse_data(raw)
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return raw
+    if isinstance(obj, dict) and obj.get("usage") is not None and obj.get("choices") == []:
+        return b""  # the usage-only chunk the injection added
+    return raw
+
+
+def _sse_data(raw: bytes) -> str:
+    """The data of one LF-framed SSE event."""
+    values = []
+    for line in raw.split(b"\n"):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            values.append(value[1:] if value[:1] == b" " else value)
+    return b"\n".join(values).decode("utf-8", "replace")

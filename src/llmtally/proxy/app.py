@@ -26,8 +26,9 @@ from yarl import URL
 
 from llmtally.config import Config
 from llmtally.exchange import Exchange, Meter
-from llmtally.providers import ADAPTERS, Endpoint, MeteredRequest, ProviderAdapter, StreamParser
-from llmtally.providers.encoding import DECODABLE, Decoder
+from llmtally.providers import ADAPTERS, Endpoint, MeteredRequest, ProviderAdapter
+from llmtally.providers.encoding import DECODABLE
+from llmtally.proxy.metering_copy import MeteringCopy, StreamBudget
 from llmtally.proxy.upstream import (
     UpstreamConnectTimeout,
     UpstreamError,
@@ -53,7 +54,6 @@ HOP_BY_HOP = frozenset(
 )
 TAG_PREFIX = "x-llmtally-tag-"
 OVERHEAD_HEADER = "x-llmtally-overhead-ms"
-TOO_LARGE_TO_METER = "response body larger than metering.max_response_body_mb: not parsed"
 
 STATE_KEY: web.AppKey[ProxyState] = web.AppKey("llmtally_state")
 #: Why the service is not ready to take calls ("draining", "starting: ..."), or None when it is.
@@ -97,9 +97,12 @@ class ProxyState:
     #: Metered calls whose exchange is not yet with the meter; shutdown waits for none.
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Stream bytes this worker holds for the record process to parse (proxy.metering_copy).
+    stream_budget: StreamBudget = field(default_factory=lambda: StreamBudget(0))
 
     def __post_init__(self) -> None:
         self.idle.set()
+        self.stream_budget.limit = self.config.metering.deferred_stream_parse_mb * 1024 * 1024
 
 
 #: After the shutdown grace, cancelled handlers get this long to hand their exchanges to the meter.
@@ -497,23 +500,27 @@ async def _forward_metered(
     if adapter.request_id_header:
         exchange.upstream_request_id = upstream.headers.get(adapter.request_id_header)
     ok = 200 <= upstream.status < 300
-    parser: StreamParser | None = adapter.stream_parser(metered) if ok and metered.stream else None
-    editing = parser is not None and metered.injected_usage
     encoding = upstream.headers.get("Content-Encoding", "identity")
-    decode = Decoder(encoding)
-    max_body = state.config.metering.max_response_body_mb * 1024 * 1024
-    kept: list[bytes] | None = [] if parser is None else None
-    kept_size = 0
+    # An edit works on bytes as sent: a stream the upstream compressed anyway goes on unedited.
+    editor = adapter.stream_editor(metered) if ok and metered.stream and encoding == "identity" else None
+    metering = state.config.metering
+    copy = MeteringCopy(
+        exchange,
+        adapter,
+        metered,
+        stream=ok and metered.stream,
+        encoding=encoding,
+        max_body=metering.max_response_body_mb * 1024 * 1024,
+        budget=state.stream_budget,
+    )
 
-    if parser is None and upstream.complete:
+    if not copy.stream and upstream.complete:
         # The whole (small) body came with the head: answer in one send, nothing to stream.
         body = upstream.body_if_complete()
         if body is not None:
             exchange.ttfb_ms = (time.perf_counter() - t0) * 1000
-            if len(body) <= max_body:
-                exchange.response_chunks, exchange.response_encoding = [body], encoding
-            else:
-                exchange.error = TOO_LARGE_TO_METER
+            copy.feed(body)
+            copy.hand_over()
             whole_headers = _client_headers(upstream.headers, keep_length=False)
             _overhead_header(state, whole_headers, t0, upstream_wait)
             exchange.latency_ms = (time.perf_counter() - t0) * 1000
@@ -523,56 +530,57 @@ async def _forward_metered(
     # Head and first chunk in one send when the chunk came with the head (an SSE stream's first
     # event usually does); otherwise the head goes at once, so a client sees the status while a
     # model is still thinking.
-    stream_headers = _client_headers(upstream.headers, keep_length=not editing)
+    stream_headers = _client_headers(upstream.headers, keep_length=editor is None)
     _overhead_header(state, stream_headers, t0, upstream_wait)
     try:
         await down.start(upstream.status, upstream.reason, stream_headers, hold_head=upstream.body_arrived)
         async for chunk in upstream.chunks():
             if exchange.ttfb_ms is None:
                 exchange.ttfb_ms = (time.perf_counter() - t0) * 1000
-            if not editing:
-                try:
-                    await down.write(chunk)  # forward first, meter second: parsing waits for the send
-                finally:  # metered even if the client left (a drain reads the rest for the usage)
-                    parser, kept, kept_size = _meter_copy(
-                        exchange, parser, kept, kept_size, decode, chunk, max_body
-                    )
-                continue
-            assert parser is not None
             out = chunk
+            if editor is not None:
+                try:
+                    out = editor.feed(chunk)
+                except Exception as exc:  # an editor bug must not break the caller's stream
+                    out, editor = chunk, None
+                    _edit_failed(exchange, exc)
             try:
-                out = parser.feed(decode(chunk))
-            except Exception as exc:  # a parser bug must not break the caller's stream
-                log.exception("metering parser failed; forwarding unchanged from here")
-                exchange.error = f"metering failed: {type(exc).__name__}"
+                if out:
+                    await down.write(out)  # forward first, meter second
+            finally:  # metered even if the client left (a drain reads the rest for the usage)
+                copy.feed(chunk)
+        copy.hand_over()
+        if editor is not None:
+            try:
+                out = editor.finish()
+            except Exception as exc:
+                out = b""
+                _edit_failed(exchange, exc)
             if out:
                 await down.write(out)
-        if parser is not None:
-            tail, exchange.summary = parser.finish()
-            if tail:
-                await down.write(tail)
-        elif kept is not None:
-            # Decoded and parsed later, in the record worker: nothing of it on the event loop.
-            exchange.response_chunks, exchange.response_encoding = kept, encoding
         await down.finish()
     except (ConnectionResetError, asyncio.CancelledError) as exc:
         if not isinstance(exc, asyncio.CancelledError) or _note_cancel(state, down, exchange):
             exchange.client_disconnected = True
-            _on_client_gone(state, exchange, upstream, parser, decode)
-        elif parser is not None:
-            _, exchange.summary = parser.finish()  # what usage the stream carried so far
+            _on_client_gone(state, exchange, upstream, copy)
+        else:
+            copy.hand_over(whole=False)  # what the stream carried so far
         raise
     except (TimeoutError, UpstreamError) as exc:
         # The upstream failed mid-body: headers are sent, so all we can do is cut the client off.
         status, kind, message = _upstream_failure(exc)
         exchange.error = f"{kind} during the response body: {message}"
-        if parser is not None:
-            _, exchange.summary = parser.finish()
+        copy.hand_over(whole=False)
         down.abort()
     finally:
         exchange.latency_ms = (time.perf_counter() - t0) * 1000
         if not exchange.deferred:
             upstream.release()
+
+
+def _edit_failed(exchange: Exchange, exc: Exception) -> None:
+    log.error("stream editor failed; forwarding unchanged from here", exc_info=exc)
+    exchange.error = f"stream edit failed: {type(exc).__name__}"
 
 
 def _note_cancel(state: ProxyState, down: Downstream, exchange: Exchange) -> bool:
@@ -582,33 +590,6 @@ def _note_cancel(state: ProxyState, down: Downstream, exchange: Exchange) -> boo
         return False
     exchange.client_disconnected = down.gone()
     return exchange.client_disconnected
-
-
-def _meter_copy(
-    exchange: Exchange,
-    parser: StreamParser | None,
-    kept: list[bytes] | None,
-    kept_size: int,
-    decode: Decoder,
-    chunk: bytes,
-    max_body: int,
-) -> tuple[StreamParser | None, list[bytes] | None, int]:
-    """Meter a chunk forwarded as it came: feed the stream parser, or keep it for the record worker."""
-    try:
-        if parser is not None:
-            parser.feed(decode(chunk))
-        elif kept is not None:
-            kept_size += len(chunk)
-            if kept_size <= max_body:
-                kept.append(chunk)
-            else:
-                kept = None
-                exchange.error = TOO_LARGE_TO_METER
-    except Exception as exc:  # a parser bug must not break the caller's stream
-        log.exception("metering parser failed; forwarding unchanged from here")
-        exchange.error = f"metering failed: {type(exc).__name__}"
-        parser = None
-    return parser, kept, kept_size
 
 
 class _HeadWithFirstChunk(web.StreamResponse):
@@ -622,45 +603,37 @@ class _HeadWithFirstChunk(web.StreamResponse):
 
 
 def _on_client_gone(
-    state: ProxyState,
-    exchange: Exchange,
-    upstream: UpstreamResponse,
-    parser: StreamParser | None,
-    decode: Decoder,
+    state: ProxyState, exchange: Exchange, upstream: UpstreamResponse, copy: MeteringCopy
 ) -> None:
     """The client left mid-response: cancel the upstream call (default) or drain it for exact usage."""
     metering = state.config.metering
     if (
-        parser is not None
+        copy.stream
+        and copy.metering
         and metering.on_client_disconnect == "drain"
         and len(state.drains) < metering.max_drains
     ):
         task = asyncio.get_running_loop().create_task(
-            _drain(state, exchange, upstream, parser, decode), name="llmtally-drain"
+            _drain(state, exchange, upstream, copy), name="llmtally-drain"
         )
         state.drains.add(task)
         task.add_done_callback(state.drains.discard)
         exchange.deferred = True  # the drain submits the record
         return
     upstream.close()  # stop paying for tokens nobody reads
-    if parser is not None:
-        _, exchange.summary = parser.finish()
+    copy.hand_over(whole=False)
 
 
 async def _drain(
-    state: ProxyState,
-    exchange: Exchange,
-    upstream: UpstreamResponse,
-    parser: StreamParser,
-    decode: Decoder,
+    state: ProxyState, exchange: Exchange, upstream: UpstreamResponse, copy: MeteringCopy
 ) -> None:
     try:
         async with asyncio.timeout(state.config.metering.drain_timeout_s):
             async for chunk in upstream.chunks():
-                parser.feed(decode(chunk))
+                copy.feed(chunk)
     except (UpstreamError, TimeoutError) as exc:
         exchange.error = f"drain after client disconnect failed: {type(exc).__name__}"
     finally:
         upstream.close()
-        _, exchange.summary = parser.finish()
+        copy.hand_over()
         state.meter.submit(exchange)
