@@ -83,6 +83,10 @@ class Result:
     #: (µs): the machine's scheduling, counted in every latency above (see docs/performance.md).
     loadgen_cpu_wait_us: float | None = None
     upstream_cpu_wait_us: float | None = None
+    #: CPU seconds the rest of the machine used during the cell (every process but the target, the
+    #: load generator and the upstream: idle targets, the system), and what the hypervisor stole.
+    other_cpu_s: float | None = None
+    steal_s: float | None = None
     added: dict[str, float] = field(default_factory=dict)
 
 
@@ -272,6 +276,14 @@ def cpu_wait_us(before: tuple[int, int] | None, after: tuple[int, int] | None) -
     return (after[0] - before[0]) / (after[1] - before[1]) / 1000
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine since boot, of them stolen by the hypervisor)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
 def summarise(name: str, provider: str, mode: str, load: str, s: Samples, duration: float) -> Result:
     return Result(
         name, provider, mode, load,
@@ -388,6 +400,7 @@ def main() -> None:
                 settle([p for _, _, p in targets.values() if p is not None] + [upstream])
                 cpu0 = proc.cpu_s() if proc else None
                 sched0 = sched_counters(os.getpid()), upstream.sched()
+                machine0, own0, upstream0 = machine_cpu(), time.process_time(), upstream.cpu_s()
                 samples = uvloop.run(run_cell(port, prefix, provider, mode, load, args))
                 result = summarise(name, provider, mode, load, samples, args.duration)
                 result.loadgen_cpu_wait_us = cpu_wait_us(sched0[0], sched_counters(os.getpid()))
@@ -395,6 +408,10 @@ def main() -> None:
                 if proc is not None and cpu0 is not None:
                     result.cpu_s = proc.cpu_s() - cpu0
                     result.peak_rss_mb = proc.peak_rss_mb()
+                machine1 = machine_cpu()
+                harness = time.process_time() - own0 + upstream.cpu_s() - upstream0
+                result.other_cpu_s = machine1[0] - machine0[0] - harness - (result.cpu_s or 0.0)
+                result.steal_s = machine1[1] - machine0[1]
                 if name == "direct":
                     base = result
                 elif base is not None:
@@ -522,6 +539,10 @@ def _row(r: Result) -> str:
     cpu = f" cpu {r.cpu_s:5.1f}s rss {r.peak_rss_mb:4.0f}MB" if r.cpu_s is not None else ""
     if r.loadgen_cpu_wait_us is not None:
         cpu += f" gen-wait {r.loadgen_cpu_wait_us:4.0f}us"
+    if r.other_cpu_s is not None:
+        cpu += f" other {r.other_cpu_s:4.2f}s"
+    if r.steal_s:
+        cpu += f" steal {r.steal_s:4.2f}s"
     return (
         f"{r.provider:9s} {r.mode:6s} {r.load:7s} {r.target:12s} {r.rps:7.0f} rps p50{f(r.p50_ms)} "
         f"p99{f(r.p99_ms)} err {r.errors}{cpu}{extra}"
