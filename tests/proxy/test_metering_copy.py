@@ -14,7 +14,7 @@ from aiohttp import web
 
 from llmtally.exchange import Exchange
 from llmtally.providers import ADAPTERS
-from llmtally.proxy.app import STATE_KEY
+from llmtally.proxy.app import STATE_KEY, meter_call
 from llmtally.proxy.metering_copy import TOO_LARGE_TO_METER, MeteringCopy, StreamBudget
 from llmtally.testing import FakeUpstream
 from llmtally.testing.harness import config_for_upstream, start_proxy
@@ -236,3 +236,40 @@ async def test_a_compressed_stream_is_decoded_for_metering_and_forwarded_as_sent
     finally:
         await proxy.stop()
         await runner.cleanup()
+
+
+class _BrokenDownstream:
+    """A client connection whose writes fail with a bug (not a disconnect) after the head."""
+
+    def gone(self) -> bool:
+        return False
+
+    def send_whole(self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        raise AssertionError("a stream is not answered whole")
+
+    async def start(self, status: int, reason: str, headers: list[tuple[str, str]], hold_head: bool) -> None:
+        return None
+
+    async def write(self, data: bytes) -> None:
+        raise RuntimeError("a bug while writing")
+
+    async def finish(self) -> None:
+        return None
+
+    def abort(self) -> None:
+        return None
+
+
+async def test_a_bug_mid_stream_still_frees_the_budget_and_records_the_call(make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy()
+    state = proxy.app[STATE_KEY]
+    path, body, headers = STREAMS["anthropic"]
+    endpoint = ADAPTERS["anthropic"].route("v1/messages")
+    assert endpoint is not None
+    with pytest.raises(RuntimeError, match="a bug while writing"):
+        await meter_call(
+            state, _BrokenDownstream(), "anthropic", endpoint, path, list(headers.items()), body, {}, 0.0
+        )
+    assert state.stream_budget.held == 0
+    record = await only_record(proxy)
+    assert record["status"] == 200 and record["stream"] is True

@@ -574,7 +574,8 @@ async def _forward_metered(
         down.abort()
     finally:
         exchange.latency_ms = (time.perf_counter() - t0) * 1000
-        if not exchange.deferred:
+        if not exchange.deferred:  # else a drain owns the response and the copy
+            copy.hand_over(whole=False)  # a no-op once handed over; after a bug, frees the budget
             upstream.release()
 
 
