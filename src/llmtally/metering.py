@@ -52,7 +52,7 @@ def _parse_stream(exchange: Exchange, adapter: ProviderAdapter, body: bytes) -> 
     parser = adapter.stream_parser(exchange.request)
     try:
         parser.feed(body)
-        _, summary = parser.finish()
+        summary = parser.finish()
     except Exception as exc:  # as in the proxy: a parser bug is noted, the record still written
         log.exception("metering parser failed for request %s", exchange.request_id)
         exchange.error = exchange.error or f"metering failed: {type(exc).__name__}"

@@ -30,7 +30,7 @@ from llmtally.metering import build_record, estimate_input
 from llmtally.pipeline.background import BackgroundPipeline
 from llmtally.pipeline.sinks import CallbackSink, Sink
 from llmtally.pricing import PriceBook
-from llmtally.providers import ADAPTERS, MeteredRequest, ResponseSummary
+from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter, ResponseSummary
 from llmtally.providers.infer import infer_provider
 from llmtally.record import Provider, TokenUsage, UsageRecord, UsageSource
 
@@ -413,15 +413,14 @@ def _as_json(obj: Any) -> Any:
     raise TypeError(f"cannot read usage from a {type(obj).__name__}")
 
 
-def _parse_stream(adapter: Any, request: MeteredRequest, items: list[Any]) -> ResponseSummary:
+def _parse_stream(adapter: ProviderAdapter, request: MeteredRequest, items: list[Any]) -> ResponseSummary:
     """Feed stream chunks/events to the provider's own stream parser, as SSE."""
     parser = adapter.stream_parser(request)
     for item in items:
         kind = item.get("type") if isinstance(item, dict) else None
         head = f"event: {kind}\n".encode() if isinstance(kind, str) else b""
         parser.feed(head + b"data: " + orjson.dumps(item) + b"\n\n")
-    _, summary = parser.finish()
-    return summary  # type: ignore[no-any-return]
+    return parser.finish()
 
 
 def _parse_response(provider: Provider, model: str, response: Any) -> ResponseSummary:

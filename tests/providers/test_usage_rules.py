@@ -63,7 +63,7 @@ def test_anthropic_stream_delta_usage_is_cumulative_not_added() -> None:
         sse({"type": "message_delta", "usage": {"output_tokens": 90, "cache_read_input_tokens": 500}})
     )
     parser.feed(sse({"type": "message_stop"}))
-    _, summary = parser.finish()
+    summary = parser.finish()
     assert summary.usage == TokenUsage(510, 90, cache_read_tokens=500)
     assert summary.complete
 
@@ -90,7 +90,7 @@ def test_gemini_stream_last_usage_wins() -> None:
     for n in (10, 20, 30):
         chunk = {"usageMetadata": {"promptTokenCount": 100, "candidatesTokenCount": n}, "modelVersion": "m"}
         parser.feed(b"data: " + orjson.dumps(chunk) + b"\r\n\r\n")
-    _, summary = parser.finish()
+    summary = parser.finish()
     assert summary.usage == TokenUsage(100, 30, reasoning_tokens=0)
 
 

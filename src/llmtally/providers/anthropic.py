@@ -121,16 +121,15 @@ class _AnthropicStreamParser:
         self._kept = [0]
         self.summary = ResponseSummary()
 
-    def feed(self, chunk: bytes) -> bytes:
+    def feed(self, chunk: bytes) -> None:
         for event in self._splitter.feed(chunk):
             self._on_data(event.data)
-        return chunk
 
-    def finish(self) -> tuple[bytes, ResponseSummary]:
+    def finish(self) -> ResponseSummary:
         events, _ = self._splitter.finish()
         for event in events:
             self._on_data(event.data)
-        return b"", self.summary
+        return self.summary
 
     def _on_data(self, data: str | None) -> None:
         if not data:

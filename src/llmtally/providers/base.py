@@ -74,15 +74,13 @@ class ResponseSummary:
 
 
 class StreamParser(Protocol):
-    """Incremental parser of one streamed response, for metering.
+    """Incremental parser of one streamed response, for metering: ``feed`` gets each chunk (decoded)
+    as it arrives, cut anywhere."""
 
-    ``feed`` gets each upstream chunk (decoded) as it arrives and returns it.
-    """
+    def feed(self, chunk: bytes) -> None: ...
 
-    def feed(self, chunk: bytes) -> bytes: ...
-
-    def finish(self) -> tuple[bytes, ResponseSummary]:
-        """End of stream: bytes still held back (if any) and the summary."""
+    def finish(self) -> ResponseSummary:
+        """End of stream: what it told us."""
         ...
 
 

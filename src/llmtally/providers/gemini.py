@@ -190,21 +190,20 @@ class _GeminiStreamParser:
         self._array = None if sse else JSONArraySplitter()
         self._state = _GeminiState()
 
-    def feed(self, chunk: bytes) -> bytes:
+    def feed(self, chunk: bytes) -> None:
         if self._sse is not None:
             for event in self._sse.feed(chunk):
                 self._on_json(event.data)
         elif self._array is not None:
             for element in self._array.feed(chunk):
                 self._on_json(element)
-        return chunk
 
-    def finish(self) -> tuple[bytes, ResponseSummary]:
+    def finish(self) -> ResponseSummary:
         if self._sse is not None:
             events, _ = self._sse.finish()
             for event in events:
                 self._on_json(event.data)
-        return b"", self._state.summary
+        return self._state.summary
 
     def _on_json(self, data: str | bytes | None) -> None:
         if not data:

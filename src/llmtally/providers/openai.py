@@ -175,16 +175,15 @@ class _OpenAIStreamParser:
         self._kept = [0]
         self.summary = ResponseSummary()
 
-    def feed(self, chunk: bytes) -> bytes:
+    def feed(self, chunk: bytes) -> None:
         for event in self._splitter.feed(chunk):
             self._on_event(event.event, event.data)
-        return chunk
 
-    def finish(self) -> tuple[bytes, ResponseSummary]:
+    def finish(self) -> ResponseSummary:
         events, _ = self._splitter.finish()
         for event in events:
             self._on_event(event.event, event.data)
-        return b"", self.summary
+        return self.summary
 
     def _on_event(self, event: str | None, data: str | None) -> Any:
         """Update the summary; return the parsed chunk object (or None)."""
@@ -309,7 +308,11 @@ def _hide(raw: bytes, data: str | None = None) -> bytes:
         if form in raw:
             return raw.replace(form, b"", 1)
     if data is None:
-        data = _sse_data(raw)
+        splitter = SSESplitter()
+        events = splitter.feed(raw) + splitter.finish()[0]
+        data = events[0].data if events else None
+    if data is None:
+        return raw
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -317,13 +320,3 @@ def _hide(raw: bytes, data: str | None = None) -> bytes:
     if isinstance(obj, dict) and obj.get("usage") is not None and obj.get("choices") == []:
         return b""  # the usage-only chunk the injection added
     return raw
-
-
-def _sse_data(raw: bytes) -> str:
-    """The data of one LF-framed SSE event."""
-    values = []
-    for line in raw.split(b"\n"):
-        if line.startswith(b"data:"):
-            value = line[5:]
-            values.append(value[1:] if value[:1] == b" " else value)
-    return b"\n".join(values).decode("utf-8", "replace")

@@ -126,7 +126,7 @@ class MeteringCopy:
         if self.parser is not None:
             parser, self.parser = self.parser, None
             try:
-                _, exchange.summary = parser.finish()
+                exchange.summary = parser.finish()
             except Exception as exc:
                 self._failed(exc)
         elif self._chunks is not None:
