@@ -102,9 +102,15 @@ class Proc:
         if ready is not None:
             assert self.popen.stdout is not None
             deadline = time.monotonic() + timeout
+            said: list[bytes] = []
             while ready not in (line := self.popen.stdout.readline()):
+                said = [*said[-4:], line]
                 if not line or time.monotonic() > deadline:
-                    raise RuntimeError(f"{args[0]} did not start: {self.popen.poll()}")
+                    self.stop()
+                    last = b"".join(said).decode(errors="replace").strip() or "(nothing)"
+                    raise RuntimeError(
+                        f"{' '.join(args[:4])} did not start (exit {self.popen.poll()}); it said:\n{last}"
+                    )
         # Keep draining its output so a chatty target never blocks on a full pipe.
         if self.popen.stdout is not None:
             import threading
@@ -196,9 +202,22 @@ LITELLM_CONF = "general_settings:\n  pass_through_endpoints:\n" + "".join(
 def start_targets(
     args: argparse.Namespace, work: Path, upstream_port: int
 ) -> dict[str, tuple[int, str, Proc | None]]:
-    """name → (port, path prefix before /<provider>, process)."""
-    up = f"http://127.0.0.1:{upstream_port}"
+    """name → (port, path prefix before /<provider>, process); if one fails to start, none is left running."""
     targets: dict[str, tuple[int, str, Proc | None]] = {"direct": (upstream_port, "", None)}
+    try:
+        _start_targets(args, work, upstream_port, targets)
+    except BaseException:
+        for _, _, proc in targets.values():
+            if proc is not None:
+                proc.stop()
+        raise
+    return targets
+
+
+def _start_targets(
+    args: argparse.Namespace, work: Path, upstream_port: int, targets: dict[str, tuple[int, str, Proc | None]]
+) -> None:
+    up = f"http://127.0.0.1:{upstream_port}"
     for workers in args.llmtally_workers:
         port = free_port()
         proc = Proc(
@@ -240,7 +259,6 @@ def start_targets(
         targets["litellm"] = (port, "/pt/{provider}", proc)
     else:
         print(f"LiteLLM: {litellm} not found (make load installs it); skipped", flush=True)
-    return targets
 
 
 def settle(procs: list[Proc], within_s: float = 30.0) -> None:
@@ -390,7 +408,11 @@ def main() -> None:
          "--chunk-interval-ms", str(args.chunk_interval_ms)],
         ready=b"lean upstream on",
     )  # fmt: skip
-    targets = start_targets(args, work, upstream_port)
+    try:
+        targets = start_targets(args, work, upstream_port)
+    except BaseException:
+        upstream.stop()  # a target that cannot start (say, a bad config.toml) must not leave it running
+        raise
     results: list[Result] = []
     held: dict[str, float] = {}
     try:
