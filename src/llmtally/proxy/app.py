@@ -98,11 +98,11 @@ class ProxyState:
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     #: Stream bytes this worker holds for the record process to parse (proxy.metering_copy).
-    stream_budget: StreamBudget = field(default_factory=lambda: StreamBudget(0))
+    stream_budget: StreamBudget = field(init=False)
 
     def __post_init__(self) -> None:
         self.idle.set()
-        self.stream_budget.limit = self.config.metering.deferred_stream_parse_mb * 1024 * 1024
+        self.stream_budget = StreamBudget(self.config.metering.deferred_stream_parse_mb * 1024 * 1024)
 
 
 #: After the shutdown grace, cancelled handlers get this long to hand their exchanges to the meter.
@@ -563,19 +563,17 @@ async def _forward_metered(
         if not isinstance(exc, asyncio.CancelledError) or _note_cancel(state, down, exchange):
             exchange.client_disconnected = True
             _on_client_gone(state, exchange, upstream, copy)
-        else:
-            copy.hand_over(whole=False)  # what the stream carried so far
         raise
     except (TimeoutError, UpstreamError) as exc:
         # The upstream failed mid-body: headers are sent, so all we can do is cut the client off.
         status, kind, message = _upstream_failure(exc)
         exchange.error = f"{kind} during the response body: {message}"
-        copy.hand_over(whole=False)
         down.abort()
     finally:
         exchange.latency_ms = (time.perf_counter() - t0) * 1000
         if not exchange.deferred:  # else a drain owns the response and the copy
-            copy.hand_over(whole=False)  # a no-op once handed over; after a bug, frees the budget
+            # What a cut-off stream carried so far; a no-op once handed over; after a bug, frees the budget.
+            copy.hand_over(whole=False)
             upstream.release()
 
 
