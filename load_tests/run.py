@@ -87,6 +87,10 @@ class Result:
     #: load generator and the upstream: idle targets, the system), and what the hypervisor stole.
     other_cpu_s: float | None = None
     steal_s: float | None = None
+    #: Times per answered call the target's processes were switched out while still runnable (another
+    #: process took their CPU). A proxy preempted in a burst of calls keeps the rest of the burst
+    #: waiting: the 1-worker 16-client p99 goes with it (see docs/performance.md).
+    preempted_per_call: float | None = None
     added: dict[str, float] = field(default_factory=dict)
 
 
@@ -140,6 +144,16 @@ class Proc:
             except OSError:
                 continue
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    def preemptions(self) -> int:
+        """Involuntary context switches so far, over every thread of every process."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    status = (task / "status").read_text()
+                    total += int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
         return total
 
     def _status_mb(self, key: str) -> float:
@@ -421,6 +435,7 @@ def main() -> None:
             for name, (port, prefix, proc) in targets.items():
                 settle([p for _, _, p in targets.values() if p is not None] + [upstream])
                 cpu0 = proc.cpu_s() if proc else None
+                preempted0 = proc.preemptions() if proc else None
                 sched0 = sched_counters(os.getpid()), upstream.sched()
                 machine0, own0, upstream0 = machine_cpu(), time.process_time(), upstream.cpu_s()
                 samples = uvloop.run(run_cell(port, prefix, provider, mode, load, args))
@@ -430,6 +445,8 @@ def main() -> None:
                 if proc is not None and cpu0 is not None:
                     result.cpu_s = proc.cpu_s() - cpu0
                     result.peak_rss_mb = proc.peak_rss_mb()
+                if proc is not None and preempted0 is not None and result.requests:
+                    result.preempted_per_call = (proc.preemptions() - preempted0) / result.requests
                 machine1 = machine_cpu()
                 harness = time.process_time() - own0 + upstream.cpu_s() - upstream0
                 result.other_cpu_s = machine1[0] - machine0[0] - harness - (result.cpu_s or 0.0)
@@ -565,6 +582,8 @@ def _row(r: Result) -> str:
         cpu += f" other {r.other_cpu_s:4.2f}s"
     if r.steal_s:
         cpu += f" steal {r.steal_s:4.2f}s"
+    if r.preempted_per_call is not None:
+        cpu += f" preempt {r.preempted_per_call:3.1f}/call"
     return (
         f"{r.provider:9s} {r.mode:6s} {r.load:7s} {r.target:12s} {r.rps:7.0f} rps p50{f(r.p50_ms)} "
         f"p99{f(r.p99_ms)} err {r.errors}{cpu}{extra}"
