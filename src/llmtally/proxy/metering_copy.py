@@ -65,7 +65,8 @@ class MeteringCopy:
         self._adapter = adapter
         self._request = request
         self._encoding = encoding
-        self._decode = Decoder(encoding)
+        #: Made with the parser: a copy kept for the record process is decoded there.
+        self._decode: Decoder | None = None
         self._stream = stream
         self._max_body = max_body
         self._budget = budget
@@ -92,8 +93,9 @@ class MeteringCopy:
     def feed(self, chunk: bytes) -> None:
         """Meter a chunk that was forwarded as it came."""
         try:
-            if self.parser is not None:
-                self.parser.feed(self._decode(chunk))
+            parser, decode = self.parser, self._decode
+            if parser is not None and decode is not None:
+                parser.feed(decode(chunk))
                 return
             chunks = self._chunks
             if chunks is None:
@@ -105,7 +107,7 @@ class MeteringCopy:
                     self._exchange.error = TOO_LARGE_TO_METER
                     return
             elif self._size + size > MAX_DEFERRED_STREAM or self._budget.held + size > self._budget.limit:
-                self._parse_here().feed(self._decode(chunk))
+                self._parse_here(chunk)
                 return
             else:
                 self._budget.held += size
@@ -133,13 +135,14 @@ class MeteringCopy:
             exchange.response_chunks, exchange.response_encoding = self._drop_chunks(), self._encoding
             exchange.response_stream = self._stream
 
-    def _parse_here(self) -> StreamParser:
-        """Parse the stream here from now on; what was kept goes first."""
+    def _parse_here(self, chunk: bytes) -> None:
+        """Parse the stream here from ``chunk`` on; what was kept goes first."""
         parser = self._adapter.stream_parser(self._request)
-        for chunk in self._drop_chunks():
-            parser.feed(self._decode(chunk))
-        self.parser = parser
-        return parser
+        decode = Decoder(self._encoding)
+        for kept in self._drop_chunks():
+            parser.feed(decode(kept))
+        parser.feed(decode(chunk))
+        self.parser, self._decode = parser, decode
 
     def _drop_chunks(self) -> list[bytes]:
         chunks, self._chunks = self._chunks or [], None
