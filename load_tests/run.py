@@ -1,13 +1,14 @@
 """Proxy overhead, side by side: direct calls, llmtally, nginx and LiteLLM's proxy, one upstream.
 
-    .venv/bin/python load_tests/run.py [--duration 4] [--concurrency 1,16,64,256] [--rates 200,800]
+    .venv/bin/python load_tests/run.py [--duration 3] [--rounds 3] [--concurrency 1,16,64,256]
 
 Starts the lean fake upstream (load_tests/lean.py: canned bytes in each provider's wire format after a
 fixed delay; streams at a fixed cadence), llmtally (``llmtally serve``, 1 and 2 proxy workers), Debian's
 nginx (``proxy_pass``, buffering off, keep-alive; when installed) and LiteLLM's proxy (its pass-through
 routes; from load_tests/.venv-litellm, which ``make load`` creates) as separate processes. Against the
 same upstream, in the same run, it drives each target at fixed concurrency and at fixed offered
-rates, non-streamed and streamed, for each provider, after a warm-up. It prints a table and writes
+rates, non-streamed and streamed, for each provider, after a warm-up; each cell in ``--rounds``
+interleaved rounds (every target once per round) whose samples are pooled. It prints a table and writes
 load_tests/results/<date>.json and a PNG chart. "Added" is a target's value minus the direct call's
 in the same cell. CPU and peak RSS count every process of a target (llmtally's workers included).
 """
@@ -91,6 +92,8 @@ class Result:
     #: process took their CPU). A proxy preempted in a burst of calls keeps the rest of the burst
     #: waiting: the 1-worker 16-client p99 goes with it (see docs/performance.md).
     preempted_per_call: float | None = None
+    #: The p99 of each round on its own: how far apart the rounds were.
+    round_p99_ms: list[float] = field(default_factory=list)
     added: dict[str, float] = field(default_factory=dict)
 
 
@@ -182,6 +185,75 @@ class Proc:
             self.popen.wait(30)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             self.popen.kill()
+
+
+@dataclass
+class CellTally:
+    """One target's samples and counters in one cell, summed over the cell's rounds."""
+
+    samples: Samples = field(default_factory=Samples)
+    round_p99_ms: list[float] = field(default_factory=list)
+    cpu_s: float | None = None
+    peak_rss_mb: float | None = None
+    preempted: int | None = None
+    loadgen_sched: list[int] = field(default_factory=lambda: [0, 0])
+    upstream_sched: list[int] = field(default_factory=lambda: [0, 0])
+    other_cpu_s: float = 0.0
+    steal_s: float = 0.0
+
+    def measure(
+        self, port: int, prefix: str, proc: Proc | None, upstream: Proc, provider: str, mode: str, load: str,
+        args: argparse.Namespace,
+    ) -> None:  # fmt: skip
+        cpu0 = proc.cpu_s() if proc else None
+        preempted0 = proc.preemptions() if proc else None
+        gen0, up0 = sched_counters(os.getpid()), upstream.sched()
+        machine0, own0, upstream0 = machine_cpu(), time.process_time(), upstream.cpu_s()
+        got = uvloop.run(run_cell(port, prefix, provider, mode, load, args))
+        machine1 = machine_cpu()
+        harness = time.process_time() - own0 + upstream.cpu_s() - upstream0
+        _add_sched(self.loadgen_sched, gen0, sched_counters(os.getpid()))
+        _add_sched(self.upstream_sched, up0, upstream.sched())
+        used = 0.0
+        if proc is not None and cpu0 is not None:
+            used = proc.cpu_s() - cpu0
+            self.cpu_s = (self.cpu_s or 0.0) + used
+            self.peak_rss_mb = proc.peak_rss_mb()
+        if proc is not None and preempted0 is not None:
+            self.preempted = (self.preempted or 0) + proc.preemptions() - preempted0
+        self.other_cpu_s += machine1[0] - machine0[0] - harness - used
+        self.steal_s += machine1[1] - machine0[1]
+        p99 = pct(got.latency_ms, 0.99)
+        if p99 is not None:
+            self.round_p99_ms.append(p99)
+        pooled = self.samples
+        pooled.latency_ms += got.latency_ms
+        pooled.ttfb_ms += got.ttfb_ms
+        pooled.gap_ms += got.gap_ms
+        pooled.overhead_ms += got.overhead_ms
+        pooled.errors += got.errors
+
+    def result(self, name: str, provider: str, mode: str, load: str, seconds: float) -> Result:
+        result = summarise(name, provider, mode, load, self.samples, seconds)
+        result.round_p99_ms = self.round_p99_ms
+        result.cpu_s, result.peak_rss_mb = self.cpu_s, self.peak_rss_mb
+        result.loadgen_cpu_wait_us = _wait_us(self.loadgen_sched)
+        result.upstream_cpu_wait_us = _wait_us(self.upstream_sched)
+        result.other_cpu_s, result.steal_s = self.other_cpu_s, self.steal_s
+        if self.preempted is not None and result.requests:
+            result.preempted_per_call = self.preempted / result.requests
+        return result
+
+
+def _add_sched(total: list[int], before: tuple[int, int] | None, after: tuple[int, int] | None) -> None:
+    if before is not None and after is not None:
+        total[0] += after[0] - before[0]
+        total[1] += after[1] - before[1]
+
+
+def _wait_us(total: list[int]) -> float | None:
+    """Mean wait for a CPU per wake-up, in µs, from summed sched_counters() differences."""
+    return total[0] / total[1] / 1000 if total[1] > 0 else None
 
 
 NGINX_CONF = """
@@ -301,13 +373,6 @@ def sched_counters(pid: int) -> tuple[int, int] | None:
     return wait, slices
 
 
-def cpu_wait_us(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
-    """Mean wait for a CPU per wake-up between two sched_counters() readings, in µs."""
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    return (after[0] - before[0]) / (after[1] - before[1]) / 1000
-
-
 def machine_cpu() -> tuple[float, float]:
     """(busy CPU seconds of the whole machine since boot, of them stolen by the hypervisor)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -387,7 +452,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per cell")
+    parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per target per round")
+    parser.add_argument(
+        "--rounds", type=int, default=3,
+        help="rounds per cell: every target is measured once per round, in turn; samples are pooled",
+    )  # fmt: skip
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--concurrency", default="1,16,64,256")
     parser.add_argument("--rates", default="200,800", help="offered requests/s (open loop); empty: none")
@@ -431,26 +500,17 @@ def main() -> None:
     held: dict[str, float] = {}
     try:
         for provider, mode, load in cells(args):
+            tallies = {name: CellTally() for name in targets}
+            # Every target is measured in each round before any is measured again: a disturbance
+            # of a few seconds (the machine, a slow cell) then lands in one round of one target,
+            # a third of its samples, rather than in all of them.
+            for _ in range(args.rounds):
+                for name, (port, prefix, proc) in targets.items():
+                    settle([p for _, _, p in targets.values() if p is not None] + [upstream])
+                    tallies[name].measure(port, prefix, proc, upstream, provider, mode, load, args)
             base = None
-            for name, (port, prefix, proc) in targets.items():
-                settle([p for _, _, p in targets.values() if p is not None] + [upstream])
-                cpu0 = proc.cpu_s() if proc else None
-                preempted0 = proc.preemptions() if proc else None
-                sched0 = sched_counters(os.getpid()), upstream.sched()
-                machine0, own0, upstream0 = machine_cpu(), time.process_time(), upstream.cpu_s()
-                samples = uvloop.run(run_cell(port, prefix, provider, mode, load, args))
-                result = summarise(name, provider, mode, load, samples, args.duration)
-                result.loadgen_cpu_wait_us = cpu_wait_us(sched0[0], sched_counters(os.getpid()))
-                result.upstream_cpu_wait_us = cpu_wait_us(sched0[1], upstream.sched())
-                if proc is not None and cpu0 is not None:
-                    result.cpu_s = proc.cpu_s() - cpu0
-                    result.peak_rss_mb = proc.peak_rss_mb()
-                if proc is not None and preempted0 is not None and result.requests:
-                    result.preempted_per_call = (proc.preemptions() - preempted0) / result.requests
-                machine1 = machine_cpu()
-                harness = time.process_time() - own0 + upstream.cpu_s() - upstream0
-                result.other_cpu_s = machine1[0] - machine0[0] - harness - (result.cpu_s or 0.0)
-                result.steal_s = machine1[1] - machine0[1]
+            for name, tally in tallies.items():
+                result = tally.result(name, provider, mode, load, args.duration * args.rounds)
                 if name == "direct":
                     base = result
                 elif base is not None:
