@@ -15,6 +15,7 @@ from aiohttp import web
 from yarl import URL
 
 from llmtally.config import Config
+from llmtally.proxy.app import STATE_KEY
 from llmtally.testing import FakeUpstream
 from llmtally.testing.harness import RunningProxy, config_for_upstream, start_proxy
 from tests.conftest import API_KEY, MakeProxy
@@ -459,3 +460,142 @@ async def test_a_body_too_large_to_meter_is_still_forwarded_whole(
     assert orjson.loads(body)["usage"]["prompt_tokens"] == 1200  # the client got all of it
     record = await only_record(proxy)
     assert record["error"] == "response body larger than metering.max_response_body_mb: not parsed"
+
+
+# On a pooled upstream connection a call runs on callbacks, without a task (proxy.app.MeteredCall):
+# every way such a call can end still answers the client as before and records the call.
+
+
+def _pooled(proxy: RunningProxy) -> int:
+    """Idle upstream connections the next metered call can take at once (the callback path)."""
+    pool = proxy.app[STATE_KEY].pool
+    assert pool is not None
+    return sum(len(conns) for conns in pool._idle.values())
+
+
+async def _warm(proxy: RunningProxy) -> None:
+    status, _, _ = await post(proxy.url + "/openai/v1/chat/completions", CHAT)
+    assert status == 200
+    assert _pooled(proxy) == 1
+
+
+async def test_on_a_pooled_connection_a_silent_upstream_is_504_and_the_next_call_works(
+    upstream: FakeUpstream,
+) -> None:
+    config = config_for_upstream(upstream.url)
+    config = dataclasses.replace(config, upstreams=dataclasses.replace(config.upstreams, read_timeout_s=0.3))
+    proxy = await start_proxy(config)
+    try:
+        await _warm(proxy)
+        status, _, payload = await post(proxy.url + "/openai/v1/chat/completions", b'{"model":"fake-hang"}')
+        assert status == 504
+        assert orjson.loads(payload)["error"]["type"] == "upstream_timeout"
+        assert _pooled(proxy) == 0  # the silent connection was closed, not put back
+        status, _, _ = await post(proxy.url + "/openai/v1/chat/completions", CHAT)
+        assert status == 200
+        for _ in range(50):
+            if len(proxy.records) == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert [(r["status"], (r["error"] or "").split(":")[0]) for r in proxy.records] == [
+            (200, ""),
+            (504, "upstream_timeout"),
+            (200, ""),
+        ]
+    finally:
+        await proxy.stop()
+
+
+async def test_on_a_pooled_connection_a_client_leaving_before_the_head_is_recorded(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await make_proxy()
+    await _warm(proxy)
+    upstream.config.latency_s = 60
+    port = int(proxy.url.rsplit(":", 1)[1])
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = "".join(f"{k}: {v}\r\n" for k, v in AUTH.items())
+    writer.write(
+        f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(CHAT)}\r\n"
+        f"{head}\r\n".encode()
+        + CHAT
+    )
+    await writer.drain()
+    await asyncio.sleep(0.3)  # the call is with the upstream now
+    assert _pooled(proxy) == 0
+    writer.close()
+    for _ in range(50):
+        if len(proxy.records) == 2:
+            break
+        await asyncio.sleep(0.05)
+    record = proxy.records[1]
+    assert record["client_disconnected"] is True
+    assert record["status"] is None
+    assert record["usage_source"] == "estimated"
+    assert proxy.app[STATE_KEY].in_flight == 0
+
+
+async def test_on_a_pooled_connection_an_upstream_closing_before_the_head_is_502() -> None:
+    calls = 0
+
+    async def closes_the_second_call(request: web.Request) -> web.StreamResponse:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            assert request.transport is not None
+            request.transport.close()
+            await asyncio.sleep(0.1)
+        return web.json_response({"usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+
+    runner, base = await serve_post("/v1/chat/completions", closes_the_second_call)
+    proxy = await start_proxy(config_for_upstream(base))
+    try:
+        await _warm(proxy)
+        status, _, payload = await post(proxy.url + "/openai/v1/chat/completions", CHAT)
+        assert status == 502
+        assert orjson.loads(payload)["error"]["type"] == "upstream_unreachable"
+        for _ in range(50):
+            if len(proxy.records) == 2:
+                break
+            await asyncio.sleep(0.05)
+        records = proxy.records
+        assert records[1]["status"] == 502
+        assert "UpstreamDisconnected" in records[1]["error"]
+    finally:
+        await proxy.stop()
+        await runner.cleanup()
+
+
+async def test_calls_waiting_on_pooled_connections_at_shutdown_are_cut_off_and_recorded(
+    upstream: FakeUpstream,
+) -> None:
+    base = Config()
+    config = dataclasses.replace(base, server=dataclasses.replace(base.server, shutdown_grace_s=0.3))
+    proxy = await start_proxy(config_for_upstream(upstream.url, config))
+    async with aiohttp.ClientSession() as session:
+        calls = [
+            asyncio.ensure_future(
+                session.post(proxy.url + "/openai/v1/chat/completions", data=CHAT, headers=AUTH)
+            )
+            for _ in range(3)
+        ]
+        for response in await asyncio.gather(*calls):
+            assert response.status == 200
+            response.release()
+        assert _pooled(proxy) == 3
+        upstream.config.latency_s = 60
+        waiting = [
+            asyncio.ensure_future(
+                session.post(proxy.url + "/openai/v1/chat/completions", data=CHAT, headers=AUTH)
+            )
+            for _ in range(3)
+        ]
+        await asyncio.sleep(0.3)
+        assert _pooled(proxy) == 0  # all three are with the upstream
+        await proxy.stop()
+        for outcome in await asyncio.gather(*waiting, return_exceptions=True):
+            assert isinstance(outcome, aiohttp.ClientError)  # cut off without an answer, as before
+    assert len(proxy.records) == 6
+    for record in proxy.records[3:]:
+        assert record["error"] == "cut off at shutdown: still running when shutdown_grace_s ended"
+        assert record["client_disconnected"] is False

@@ -28,8 +28,11 @@ from llmtally.config import Config
 from llmtally.exchange import Exchange, Meter
 from llmtally.providers import ADAPTERS, Endpoint, MeteredRequest, ProviderAdapter
 from llmtally.providers.encoding import DECODABLE
+from llmtally.proxy.eager import start_eagerly
 from llmtally.proxy.metering_copy import MeteringCopy, StreamBudget
 from llmtally.proxy.upstream import (
+    Origin,
+    UpstreamConnection,
     UpstreamConnectTimeout,
     UpstreamError,
     UpstreamPool,
@@ -94,6 +97,8 @@ class ProxyState:
     cut_at: float | None = None
     drains: set[asyncio.Task[None]] = field(default_factory=set)
     upstreams: dict[Provider, URL] = field(default_factory=dict)
+    #: Each upstream's origin (a metered call's URL is checked to stay on it).
+    origins: dict[Provider, Origin] = field(init=False)
     #: Metered calls whose exchange is not yet with the meter; shutdown waits for none.
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -101,6 +106,7 @@ class ProxyState:
     stream_budget: StreamBudget = field(init=False)
 
     def __post_init__(self) -> None:
+        self.origins = {provider: Origin.of(url) for provider, url in self.upstreams.items()}
         self.idle.set()
         self.stream_budget = StreamBudget(self.config.metering.deferred_stream_parse_mb * 1024 * 1024)
 
@@ -228,14 +234,14 @@ async def _not_found(request: web.Request) -> web.Response:
 
 def _upstream_headers(
     headers: Collection[tuple[str, str]], metered: bool
-) -> tuple[CIMultiDict[str], dict[str, str]]:
+) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """Headers to forward (hop-by-hop, Host and x-llmtally-* removed) and the tags found."""
-    connection = ",".join(value for name, value in headers if name.lower() == "connection")
-    connection_tokens = {t.strip().lower() for t in connection.split(",")}
-    out: CIMultiDict[str] = CIMultiDict()
+    lowered = [(name.lower(), name, value) for name, value in headers]
+    connection = ",".join(value for low, _, value in lowered if low == "connection")
+    connection_tokens = {token.strip().lower() for token in connection.split(",")}
+    out: list[tuple[str, str]] = []
     tags: dict[str, str] = {}
-    for name, value in headers:
-        low = name.lower()
+    for low, name, value in lowered:
         if low.startswith("x-llmtally-"):
             if low.startswith(TAG_PREFIX) and len(low) > len(TAG_PREFIX):
                 tags[low[len(TAG_PREFIX) :]] = value
@@ -248,7 +254,7 @@ def _upstream_headers(
             if not codings:
                 continue
             value = ",".join(codings).strip()
-        out.add(name, value)
+        out.append((name, value))
     return out, tags
 
 
@@ -340,7 +346,7 @@ async def _proxy(provider: Provider, request: web.Request) -> web.StreamResponse
         if upstream_url is None:
             return _json_error(400, "bad_path", BAD_PATH)
         headers, _ = _upstream_headers(request.headers.items(), metered=False)
-        return await _passthrough(state, request, upstream_url, headers, t0)
+        return await _passthrough(state, request, upstream_url, CIMultiDict(headers), t0)
     body = await request.read()
     down = _AiohttpDownstream(request)
     await meter_call(
@@ -351,6 +357,42 @@ async def _proxy(provider: Provider, request: web.Request) -> web.StreamResponse
 
 
 BAD_PATH = "the request path does not map to the configured upstream"
+
+
+def new_metered_call(
+    state: ProxyState,
+    down: Downstream,
+    provider: Provider,
+    endpoint: Endpoint,
+    raw_path: str,
+    client_headers: Collection[tuple[str, str]],
+    body: bytes,
+    query: Mapping[str, str],
+    t0: float,
+) -> MeteredCall | None:
+    """The call to forward (not begun), or None when ``down`` was answered at once (a bad path)."""
+    upstream_url = _upstream_url(state.upstreams[provider], raw_path, provider)
+    if upstream_url is None:
+        _send_error(down, 400, "bad_path", BAD_PATH)
+        return None
+    adapter = ADAPTERS[provider]
+    headers, tags = _upstream_headers(client_headers, metered=True)
+    metered = adapter.prepare(endpoint, body, query, state.config.metering.inject_stream_usage)
+    if metered.injected_usage:  # the stream is edited: it must arrive uncompressed
+        headers = [(name, value) for name, value in headers if name.lower() != "accept-encoding"]
+        headers.append(("Accept-Encoding", "identity"))
+    exchange = Exchange(
+        request_id=new_request_id(),
+        provider=provider,
+        request=metered,
+        started_at=datetime.now(UTC),
+        tags=tags,
+        # Counted later in the record worker (batched, off the event loop): a per-request hop to a
+        # counting thread measured worse tail latency under load (docs/performance.md).
+        count_input=state.config.metering.estimate_input,
+    )
+    origin = state.origins[provider]
+    return MeteredCall(state, down, adapter, metered, exchange, origin, upstream_url.raw_path_qs, headers, t0)
 
 
 async def meter_call(
@@ -364,36 +406,272 @@ async def meter_call(
     query: Mapping[str, str],
     t0: float,
 ) -> None:
-    """Forward one metered call and answer it through ``down``; its exchange goes to the meter."""
-    adapter = ADAPTERS[provider]
-    upstream_url = _upstream_url(state.upstreams[provider], raw_path, provider)
-    if upstream_url is None:
-        _send_error(down, 400, "bad_path", BAD_PATH)
+    """Forward one metered call, answer it through ``down`` and return when it is done (aiohttp's
+    handler); its exchange goes to the meter. A failure of llmtally's own is raised here."""
+    call = new_metered_call(state, down, provider, endpoint, raw_path, client_headers, body, query, t0)
+    if call is None:
         return
-    headers, tags = _upstream_headers(client_headers, metered=True)
-    metered = adapter.prepare(endpoint, body, query, state.config.metering.inject_stream_usage)
-    if metered.injected_usage:
-        headers["Accept-Encoding"] = "identity"  # the stream is edited: it must arrive uncompressed
-    exchange = Exchange(
-        request_id=new_request_id(),
-        provider=provider,
-        request=metered,
-        started_at=datetime.now(UTC),
-        tags=tags,
-        # Counted later in the record worker (batched, off the event loop): a per-request hop to a
-        # counting thread measured worse tail latency under load (docs/performance.md).
-        count_input=state.config.metering.estimate_input,
-    )
-    state.in_flight += 1
-    state.idle.clear()
+    done: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+    call.on_done = partial(_settle, done)
+    call.begin()
     try:
-        await _forward_metered(state, down, adapter, metered, exchange, upstream_url, headers, t0)
-    finally:
-        if not exchange.deferred:  # one record per metered call, whatever happened
-            state.meter.submit(exchange)
+        failure = await asyncio.shield(done)
+    except asyncio.CancelledError:  # the client left, or shutdown cut the call off: it records why
+        call.cancel()
+        raise
+    if failure is not None:
+        raise failure
+
+
+def _settle(done: asyncio.Future[BaseException | None], failure: BaseException | None) -> None:
+    if not done.done():
+        done.set_result(failure)
+
+
+class MeteredCall:
+    """One metered call, from its request to its exchange for the meter; the upstream tells it how the
+    request went (a :class:`~llmtally.proxy.upstream.ResponseListener`).
+
+    On a pooled upstream connection a call runs on callbacks alone: the request leaves from the read
+    callback that completed it, and an answer that arrives whole with its head goes back from the
+    upstream's read callback, with no task, future or coroutine frame per call (that bookkeeping was
+    a third of a worker's CPU per call: docs/performance.md, "The callback path"). A task runs only
+    where there is something to wait for: a connection to open or free up, or a body to stream.
+
+    ``on_done`` is told once, when the call is over and its exchange submitted: with None, or with
+    what cut it short (``CancelledError``, the client's ``ConnectionResetError``, or a bug).
+    """
+
+    __slots__ = (
+        "adapter", "conn", "down", "exchange", "finished", "headers", "metered", "on_done", "origin",
+        "path_qs", "state", "t0", "t_sent", "task",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        state: ProxyState,
+        down: Downstream,
+        adapter: ProviderAdapter,
+        metered: MeteredRequest,
+        exchange: Exchange,
+        origin: Origin,
+        path_qs: str,
+        headers: list[tuple[str, str]],
+        t0: float,
+    ) -> None:
+        self.state = state
+        self.down = down
+        self.adapter = adapter
+        self.metered = metered
+        self.exchange = exchange
+        self.origin = origin
+        self.path_qs = path_qs
+        self.headers = headers
+        self.t0 = t0
+        #: When the request went to the upstream: the wait from then to its head is not overhead.
+        self.t_sent = 0.0
+        self.on_done: Callable[[BaseException | None], None] | None = None
+        #: The upstream connection while the call waits for its head there.
+        self.conn: UpstreamConnection | None = None
+        #: The task, while one runs the call (opening a connection, or streaming the body).
+        self.task: asyncio.Task[None] | None = None
+        self.finished = False
+
+    def begin(self) -> None:
+        """Send the request: on a pooled connection now, else from a task once one is open or free."""
+        state = self.state
+        state.in_flight += 1
+        state.idle.clear()
+        assert state.pool is not None
+        self.t_sent = time.perf_counter()
+        conn = state.pool.idle_connection(self.origin)
+        if conn is not None:
+            self._send(conn)
+        else:
+            self.task = start_eagerly(asyncio.get_running_loop(), self._connect_and_send())
+
+    def cancel(self) -> None:
+        """The client left, or shutdown cut the call off: stop it (the exchange says which)."""
+        if self.finished:
+            return
+        if self.task is not None:
+            self.task.cancel()  # the task notes it and finishes the call
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None:  # waiting for the head
+            conn.close()
+            self._cancelled()
+
+    # The upstream's callbacks (ResponseListener) ------------------------------------------------
+
+    def response_arrived(self, upstream: UpstreamResponse) -> None:
+        self.conn = None
+        try:
+            if self._answer_whole(upstream):
+                self._finish(None)
+                return
+        except Exception as exc:  # a bug: the client must not hang on it
+            upstream.close()
+            self._finish(exc)
+            return
+        self.task = start_eagerly(upstream.loop, self._stream_and_finish(upstream))
+
+    def response_failed(self, exc: Exception) -> None:
+        self.conn = None
+        status, kind, message = _upstream_failure(exc)
+        exchange = self.exchange
+        exchange.status = status
+        exchange.error = f"{kind}: {message}"
+        exchange.latency_ms = (time.perf_counter() - self.t0) * 1000
+        try:
+            _send_error(self.down, status, kind, message)
+        except Exception as bug:
+            self._finish(bug)
+            return
+        self._finish(None)
+
+    # Steps --------------------------------------------------------------------------------------
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        assert self.state.pool is not None
+        self.conn = conn
+        self.state.pool.send(conn, self.path_qs, self.headers, self.metered.body, self)
+
+    async def _connect_and_send(self) -> None:
+        assert self.state.pool is not None
+        try:
+            conn = await self.state.pool.connection(self.origin)
+        except (TimeoutError, UpstreamError) as exc:
+            self.task = None
+            self.response_failed(exc)
+            return
+        except asyncio.CancelledError:
+            self.task = None
+            self._cancelled()
+            return
+        self.task = None
+        self._send(conn)
+
+    def _cancelled(self) -> None:
+        _note_cancel(self.state, self.down, self.exchange)
+        self.exchange.latency_ms = (time.perf_counter() - self.t0) * 1000
+        self._finish(asyncio.CancelledError())
+
+    def _answer_whole(self, upstream: UpstreamResponse) -> bool:
+        """Note the head; answer now if the whole (non-stream) body came with it (True)."""
+        now = time.perf_counter()
+        exchange = self.exchange
+        exchange.status = upstream.status
+        if self.adapter.request_id_header:
+            exchange.upstream_request_id = upstream.headers.get(self.adapter.request_id_header)
+        if (self.metered.stream and 200 <= upstream.status < 300) or not upstream.complete:
+            return False
+        body = upstream.body_if_complete()
+        assert body is not None
+        exchange.ttfb_ms = (now - self.t0) * 1000
+        copy = self._copy(upstream, stream=False)
+        copy.feed(body)
+        copy.hand_over()
+        headers = _client_headers(upstream.headers, keep_length=False)
+        _overhead_header(self.state, headers, self.t0, now - self.t_sent)
+        exchange.latency_ms = (time.perf_counter() - self.t0) * 1000
+        self.down.send_whole(upstream.status, upstream.reason, headers, body)
+        return True
+
+    def _copy(self, upstream: UpstreamResponse, stream: bool) -> MeteringCopy:
+        metering = self.state.config.metering
+        return MeteringCopy(
+            self.exchange,
+            self.adapter,
+            self.metered,
+            stream=stream,
+            encoding=upstream.headers.get("Content-Encoding", "identity"),
+            max_body=metering.max_response_body_mb * 1024 * 1024,
+            budget=self.state.stream_budget,
+        )
+
+    async def _stream_and_finish(self, upstream: UpstreamResponse) -> None:
+        failure: BaseException | None = None
+        try:
+            await self._stream(upstream)
+        except (Exception, asyncio.CancelledError) as exc:
+            failure = exc
+        self.task = None
+        self._finish(failure)
+
+    async def _stream(self, upstream: UpstreamResponse) -> None:
+        """Stream the body to the client as it arrives (its copy to the meter)."""
+        state, down, exchange, metered, t0 = self.state, self.down, self.exchange, self.metered, self.t0
+        upstream_wait = time.perf_counter() - self.t_sent
+        ok = 200 <= upstream.status < 300
+        copy = self._copy(upstream, stream=ok and metered.stream)
+        # An edit works on bytes as sent: a stream the upstream compressed anyway goes on unedited.
+        identity = upstream.headers.get("Content-Encoding", "identity") == "identity"
+        editor = self.adapter.stream_editor(metered) if copy.stream and identity else None
+        # Head and first chunk in one send when the chunk came with the head (an SSE stream's first
+        # event usually does); otherwise the head goes at once, so a client sees the status while a
+        # model is still thinking.
+        stream_headers = _client_headers(upstream.headers, keep_length=editor is None)
+        _overhead_header(state, stream_headers, t0, upstream_wait)
+        try:
+            hold_head = upstream.body_arrived
+            await down.start(upstream.status, upstream.reason, stream_headers, hold_head=hold_head)
+            async for chunk in upstream.chunks():
+                if exchange.ttfb_ms is None:
+                    exchange.ttfb_ms = (time.perf_counter() - t0) * 1000
+                out = chunk
+                if editor is not None:
+                    try:
+                        out = editor.feed(chunk)
+                    except Exception as exc:  # an editor bug must not break the caller's stream
+                        out, editor = chunk, None
+                        _edit_failed(exchange, exc)
+                try:
+                    if out:
+                        await down.write(out)  # forward first, meter second
+                finally:  # metered even if the client left (a drain reads the rest for the usage)
+                    copy.feed(chunk)
+            copy.hand_over()
+            if editor is not None:
+                try:
+                    out = editor.finish()
+                except Exception as exc:
+                    out = b""
+                    _edit_failed(exchange, exc)
+                if out:
+                    await down.write(out)
+            await down.finish()
+        except (ConnectionResetError, asyncio.CancelledError) as exc:
+            if not isinstance(exc, asyncio.CancelledError) or _note_cancel(state, down, exchange):
+                exchange.client_disconnected = True
+                _on_client_gone(state, exchange, upstream, copy)
+            raise
+        except (TimeoutError, UpstreamError) as exc:
+            # The upstream failed mid-body: headers are sent, so all we can do is cut the client off.
+            _, kind, message = _upstream_failure(exc)
+            exchange.error = f"{kind} during the response body: {message}"
+            down.abort()
+        finally:
+            exchange.latency_ms = (time.perf_counter() - t0) * 1000
+            if not exchange.deferred:  # else a drain owns the response and the copy
+                # What a cut-off stream carried so far; a no-op once handed over; after a bug,
+                # frees the budget.
+                copy.hand_over(whole=False)
+                upstream.release()
+
+    def _finish(self, failure: BaseException | None) -> None:
+        """One record per metered call, whatever happened; then ``on_done``."""
+        if self.finished:
+            return
+        self.finished = True
+        state = self.state
+        if not self.exchange.deferred:  # else a drain submits it
+            state.meter.submit(self.exchange)
         state.in_flight -= 1
         if not state.in_flight:
             state.idle.set()
+        if self.on_done is not None:
+            self.on_done(failure)
 
 
 def _send_error(down: Downstream, status: int, kind: str, message: str) -> None:
@@ -468,113 +746,6 @@ def _overhead_header(state: ProxyState, headers: list[tuple[str, str]], t0: floa
     if state.config.server.overhead_header:
         overhead = (time.perf_counter() - t0 - wait) * 1000
         headers.append((OVERHEAD_HEADER, f"{overhead:.3f}"))
-
-
-async def _forward_metered(
-    state: ProxyState,
-    down: Downstream,
-    adapter: ProviderAdapter,
-    metered: MeteredRequest,
-    exchange: Exchange,
-    url: URL,
-    headers: CIMultiDict[str],
-    t0: float,
-) -> None:
-    t_sent = time.perf_counter()
-    assert state.pool is not None
-    try:
-        upstream = await state.pool.post(url, headers.items(), metered.body)
-    except (TimeoutError, UpstreamError) as exc:
-        status, kind, message = _upstream_failure(exc)
-        exchange.status = status
-        exchange.error = f"{kind}: {message}"
-        exchange.latency_ms = (time.perf_counter() - t0) * 1000
-        _send_error(down, status, kind, message)
-        return
-    except asyncio.CancelledError:  # the client left (or shutdown) before the upstream answered
-        _note_cancel(state, down, exchange)
-        exchange.latency_ms = (time.perf_counter() - t0) * 1000
-        raise
-    upstream_wait = time.perf_counter() - t_sent
-    exchange.status = upstream.status
-    if adapter.request_id_header:
-        exchange.upstream_request_id = upstream.headers.get(adapter.request_id_header)
-    ok = 200 <= upstream.status < 300
-    encoding = upstream.headers.get("Content-Encoding", "identity")
-    # An edit works on bytes as sent: a stream the upstream compressed anyway goes on unedited.
-    editor = adapter.stream_editor(metered) if ok and metered.stream and encoding == "identity" else None
-    metering = state.config.metering
-    copy = MeteringCopy(
-        exchange,
-        adapter,
-        metered,
-        stream=ok and metered.stream,
-        encoding=encoding,
-        max_body=metering.max_response_body_mb * 1024 * 1024,
-        budget=state.stream_budget,
-    )
-
-    if not copy.stream and upstream.complete:
-        # The whole (small) body came with the head: answer in one send, nothing to stream.
-        body = upstream.body_if_complete()
-        if body is not None:
-            exchange.ttfb_ms = (time.perf_counter() - t0) * 1000
-            copy.feed(body)
-            copy.hand_over()
-            whole_headers = _client_headers(upstream.headers, keep_length=False)
-            _overhead_header(state, whole_headers, t0, upstream_wait)
-            exchange.latency_ms = (time.perf_counter() - t0) * 1000
-            down.send_whole(upstream.status, upstream.reason, whole_headers, body)
-            return
-
-    # Head and first chunk in one send when the chunk came with the head (an SSE stream's first
-    # event usually does); otherwise the head goes at once, so a client sees the status while a
-    # model is still thinking.
-    stream_headers = _client_headers(upstream.headers, keep_length=editor is None)
-    _overhead_header(state, stream_headers, t0, upstream_wait)
-    try:
-        await down.start(upstream.status, upstream.reason, stream_headers, hold_head=upstream.body_arrived)
-        async for chunk in upstream.chunks():
-            if exchange.ttfb_ms is None:
-                exchange.ttfb_ms = (time.perf_counter() - t0) * 1000
-            out = chunk
-            if editor is not None:
-                try:
-                    out = editor.feed(chunk)
-                except Exception as exc:  # an editor bug must not break the caller's stream
-                    out, editor = chunk, None
-                    _edit_failed(exchange, exc)
-            try:
-                if out:
-                    await down.write(out)  # forward first, meter second
-            finally:  # metered even if the client left (a drain reads the rest for the usage)
-                copy.feed(chunk)
-        copy.hand_over()
-        if editor is not None:
-            try:
-                out = editor.finish()
-            except Exception as exc:
-                out = b""
-                _edit_failed(exchange, exc)
-            if out:
-                await down.write(out)
-        await down.finish()
-    except (ConnectionResetError, asyncio.CancelledError) as exc:
-        if not isinstance(exc, asyncio.CancelledError) or _note_cancel(state, down, exchange):
-            exchange.client_disconnected = True
-            _on_client_gone(state, exchange, upstream, copy)
-        raise
-    except (TimeoutError, UpstreamError) as exc:
-        # The upstream failed mid-body: headers are sent, so all we can do is cut the client off.
-        status, kind, message = _upstream_failure(exc)
-        exchange.error = f"{kind} during the response body: {message}"
-        down.abort()
-    finally:
-        exchange.latency_ms = (time.perf_counter() - t0) * 1000
-        if not exchange.deferred:  # else a drain owns the response and the copy
-            # What a cut-off stream carried so far; a no-op once handed over; after a bug, frees the budget.
-            copy.hand_over(whole=False)
-            upstream.release()
 
 
 def _edit_failed(exchange: Exchange, exc: Exception) -> None:

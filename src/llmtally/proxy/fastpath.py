@@ -5,7 +5,7 @@ aiohttp's server machinery costs about 150 µs of CPU per request before a handl
 measurements, and uvicorn's and granian's for comparison). A *metered call* is a POST with a
 Content-Length body to a route a provider adapter meters. For those, the connection's own protocol
 reads the request with llhttp (httptools; aiohttp's own parser wraps the same C library), forwards
-it with :func:`llmtally.proxy.app.meter_call` (the code aiohttp's handler runs too) and writes the
+it as a :class:`llmtally.proxy.app.MeteredCall` (what aiohttp's handler runs too) and writes the
 answer straight to the socket.
 
 Any other request (passthrough paths, health and metrics, chunked or ``Expect: 100-continue``
@@ -22,9 +22,8 @@ import asyncio
 import http
 import logging
 import time
-from collections.abc import Coroutine, Generator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 from urllib.parse import parse_qsl
 
 import httptools
@@ -32,7 +31,7 @@ from aiohttp import web
 from multidict import MultiDict
 
 from llmtally.providers import ADAPTERS, Endpoint
-from llmtally.proxy.app import JSON_TYPE, STATE_KEY, ProxyState, error_body, meter_call
+from llmtally.proxy.app import JSON_TYPE, STATE_KEY, MeteredCall, ProxyState, error_body, new_metered_call
 from llmtally.record import Provider
 
 log = logging.getLogger("llmtally.proxy")
@@ -94,7 +93,7 @@ class FastPathServer:
         self.closing = True
         self.aiohttp_server.pre_shutdown()
         for conn in list(self.connections):
-            if conn.task is None:
+            if conn.metered is None:
                 conn.close()
 
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's API)
@@ -102,11 +101,16 @@ class FastPathServer:
         await asyncio.gather(self.aiohttp_server.shutdown(timeout), self._shutdown_fast_path(timeout))
 
     async def _shutdown_fast_path(self, timeout: float | None) -> None:  # noqa: ASYNC109
-        tasks = {conn.task for conn in self.connections if conn.task is not None}
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=timeout)
-            for task in pending:
-                task.cancel()
+        busy = [conn for conn in self.connections if conn.metered is not None]
+        if busy:
+            loop = asyncio.get_running_loop()
+            for conn in busy:
+                conn.done_waiter = loop.create_future()
+            waiters = {conn.done_waiter for conn in busy if conn.done_waiter is not None}
+            _, pending = await asyncio.wait(waiters, timeout=timeout)
+            for conn in busy:
+                if conn.metered is not None:
+                    conn.metered.cancel()  # recorded as cut off at shutdown
             if pending:
                 await asyncio.wait(pending, timeout=timeout)
         for conn in list(self.connections):
@@ -139,7 +143,10 @@ class _Connection(asyncio.Protocol):
         #: How far ``received`` has been searched for the end of a head.
         self.scanned = 0
         self.call: _Call | None = None
-        self.task: asyncio.Task[None] | None = None
+        #: The call being answered (requests behind it wait in ``received``).
+        self.metered: MeteredCall | None = None
+        #: Set at shutdown while a call is being answered: resolved when it is done.
+        self.done_waiter: asyncio.Future[None] | None = None
         self.keep_alive = True
         self.lost = False
         self.reading_paused = False
@@ -170,7 +177,7 @@ class _Connection(asyncio.Protocol):
             self.received += data
         else:
             self.received = data
-        if self.task is None:
+        if self.metered is None:
             self._take_requests()
         elif len(self.received) > MAX_AHEAD and self.transport is not None:
             self.reading_paused = True
@@ -179,8 +186,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._forget()
-        if self.task is not None:
-            self.task.cancel()  # as aiohttp's handler_cancellation: the client is gone
+        if self.metered is not None:
+            self.metered.cancel()  # as aiohttp's handler_cancellation: the client is gone
         self._wake_writer(ConnectionResetError("the client closed the connection"))
 
     def pause_writing(self) -> None:
@@ -220,9 +227,16 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = call.keep_alive and not self.server.closing
         self.answer_started = self.chunked = False
         self.held_head = None
-        task = start_eagerly(self.loop, self._serve(call, body, time.perf_counter()))
-        if task is not None:  # else it was answered at once (and may have started the next request)
-            self.task = task
+        metered = new_metered_call(
+            self.server.state, self, call.provider, call.endpoint, call.raw_path, call.headers, body,
+            call.query, time.perf_counter(),
+        )  # fmt: skip
+        if metered is None:  # answered at once
+            self._after_answer()
+            return
+        self.metered = metered
+        metered.on_done = self._call_done
+        metered.begin()
 
     def _parse_head(self, head: bytes) -> _Call | None:
         """The call this head starts, or None when it is not a metered call for the lean path."""
@@ -291,21 +305,19 @@ class _Connection(asyncio.Protocol):
 
     # Serving one call ---------------------------------------------------------------------------
 
-    async def _serve(self, call: _Call, body: bytes, t0: float) -> None:
-        try:
-            await meter_call(
-                self.server.state, self, call.provider, call.endpoint, call.raw_path, call.headers, body,
-                call.query, t0,
-            )  # fmt: skip
-        except asyncio.CancelledError:
-            self.keep_alive = False  # the client left, or shutdown cut the call off: recorded
-        except Exception:  # a bug here must not leave the client hanging
-            log.exception("the proxy failed on a metered call")
+    def _call_done(self, failure: BaseException | None) -> None:
+        self.metered = None
+        if failure is not None:
+            # The client left, or shutdown cut the call off (both recorded), or a bug, which must
+            # not leave the client hanging.
             self.keep_alive = False
-            if not self.answer_started:
-                self.send_whole(500, "", [JSON_TYPE], error_body("internal_error", "llmtally failed"))
-        finally:
-            self.task = None
+            if not isinstance(failure, asyncio.CancelledError | ConnectionResetError):
+                log.error("the proxy failed on a metered call", exc_info=failure)
+                if not self.answer_started:
+                    self.send_whole(500, "", [JSON_TYPE], error_body("internal_error", "llmtally failed"))
+        waiter, self.done_waiter = self.done_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         self._after_answer()
 
     def _after_answer(self) -> None:
@@ -405,7 +417,7 @@ class _Connection(asyncio.Protocol):
         if self.lost or self.transport is None:
             return
         now = self.loop.time()
-        if self.task is None and now - self.last_active >= KEEPALIVE_S:
+        if self.metered is None and now - self.last_active >= KEEPALIVE_S:
             self.close()
             return
         self.idle_timer = self.loop.call_at(max(now, self.last_active) + KEEPALIVE_S, self._check_idle)
@@ -430,52 +442,3 @@ def _phrase(status: int) -> str:
 
 def _bodyless(status: int) -> bool:
     return status < 200 or status in (204, 304)
-
-
-def start_eagerly(
-    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]
-) -> asyncio.Task[None] | None:
-    """Run ``coro`` now, up to its first wait, and from there on as a task (None: it finished now).
-
-    A metered call's request then reaches the upstream inside the read callback that completed it,
-    ahead of the work other calls queued on the loop (their stream events, under load): a task's
-    first step would run after all of it. This is Python 3.12's ``eager_start``, done for 3.11.
-    """
-    try:
-        waiting_on = coro.send(None)
-    except StopIteration:
-        return None
-    return loop.create_task(_Resumed(coro, waiting_on))
-
-
-class _Resumed(Coroutine[Any, Any, None]):
-    """``coro``, suspended on ``waiting_on``, as a coroutine a task can run from there.
-
-    A class, not a generator: a task cancelled before its first step throws into its coroutine at
-    once, and that must reach ``coro`` (which then records the call) rather than stop a generator
-    that never started.
-    """
-
-    __slots__ = ("coro", "waiting_on")
-
-    def __init__(self, coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
-        self.coro = coro
-        self.waiting_on = waiting_on
-
-    def send(self, value: Any) -> Any:
-        # The task's first step reports the future coro already waits on. (A bare ``yield``, None,
-        # asks for one more step anyway: coro goes on now, inside the task.)
-        if self.waiting_on is not None:
-            waiting_on, self.waiting_on = self.waiting_on, None
-            return waiting_on
-        return self.coro.send(value)
-
-    def throw(self, *exc: Any) -> Any:
-        self.waiting_on = None
-        return self.coro.throw(*exc)
-
-    def close(self) -> None:
-        self.coro.close()
-
-    def __await__(self) -> Generator[Any, None, None]:
-        return self.coro.__await__()

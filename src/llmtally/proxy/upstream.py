@@ -8,6 +8,11 @@ answer with llhttp (httptools, as uvicorn does), hand body bytes over as they ar
 control, and put the connection back in its origin's pool when the response ended cleanly.
 Unmetered passthrough calls (uploads, GETs, anything else) keep aiohttp's general client.
 
+A call can wait for its answer's head two ways: ``await`` :meth:`UpstreamPool.post`, or hand
+:meth:`UpstreamPool.send` a :class:`ResponseListener` that the connection calls back once the head
+(and whatever body came with it) is parsed. The proxy's hot path takes the second way on a pooled
+connection: no task, future or coroutine frame per call (docs/performance.md, "The callback path").
+
 Like aiohttp, a POST is never retried (RFC 9112 §9.3.1): a pooled connection the upstream closed is
 noticed and dropped before use; one that closes as it is used fails the call with 502.
 """
@@ -21,7 +26,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -77,6 +82,20 @@ class Origin:
         return host if self.port == default else f"{host}:{self.port}"
 
 
+class ResponseListener(Protocol):
+    """Told once how a request sent with :meth:`UpstreamPool.send` went (from the connection's callbacks)."""
+
+    def response_arrived(self, response: UpstreamResponse) -> None:
+        """The head is here, with any body bytes that came with it; the listener now owns ``response``
+        (read it, then release or close it)."""
+        ...
+
+    def response_failed(self, exc: UpstreamError) -> None:
+        """No head: the upstream failed, closed or stayed silent past ``read_timeout_s`` (the connection
+        is closed)."""
+        ...
+
+
 class UpstreamResponse:
     """One response: status and headers at once, the body as it arrives (:meth:`chunks`)."""
 
@@ -85,21 +104,21 @@ class UpstreamResponse:
         "_conn",
         "_done",
         "_error",
-        "_loop",
         "_read_timeout",
         "_size",
         "_timer",
         "_wait_since",
         "_waiter",
         "headers",
+        "loop",
         "reason",
         "status",
     )
 
-    def __init__(self, conn: _Connection, read_timeout: float) -> None:
-        self._conn: _Connection | None = conn
-        # Kept, not looked up per wait: asyncio.get_running_loop() costs a getpid() syscall each time.
-        self._loop = conn.loop
+    def __init__(self, conn: UpstreamConnection, read_timeout: float) -> None:
+        self._conn: UpstreamConnection | None = conn
+        #: Kept, not looked up per wait: asyncio.get_running_loop() costs a getpid() syscall each time.
+        self.loop = conn.loop
         self._read_timeout = read_timeout
         self._buffered: collections.deque[bytes] = collections.deque()
         self._size = 0
@@ -155,7 +174,7 @@ class UpstreamResponse:
             await self._wait()
 
     async def _wait(self) -> None:
-        loop = self._loop
+        loop = self.loop
         self._waiter = waiter = loop.create_future()
         # One read timer per response, not one per wait (a stream waits once per event): when it
         # fires it checks how long the current wait has lasted, and re-arms if not long enough.
@@ -173,10 +192,10 @@ class UpstreamResponse:
         if waiter is None:
             return  # not waiting now: the next wait arms the timer again
         deadline = self._wait_since + self._read_timeout
-        if self._loop.time() >= deadline:
+        if self.loop.time() >= deadline:
             _expire(waiter, self._read_timeout)
         else:
-            self._timer = self._loop.call_at(deadline, self._check_silence)
+            self._timer = self.loop.call_at(deadline, self._check_silence)
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
@@ -222,12 +241,33 @@ class UpstreamResponse:
             self._wake()
 
 
-def _expire(waiter: asyncio.Future[UpstreamResponse] | asyncio.Future[None], after_s: float) -> None:
+def _expire(waiter: asyncio.Future[None], after_s: float) -> None:
     if not waiter.done():
-        waiter.set_exception(UpstreamReadTimeout(f"the upstream sent nothing for {after_s:g} s"))
+        waiter.set_exception(_silence(after_s))
 
 
-class _Connection(asyncio.Protocol):
+def _silence(after_s: float) -> UpstreamReadTimeout:
+    return UpstreamReadTimeout(f"the upstream sent nothing for {after_s:g} s")
+
+
+class _HeadWaiter:
+    """The listener :meth:`UpstreamPool.post` awaits: the head as a future's result."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[UpstreamResponse]) -> None:
+        self.future = future
+
+    def response_arrived(self, response: UpstreamResponse) -> None:
+        if not self.future.done():
+            self.future.set_result(response)
+
+    def response_failed(self, exc: UpstreamError) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to an origin; one request at a time."""
 
     def __init__(self, pool: UpstreamPool, origin: Origin) -> None:
@@ -237,7 +277,11 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.response: UpstreamResponse | None = None
-        self.head: asyncio.Future[UpstreamResponse] | None = None
+        #: Waiting for the head of ``response``; told at the end of the read that completes it.
+        self.listener: ResponseListener | None = None
+        self.head_parsed = False
+        self.head_timer: asyncio.TimerHandle | None = None
+        self.read_timeout = 0.0
         self.header_pairs: list[tuple[str, str]] = []
         self.reason = b""
         self.keep_alive = True
@@ -253,7 +297,8 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport
 
     def data_received(self, data: bytes) -> None:
-        if self.response is None:
+        response = self.response
+        if response is None:
             self.close()  # bytes nobody asked for: this connection cannot be trusted
             return
         try:
@@ -261,12 +306,19 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"invalid HTTP from the upstream: {exc}"))
             self.close()
+        listener = self.listener
+        if listener is not None and self.head_parsed:
+            # Told after the whole read is parsed, so a small answer is already complete; the
+            # listener may reuse this connection at once, so nothing here touches it afterwards.
+            self._stop_head_timer()
+            self.listener = None
+            listener.response_arrived(response)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
         response = self.response
-        if response is not None and self.head is None and not self.delimited:
+        if response is not None and self.head_parsed and not self.delimited:
             response._finish()  # a body delimited by the end of the connection
         else:
             self._fail(UpstreamDisconnected("the upstream closed the connection mid-response"))
@@ -284,7 +336,7 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200:  # informational (103 Early Hints): the real answer follows
             self.header_pairs, self.reason = [], b""
             return
-        response, head = self.response, self.head
+        response = self.response
         assert response is not None
         headers: CIMultiDict[str] = CIMultiDict(self.header_pairs)
         response.status = status
@@ -297,9 +349,7 @@ class _Connection(asyncio.Protocol):
         )
         self.keep_alive = self.parser.should_keep_alive()
         self.header_pairs, self.reason = [], b""
-        self.head = None
-        if head is not None and not head.done():
-            head.set_result(response)
+        self.head_parsed = True
 
     def on_body(self, body: bytes) -> None:
         response = self.response
@@ -307,7 +357,7 @@ class _Connection(asyncio.Protocol):
             self.pause()
 
     def on_message_complete(self) -> None:
-        if self.head is not None:  # a 1xx message ended; keep waiting for the answer
+        if not self.head_parsed:  # a 1xx message ended; keep waiting for the answer
             return
         self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
         if self.response is not None:
@@ -315,12 +365,25 @@ class _Connection(asyncio.Protocol):
 
     # Use -----------------------------------------------------------------------------------------
 
-    def send(self, data: bytes, read_timeout: float) -> asyncio.Future[UpstreamResponse]:
+    def send(self, data: bytes, read_timeout: float, listener: ResponseListener) -> None:
         assert self.transport is not None
         self.response = UpstreamResponse(self, read_timeout)
-        self.head = self.loop.create_future()
+        self.listener = listener
+        self.head_parsed = False
+        self.read_timeout = read_timeout
+        self.head_timer = self.loop.call_at(self.loop.time() + read_timeout, self._head_timed_out)
         self.transport.write(data)
-        return self.head
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.listener is not None:
+            self._fail(_silence(self.read_timeout))
+            self.close()
+
+    def _stop_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
 
     def pause(self) -> None:
         if not self.paused and self.transport is not None:
@@ -334,23 +397,26 @@ class _Connection(asyncio.Protocol):
 
     def response_released(self, reusable: bool) -> None:
         self.response = None
-        self.head = None
         if reusable and self.keep_alive and not self.closed and not self.paused:
             self.pool.put_back(self)
         else:
             self.close()
 
     def close(self) -> None:
+        """Close the connection; a listener still waiting for its head is not told (it closed it)."""
+        self.listener = None
+        self._stop_head_timer()
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True
         self.pool.forget(self)
 
-    def _fail(self, exc: BaseException) -> None:
-        head, response = self.head, self.response
-        if head is not None and not head.done():
-            head.set_exception(exc)
-            self.head = None
+    def _fail(self, exc: UpstreamError) -> None:
+        listener, response = self.listener, self.response
+        if listener is not None and not self.head_parsed:
+            self._stop_head_timer()
+            self.listener = None
+            listener.response_failed(exc)
         if response is not None:
             response._fail(exc)
 
@@ -362,41 +428,61 @@ class UpstreamPool:
     #: ``connect_timeout_s``, ``read_timeout_s`` and ``max_connections`` (per origin; 0: no limit).
     limits: UpstreamsConfig = field(default_factory=UpstreamsConfig)
     ssl_context: ssl.SSLContext | None = None
-    _idle: dict[Origin, list[_Connection]] = field(default_factory=dict)
-    _open: dict[Origin, set[_Connection]] = field(default_factory=dict)
+    _idle: dict[Origin, list[UpstreamConnection]] = field(default_factory=dict)
+    _open: dict[Origin, set[UpstreamConnection]] = field(default_factory=dict)
     _opening: dict[Origin, int] = field(default_factory=dict)
-    _waiters: dict[Origin, collections.deque[asyncio.Future[_Connection | None]]] = field(
+    _waiters: dict[Origin, collections.deque[asyncio.Future[UpstreamConnection | None]]] = field(
         default_factory=dict
     )
 
     async def post(self, url: URL, headers: Iterable[tuple[str, str]], body: bytes) -> UpstreamResponse:
         """Send ``body`` to ``url`` with exactly ``headers`` (plus Host and Content-Length); the head."""
         origin = Origin.of(url)
-        conn = await self._acquire(origin)
-        lines = [f"POST {url.raw_path_qs} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in headers]
-        lines.append(f"Content-Length: {len(body)}\r\n\r\n")
-        read_timeout = self.limits.read_timeout_s
-        # The server side decodes header bytes as UTF-8 with surrogateescape (aiohttp's way, and the
-        # fast path's): encoding back the same way forwards every byte as it came, valid UTF-8 or not.
-        head = conn.send("".join(lines).encode("utf-8", "surrogateescape") + body, read_timeout)
-        timer = conn.loop.call_later(read_timeout, _expire, head, read_timeout)
+        conn = await self.connection(origin)
+        waiter = _HeadWaiter(conn.loop.create_future())
+        self.send(conn, url.raw_path_qs, headers, body, waiter)
         try:
-            return await head
+            return await waiter.future
         except BaseException:  # failed, timed out, or the caller was cancelled: nobody reads this
             conn.close()
             raise
-        finally:
-            timer.cancel()
 
-    async def _acquire(self, origin: Origin) -> _Connection:
+    def send(
+        self,
+        conn: UpstreamConnection,
+        path_qs: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+        listener: ResponseListener,
+    ) -> None:
+        """POST ``body`` to ``path_qs`` on ``conn`` with exactly ``headers`` (plus Host and
+        Content-Length); ``listener`` is told how it went. Close ``conn`` to abandon the call."""
+        lines = [f"POST {path_qs} HTTP/1.1\r\nHost: {conn.origin.host_header}\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in headers]
+        lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+        # The server side decodes header bytes as UTF-8 with surrogateescape (aiohttp's way, and the
+        # fast path's): encoding back the same way forwards every byte as it came, valid UTF-8 or not.
+        head = "".join(lines).encode("utf-8", "surrogateescape")
+        conn.send(head + body, self.limits.read_timeout_s, listener)
+
+    def idle_connection(self, origin: Origin) -> UpstreamConnection | None:
+        """A pooled connection to ``origin`` ready for a call now, or None (then :meth:`connection`)."""
         idle = self._idle.get(origin)
+        if not idle:
+            return None
         now = time.monotonic()
         while idle:
             conn = idle.pop()
             if not conn.closed and now - conn.idle_since < KEEPALIVE_S:
                 return conn
             conn.close()
+        return None
+
+    async def connection(self, origin: Origin) -> UpstreamConnection:
+        """A connection to ``origin`` for one call: pooled, handed over by a finished call, or new."""
+        conn = self.idle_connection(origin)
+        if conn is not None:
+            return conn
         if asyncio.current_task() is None:
             # Started eagerly (proxy.fastpath.start_eagerly): the timeout below needs a task.
             await asyncio.sleep(0)
@@ -413,10 +499,10 @@ class UpstreamPool:
                 f"no connection to {origin.host}:{origin.port} within {self.limits.connect_timeout_s:g} s"
             ) from None
 
-    async def _wait_for_connection(self, origin: Origin) -> _Connection | None:
+    async def _wait_for_connection(self, origin: Origin) -> UpstreamConnection | None:
         """At max_connections: wait for a connection handed over by a finished call (or for one to
         close, None: then this call may open its own)."""
-        waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[UpstreamConnection | None] = asyncio.get_running_loop().create_future()
         waiters = self._waiters.setdefault(origin, collections.deque())
         waiters.append(waiter)
         try:
@@ -431,7 +517,7 @@ class UpstreamPool:
             with contextlib.suppress(ValueError):
                 waiters.remove(waiter)
 
-    def _wake_one(self, origin: Origin, conn: _Connection | None) -> bool:
+    def _wake_one(self, origin: Origin, conn: UpstreamConnection | None) -> bool:
         waiters = self._waiters.get(origin)
         while waiters:
             waiter = waiters.popleft()
@@ -440,7 +526,7 @@ class UpstreamPool:
                 return True
         return False
 
-    async def _connect(self, origin: Origin) -> _Connection:
+    async def _connect(self, origin: Origin) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         ssl_context: ssl.SSLContext | None = None
         if origin.scheme == "https":
@@ -450,7 +536,7 @@ class UpstreamPool:
         self._opening[origin] = self._opening.get(origin, 0) + 1
         try:
             _, conn = await loop.create_connection(
-                lambda: _Connection(self, origin),
+                lambda: UpstreamConnection(self, origin),
                 origin.host,
                 origin.port,
                 ssl=ssl_context,
@@ -465,7 +551,7 @@ class UpstreamPool:
         self._open.setdefault(origin, set()).add(conn)
         return conn
 
-    def put_back(self, conn: _Connection) -> None:
+    def put_back(self, conn: UpstreamConnection) -> None:
         """A call is done with a healthy connection: to a waiting call, else to the idle pool."""
         if self._wake_one(conn.origin, conn):
             return
@@ -475,7 +561,7 @@ class UpstreamPool:
             idle[0].close()
         idle.append(conn)
 
-    def forget(self, conn: _Connection) -> None:
+    def forget(self, conn: UpstreamConnection) -> None:
         """A connection closed: it leaves the pool, and a call waiting for a free slot may connect."""
         open_ = self._open.get(conn.origin)
         if open_ is not None and conn in open_:
