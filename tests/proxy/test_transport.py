@@ -143,6 +143,21 @@ async def test_path_cannot_reach_another_host(proxy: RunningProxy, upstream: Fak
         assert "evil" not in upstream.seen.headers.get("Host", "")
 
 
+async def test_upstream_paths_are_remembered_but_never_with_a_query(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    gemini = "/gemini/v1beta/models/gemini-2.5-flash:generateContent"
+    body = b'{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}'
+    for suffix in ("", "?key=AIza-in-the-query"):
+        for _ in range(2):  # the second call takes the remembered path
+            headers = {"Content-Type": "application/json", "x-goog-api-key": API_KEY}
+            status, _, _ = await post(proxy.url + gemini + suffix, body, headers)
+            assert status == 200
+            assert upstream.seen.path_qs == gemini.removeprefix("/gemini") + suffix
+    remembered = proxy.app[STATE_KEY].upstream_paths
+    assert remembered == {gemini: gemini.removeprefix("/gemini")}  # a key in a query is not kept
+
+
 async def test_stream_is_forwarded_chunk_by_chunk(make_proxy: MakeProxy, upstream: FakeUpstream) -> None:
     upstream.config.chunk_interval_s = 0.2
     upstream.config.chunks = 8

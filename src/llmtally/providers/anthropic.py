@@ -24,6 +24,9 @@ from llmtally.providers.base import (
 from llmtally.providers.streams import SSESplitter
 from llmtally.record import Provider, TokenUsage
 
+#: The metered endpoint (made once: a route is looked up on every call).
+_MESSAGES = Endpoint(provider="anthropic", name="messages")
+
 
 def usage_from_anthropic(usage: Any) -> TokenUsage | None:
     if not isinstance(usage, dict):
@@ -53,9 +56,7 @@ class AnthropicAdapter:
     request_id_header: str | None = "request-id"
 
     def route(self, subpath: str) -> Endpoint | None:
-        if subpath.rstrip("/") == "v1/messages":
-            return Endpoint(provider="anthropic", name="messages")
-        return None
+        return _MESSAGES if subpath.rstrip("/") == "v1/messages" else None
 
     def prepare(
         self, endpoint: Endpoint, body: bytes, query: Mapping[str, str], inject_stream_usage: bool

@@ -7,6 +7,7 @@ are input too; output is ``candidatesTokenCount + thoughtsTokenCount``. In a str
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -61,22 +62,27 @@ def _error(obj: Any) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)  # a route is looked up on every call; models are few
+def _route(subpath: str) -> Endpoint | None:
+    match = _PATH.match(subpath)
+    if match is None:
+        return None
+    resource, method = match.groups()
+    model = resource.split("/", 1)[1]
+    return Endpoint(
+        provider="gemini",
+        name=method,
+        url_model=model,
+        always_stream=method == "streamGenerateContent",
+    )
+
+
 class GeminiAdapter:
     name: Provider = "gemini"
     request_id_header: str | None = None
 
     def route(self, subpath: str) -> Endpoint | None:
-        match = _PATH.match(subpath)
-        if match is None:
-            return None
-        resource, method = match.groups()
-        model = resource.split("/", 1)[1]
-        return Endpoint(
-            provider="gemini",
-            name=method,
-            url_model=model,
-            always_stream=method == "streamGenerateContent",
-        )
+        return _route(subpath)
 
     def prepare(
         self, endpoint: Endpoint, body: bytes, query: Mapping[str, str], inject_stream_usage: bool

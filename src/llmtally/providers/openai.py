@@ -22,11 +22,15 @@ from llmtally.providers.base import (
 from llmtally.providers.streams import SSESplitter
 from llmtally.record import Provider, TokenUsage
 
+#: Metered paths and their endpoints (made once: a route is looked up on every call).
 _ROUTES = {
-    "v1/chat/completions": "chat.completions",
-    "v1/responses": "responses",
-    "v1/completions": "completions",
-    "v1/embeddings": "embeddings",
+    path: Endpoint(provider="openai", name=name)
+    for path, name in {
+        "v1/chat/completions": "chat.completions",
+        "v1/responses": "responses",
+        "v1/completions": "completions",
+        "v1/embeddings": "embeddings",
+    }.items()
 }
 #: Endpoints whose streams report usage only when asked with stream_options.include_usage.
 _USAGE_OPT_IN = frozenset({"chat.completions", "completions"})
@@ -71,8 +75,7 @@ class OpenAIAdapter:
     request_id_header: str | None = "x-request-id"
 
     def route(self, subpath: str) -> Endpoint | None:
-        name = _ROUTES.get(subpath.rstrip("/"))
-        return Endpoint(provider="openai", name=name) if name else None
+        return _ROUTES.get(subpath.rstrip("/"))
 
     def prepare(
         self, endpoint: Endpoint, body: bytes, query: Mapping[str, str], inject_stream_usage: bool

@@ -55,6 +55,8 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+#: Request headers never forwarded upstream (the upstream client writes its own Host and length).
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length"}
 TAG_PREFIX = "x-llmtally-tag-"
 OVERHEAD_HEADER = "x-llmtally-overhead-ms"
 
@@ -99,6 +101,8 @@ class ProxyState:
     upstreams: dict[Provider, URL] = field(default_factory=dict)
     #: Each upstream's origin (a metered call's URL is checked to stay on it).
     origins: dict[Provider, Origin] = field(init=False)
+    #: A metered call's path as the client sent it (with its provider prefix) → the upstream's.
+    upstream_paths: dict[str, str] = field(default_factory=dict)
     #: Metered calls whose exchange is not yet with the meter; shutdown waits for none.
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -237,16 +241,18 @@ def _upstream_headers(
 ) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """Headers to forward (hop-by-hop, Host and x-llmtally-* removed) and the tags found."""
     lowered = [(name.lower(), name, value) for name, value in headers]
-    connection = ",".join(value for low, _, value in lowered if low == "connection")
-    connection_tokens = {token.strip().lower() for token in connection.split(",")}
+    dropped = _NOT_FORWARDED
+    connection = [value for low, _, value in lowered if low == "connection"]
+    if connection:  # and the headers it names
+        dropped = dropped | {token.strip().lower() for token in ",".join(connection).split(",")}
     out: list[tuple[str, str]] = []
     tags: dict[str, str] = {}
     for low, name, value in lowered:
+        if low in dropped:
+            continue
         if low.startswith("x-llmtally-"):
             if low.startswith(TAG_PREFIX) and len(low) > len(TAG_PREFIX):
                 tags[low[len(TAG_PREFIX) :]] = value
-            continue
-        if low in HOP_BY_HOP or low in connection_tokens or low in ("host", "content-length"):
             continue
         if metered and low == "accept-encoding":
             # Only ask for encodings llmtally can decode to read the usage.
@@ -371,8 +377,8 @@ def new_metered_call(
     t0: float,
 ) -> MeteredCall | None:
     """The call to forward (not begun), or None when ``down`` was answered at once (a bad path)."""
-    upstream_url = _upstream_url(state.upstreams[provider], raw_path, provider)
-    if upstream_url is None:
+    path_qs = _upstream_path(state, provider, raw_path)
+    if path_qs is None:
         _send_error(down, 400, "bad_path", BAD_PATH)
         return None
     adapter = ADAPTERS[provider]
@@ -391,8 +397,26 @@ def new_metered_call(
         # counting thread measured worse tail latency under load (docs/performance.md).
         count_input=state.config.metering.estimate_input,
     )
-    origin = state.origins[provider]
-    return MeteredCall(state, down, adapter, metered, exchange, origin, upstream_url.raw_path_qs, headers, t0)
+    return MeteredCall(state, down, adapter, metered, exchange, state.origins[provider], path_qs, headers, t0)
+
+
+#: Upstream paths remembered per proxy process (the few paths clients call, each parsed once).
+PATHS_REMEMBERED = 256
+
+
+def _upstream_path(state: ProxyState, provider: Provider, raw_path: str) -> str | None:
+    """The path (and query) to request upstream for ``raw_path``, or None if it would leave the upstream."""
+    remembered = state.upstream_paths.get(raw_path)
+    if remembered is not None:
+        return remembered
+    url = _upstream_url(state.upstreams[provider], raw_path, provider)
+    if url is None:
+        return None
+    if "?" not in raw_path:  # a query may carry a key (Gemini's ?key=): not kept
+        if len(state.upstream_paths) >= PATHS_REMEMBERED:
+            state.upstream_paths.clear()
+        state.upstream_paths[raw_path] = url.raw_path_qs
+    return url.raw_path_qs
 
 
 async def meter_call(
