@@ -27,6 +27,19 @@ def test_corpus_reference_counts(encoding: str) -> None:
     assert len(REFS) == 126
 
 
+@pytest.mark.parametrize(("encoding", "vocab"), [("cl100k_base", 100277), ("o200k_base", 200019)])
+def test_an_encoding_works_whole_without_tiktokens_python_copy_of_its_ranks(
+    encoding: str, vocab: int
+) -> None:
+    # bundled.tiktoken_encoding drops that copy (it only serves pickling) to save 26 MB per encoding.
+    enc = tiktoken_encoding(encoding)
+    tokens = enc.encode("héllo wörld <|endoftext|>", allowed_special="all")
+    assert enc.decode(tokens) == "héllo wörld <|endoftext|>"
+    assert tokens[-1] == enc.eot_token
+    assert enc.n_vocab == vocab
+    assert b"".join(enc.decode_single_token_bytes(t) for t in tokens[:-1]) == "héllo wörld ".encode()
+
+
 # The cookbook's example (How_to_count_tokens_with_tiktoken): 129 tokens on gpt-4, 124 on gpt-4o.
 COOKBOOK_MESSAGES: list[dict[str, Any]] = [
     {"role": "system", "content": "You are a helpful, pattern-following assistant that translates corporate "
