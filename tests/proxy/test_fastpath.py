@@ -159,6 +159,23 @@ async def test_pipelined_requests_are_answered_in_order(
     assert [r["endpoint"] for r in records] == ["chat.completions", "embeddings", "chat.completions"]
 
 
+async def test_answers_held_for_the_end_of_the_loops_batch_go_before_a_handed_off_request(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    # The fast path's writes wait in the outbox until the loop's callbacks have run; a request handed
+    # to aiohttp right after an answer (a whole one, or a stream's last chunk) must not overtake them.
+    proxy = await make_proxy()
+    health = b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n"
+    for first in (metered_post(), metered_post(STREAM_CHAT)):
+        answers, writer = await connect(proxy)
+        writer.write(first + health)
+        got = await answers.answers_until(2)
+        writer.close()
+        assert [a.status for a in got] == [200, 200]
+        assert got[0].body.endswith((b"}", b"data: [DONE]\n\n"))
+        assert orjson.loads(got[1].body) == {"status": "ok"}
+
+
 async def test_a_request_arriving_in_pieces_is_served(make_proxy: MakeProxy, upstream: FakeUpstream) -> None:
     proxy = await make_proxy()
     answers, writer = await connect(proxy)

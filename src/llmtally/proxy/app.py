@@ -30,6 +30,7 @@ from llmtally.providers import ADAPTERS, Endpoint, MeteredRequest, ProviderAdapt
 from llmtally.providers.encoding import DECODABLE
 from llmtally.proxy.eager import start_eagerly
 from llmtally.proxy.metering_copy import MeteringCopy, StreamBudget
+from llmtally.proxy.outbox import Outbox
 from llmtally.proxy.upstream import (
     Origin,
     UpstreamConnection,
@@ -94,6 +95,8 @@ class ProxyState:
     session: aiohttp.ClientSession | None = None
     #: Metered calls, the hot path: a lean keep-alive client (see :mod:`llmtally.proxy.upstream`).
     pool: UpstreamPool | None = None
+    #: Socket writes of the fast path and the pool, sent after each batch of the loop's callbacks.
+    outbox: Outbox | None = None
     #: Loop time when the shutdown grace ends and the runner cancels what is still running (set at
     #: shutdown: the proxy is draining from then on).
     cut_at: float | None = None
@@ -153,7 +156,8 @@ async def _on_startup(app: web.Application) -> None:
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),  # a proxy must not keep one client's cookies for another
     )
-    state.pool = UpstreamPool(up)
+    state.outbox = Outbox(asyncio.get_running_loop())
+    state.pool = UpstreamPool(up, outbox=state.outbox)
 
 
 async def _on_shutdown(app: web.Application) -> None:

@@ -82,6 +82,9 @@ class FastPathServer:
         self.aiohttp_server = aiohttp_server
         self.state = state
         self.max_body = state.config.server.max_request_body_mb * 1024 * 1024
+        assert state.outbox is not None  # made at startup, before the runner makes its server
+        #: Every write to a client goes through it, so its writes keep their order.
+        self.outbox = state.outbox
         self.connections: set[_Connection] = set()
         self.closing = False
 
@@ -295,6 +298,7 @@ class _Connection(asyncio.Protocol):
             return
         received, self.received = self.received, b""
         self._forget()
+        self.server.outbox.flush()  # the answers before it go first
         handler = self.server.aiohttp_server()
         transport.set_protocol(handler)
         handler.connection_made(transport)
@@ -343,12 +347,14 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         bodyless = _bodyless(status)
         head = self._head(status, reason, headers, None if bodyless else len(body))
+        outbox = self.server.outbox
         if bodyless:
-            self.transport.write(head)
+            outbox.write(self.transport, head)
         elif len(body) < JOIN_BELOW:
-            self.transport.write(head + body)
+            outbox.write(self.transport, head + body)
         else:
-            self.transport.writelines((head, body))
+            outbox.write(self.transport, head)
+            outbox.write(self.transport, body)
 
     async def start(self, status: int, reason: str, headers: list[tuple[str, str]], hold_head: bool) -> None:
         self.answer_started = True
@@ -396,7 +402,7 @@ class _Connection(asyncio.Protocol):
         if self.gone():
             raise ConnectionResetError("the client closed the connection")
         assert self.transport is not None
-        self.transport.write(data)
+        self.server.outbox.write(self.transport, data)
         if self.writing_paused:  # the client reads slower than the upstream sends: wait for it
             self.drain_waiter = self.loop.create_future()
             try:
@@ -424,6 +430,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self.server.outbox.flush()  # what is held for it goes before the close
             self.transport.close()
 
     def _forget(self) -> None:

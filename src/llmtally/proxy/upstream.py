@@ -33,6 +33,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from llmtally.config import UpstreamsConfig
+from llmtally.proxy.outbox import Outbox
 
 #: Body bytes buffered ahead of the reader before the upstream socket stops being read.
 HIGH_WATER = 256 * 1024
@@ -372,7 +373,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_parsed = False
         self.read_timeout = read_timeout
         self.head_timer = self.loop.call_at(self.loop.time() + read_timeout, self._head_timed_out)
-        self.transport.write(data)
+        outbox = self.pool.outbox
+        if outbox is not None:
+            outbox.write(self.transport, data)
+        else:
+            self.transport.write(data)
 
     def _head_timed_out(self) -> None:
         self.head_timer = None
@@ -428,6 +433,8 @@ class UpstreamPool:
     #: ``connect_timeout_s``, ``read_timeout_s`` and ``max_connections`` (per origin; 0: no limit).
     limits: UpstreamsConfig = field(default_factory=UpstreamsConfig)
     ssl_context: ssl.SSLContext | None = None
+    #: Requests leave through it, after the loop's current batch of callbacks; None: at once.
+    outbox: Outbox | None = None
     _idle: dict[Origin, list[UpstreamConnection]] = field(default_factory=dict)
     _open: dict[Origin, set[UpstreamConnection]] = field(default_factory=dict)
     _opening: dict[Origin, int] = field(default_factory=dict)
