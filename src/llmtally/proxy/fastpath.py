@@ -6,7 +6,8 @@ measurements, and uvicorn's and granian's for comparison). A *metered call* is a
 Content-Length body to a route a provider adapter meters. For those, the connection's own protocol
 reads the request with llhttp (httptools; aiohttp's own parser wraps the same C library), forwards
 it as a :class:`llmtally.proxy.app.MeteredCall` (what aiohttp's handler runs too) and writes the
-answer straight to the socket.
+answer to the socket itself (through the loop's :class:`~llmtally.proxy.outbox.Outbox`, which sends
+it once the loop has run the callbacks of the events it polled together).
 
 Any other request (passthrough paths, health and metrics, chunked or ``Expect: 100-continue``
 uploads, HTTP/1.0, percent-encoded paths, malformed or oversized heads, bodies above
