@@ -270,6 +270,16 @@ async def test_client_leaving_before_the_upstream_answers_is_recorded(
 ) -> None:
     upstream.config.latency_s = 60
     proxy = await make_proxy()
+    writer = await _call_then_wait(proxy)
+    writer.close()
+    record = await first_record(proxy)
+    assert record["client_disconnected"] is True
+    assert record["status"] is None
+    assert record["usage_source"] == "estimated"
+
+
+async def _call_then_wait(proxy: RunningProxy) -> asyncio.StreamWriter:
+    """A metered call on a raw connection, left with the upstream for 0.3 s; its writer, to leave."""
     port = int(proxy.url.rsplit(":", 1)[1])
     _, writer = await asyncio.open_connection("127.0.0.1", port)
     head = "".join(f"{k}: {v}\r\n" for k, v in AUTH.items())
@@ -280,11 +290,7 @@ async def test_client_leaving_before_the_upstream_answers_is_recorded(
     )
     await writer.drain()
     await asyncio.sleep(0.3)  # the call is with the upstream now
-    writer.close()
-    record = await first_record(proxy)
-    assert record["client_disconnected"] is True
-    assert record["status"] is None
-    assert record["usage_source"] == "estimated"
+    return writer
 
 
 async def test_calls_cut_off_at_shutdown_still_get_their_records(upstream: FakeUpstream) -> None:
@@ -527,16 +533,7 @@ async def test_on_a_pooled_connection_a_client_leaving_before_the_head_is_record
     proxy = await make_proxy()
     await _warm(proxy)
     upstream.config.latency_s = 60
-    port = int(proxy.url.rsplit(":", 1)[1])
-    _, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = "".join(f"{k}: {v}\r\n" for k, v in AUTH.items())
-    writer.write(
-        f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(CHAT)}\r\n"
-        f"{head}\r\n".encode()
-        + CHAT
-    )
-    await writer.drain()
-    await asyncio.sleep(0.3)  # the call is with the upstream now
+    writer = await _call_then_wait(proxy)
     assert _pooled(proxy) == 0
     writer.close()
     for _ in range(50):
