@@ -401,7 +401,7 @@ def new_metered_call(
         # counting thread measured worse tail latency under load (docs/performance.md).
         count_input=state.config.metering.estimate_input,
     )
-    return MeteredCall(state, down, adapter, metered, exchange, state.origins[provider], path_qs, headers, t0)
+    return MeteredCall(state, down, adapter, metered, exchange, path_qs, headers, t0)
 
 
 #: Upstream paths remembered per proxy process (the few paths clients call, each parsed once).
@@ -471,8 +471,8 @@ class MeteredCall:
     """
 
     __slots__ = (
-        "adapter", "conn", "down", "exchange", "finished", "headers", "metered", "on_done", "origin",
-        "path_qs", "state", "t0", "t_sent", "task",
+        "adapter", "conn", "down", "exchange", "finished", "headers", "metered", "on_done", "path_qs",
+        "state", "t0", "t_sent", "task",
     )  # fmt: skip
 
     def __init__(
@@ -482,7 +482,6 @@ class MeteredCall:
         adapter: ProviderAdapter,
         metered: MeteredRequest,
         exchange: Exchange,
-        origin: Origin,
         path_qs: str,
         headers: list[tuple[str, str]],
         t0: float,
@@ -492,7 +491,6 @@ class MeteredCall:
         self.adapter = adapter
         self.metered = metered
         self.exchange = exchange
-        self.origin = origin
         self.path_qs = path_qs
         self.headers = headers
         self.t0 = t0
@@ -512,7 +510,7 @@ class MeteredCall:
         state.idle.clear()
         assert state.pool is not None
         self.t_sent = time.perf_counter()
-        conn = state.pool.idle_connection(self.origin)
+        conn = state.pool.idle_connection(state.origins[self.exchange.provider])
         if conn is not None:
             self._send(conn)
         else:
@@ -534,15 +532,16 @@ class MeteredCall:
 
     def response_arrived(self, upstream: UpstreamResponse) -> None:
         self.conn = None
+        head_at = time.perf_counter()
         try:
-            if self._answer_whole(upstream):
+            if self._answer_whole(upstream, head_at):
                 self._finish(None)
                 return
         except Exception as exc:  # a bug: the client must not hang on it
             upstream.close()
             self._finish(exc)
             return
-        self.task = start_eagerly(upstream.loop, self._stream_and_finish(upstream))
+        self.task = start_eagerly(upstream.loop, self._stream_and_finish(upstream, head_at))
 
     def response_failed(self, exc: Exception) -> None:
         self.conn = None
@@ -568,7 +567,7 @@ class MeteredCall:
     async def _connect_and_send(self) -> None:
         assert self.state.pool is not None
         try:
-            conn = await self.state.pool.connection(self.origin)
+            conn = await self.state.pool.connection(self.state.origins[self.exchange.provider])
         except (TimeoutError, UpstreamError) as exc:
             self.task = None
             self.response_failed(exc)
@@ -585,9 +584,8 @@ class MeteredCall:
         self.exchange.latency_ms = (time.perf_counter() - self.t0) * 1000
         self._finish(asyncio.CancelledError())
 
-    def _answer_whole(self, upstream: UpstreamResponse) -> bool:
+    def _answer_whole(self, upstream: UpstreamResponse, head_at: float) -> bool:
         """Note the head; answer now if the whole (non-stream) body came with it (True)."""
-        now = time.perf_counter()
         exchange = self.exchange
         exchange.status = upstream.status
         if self.adapter.request_id_header:
@@ -596,51 +594,50 @@ class MeteredCall:
             return False
         body = upstream.body_if_complete()
         assert body is not None
-        exchange.ttfb_ms = (now - self.t0) * 1000
-        copy = self._copy(upstream, stream=False)
+        exchange.ttfb_ms = (head_at - self.t0) * 1000
+        copy = self._copy(upstream.headers.get("Content-Encoding", "identity"), stream=False)
         copy.feed(body)
         copy.hand_over()
         headers = _client_headers(upstream.headers, keep_length=False)
-        _overhead_header(self.state, headers, self.t0, now - self.t_sent)
+        _overhead_header(self.state, headers, self.t0, head_at - self.t_sent)
         exchange.latency_ms = (time.perf_counter() - self.t0) * 1000
         self.down.send_whole(upstream.status, upstream.reason, headers, body)
         return True
 
-    def _copy(self, upstream: UpstreamResponse, stream: bool) -> MeteringCopy:
+    def _copy(self, encoding: str, stream: bool) -> MeteringCopy:
         metering = self.state.config.metering
         return MeteringCopy(
             self.exchange,
             self.adapter,
             self.metered,
             stream=stream,
-            encoding=upstream.headers.get("Content-Encoding", "identity"),
+            encoding=encoding,
             max_body=metering.max_response_body_mb * 1024 * 1024,
             budget=self.state.stream_budget,
         )
 
-    async def _stream_and_finish(self, upstream: UpstreamResponse) -> None:
+    async def _stream_and_finish(self, upstream: UpstreamResponse, head_at: float) -> None:
         failure: BaseException | None = None
         try:
-            await self._stream(upstream)
+            await self._stream(upstream, head_at)
         except (Exception, asyncio.CancelledError) as exc:
             failure = exc
         self.task = None
         self._finish(failure)
 
-    async def _stream(self, upstream: UpstreamResponse) -> None:
+    async def _stream(self, upstream: UpstreamResponse, head_at: float) -> None:
         """Stream the body to the client as it arrives (its copy to the meter)."""
         state, down, exchange, metered, t0 = self.state, self.down, self.exchange, self.metered, self.t0
-        upstream_wait = time.perf_counter() - self.t_sent
         ok = 200 <= upstream.status < 300
-        copy = self._copy(upstream, stream=ok and metered.stream)
+        encoding = upstream.headers.get("Content-Encoding", "identity")
+        copy = self._copy(encoding, stream=ok and metered.stream)
         # An edit works on bytes as sent: a stream the upstream compressed anyway goes on unedited.
-        identity = upstream.headers.get("Content-Encoding", "identity") == "identity"
-        editor = self.adapter.stream_editor(metered) if copy.stream and identity else None
+        editor = self.adapter.stream_editor(metered) if copy.stream and encoding == "identity" else None
         # Head and first chunk in one send when the chunk came with the head (an SSE stream's first
         # event usually does); otherwise the head goes at once, so a client sees the status while a
         # model is still thinking.
         stream_headers = _client_headers(upstream.headers, keep_length=editor is None)
-        _overhead_header(state, stream_headers, t0, upstream_wait)
+        _overhead_header(state, stream_headers, t0, head_at - self.t_sent)
         try:
             hold_head = upstream.body_arrived
             await down.start(upstream.status, upstream.reason, stream_headers, hold_head=hold_head)
