@@ -79,8 +79,11 @@ class MeteringConfig:
     #: the record process rather than on the loop that forwards them; past it (and at 0) a stream
     #: is parsed in the worker as it passes.
     deferred_stream_parse_mb: int = 32
-    #: Count each request's input tokens locally (off the event loop, while the upstream answers).
-    estimate_input: bool = True
+    #: Count each request's input tokens locally even when the provider reports usage (for comparison
+    #: and to calibrate Claude estimates). Off by default: the provider's usage is what is billed, and
+    #: the tokenizer tables cost ~45 MB in a sidecar that may never need them; a record without
+    #: provider usage is estimated either way.
+    estimate_input: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ import pytest
 
 from llmtally.testing import FakeUpstream
 from llmtally.testing.harness import RunningProxy
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, MakeProxy
 from tests.proxy.helpers import assert_usage, only_record
 
 MESSAGES: Any = [{"role": "user", "content": "Say hello"}]
@@ -57,6 +57,18 @@ async def test_message(proxy: RunningProxy, upstream: FakeUpstream, thinking: bo
     record = await only_record(proxy)
     assert_usage(record, provider="anthropic", endpoint="messages", stream=False, **SONNET)
     assert record["upstream_request_id"] == "req_fake_anthropic_0001"
+    assert record["estimated_input_tokens"] is None  # provider usage only, unless estimate_input is on
+
+
+async def test_estimate_input_counts_the_request_beside_provider_usage(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await make_proxy(estimate_input=True)
+    via, _ = clients(proxy, upstream)
+    await via.messages.create(model="claude-sonnet-5", max_tokens=100, messages=MESSAGES)
+    record = await only_record(proxy)
+    assert_usage(record, provider="anthropic", endpoint="messages", stream=False, **SONNET)
+    assert record["estimated_input_tokens"] > 0  # an estimate (scaled o200k_base), beside the billed 12,050
 
 
 @pytest.mark.parametrize("thinking", [False, True])

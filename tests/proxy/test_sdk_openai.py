@@ -9,7 +9,7 @@ import pytest
 
 from llmtally.testing import FakeUpstream
 from llmtally.testing.harness import RunningProxy
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, MakeProxy
 from tests.proxy.helpers import assert_usage, only_record
 
 MESSAGES: Any = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
@@ -47,7 +47,19 @@ async def test_chat_completion(proxy: RunningProxy, upstream: FakeUpstream) -> N
     record = await only_record(proxy)
     assert_usage(record, provider="openai", endpoint="chat.completions", stream=False, **GPT4O)
     assert record["upstream_request_id"] == "req_fake_openai_0001"
-    assert record["estimated_input_tokens"] > 0
+    assert record["estimated_input_tokens"] is None  # provider usage only, unless estimate_input is on
+
+
+async def test_estimate_input_counts_the_request_beside_provider_usage(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await make_proxy(estimate_input=True)
+    via, _ = clients(proxy, upstream)
+    await via.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    record = await only_record(proxy)
+    assert_usage(record, provider="openai", endpoint="chat.completions", stream=False, **GPT4O)
+    # o200k_base: "Be brief." 3 + "Say hello" 2 + the roles 1 + 1, 3 per message, 3 to prime the reply.
+    assert record["estimated_input_tokens"] == 16
 
 
 async def test_chat_stream_injects_usage_and_hides_it(proxy: RunningProxy, upstream: FakeUpstream) -> None:
