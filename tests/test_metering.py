@@ -18,13 +18,19 @@ from llmtally.record import Provider, TokenUsage
 PRICES = PriceBook(PricingConfig())
 TEXT = b"Say hello, and then say it again in other words. " * 4  # long enough for the count cache
 CALLS: dict[Provider, tuple[str, bytes]] = {
-    "openai": ("v1/chat/completions", b'{"model":"gpt-4o","messages":[{"role":"user","content":"%s"}]}' % TEXT),
+    "openai": (
+        "v1/chat/completions",
+        b'{"model":"gpt-4o","messages":[{"role":"user","content":"%s"}]}' % TEXT,
+    ),
     "anthropic": (
         "v1/messages",
         b'{"model":"claude-sonnet-5","max_tokens":9,"messages":[{"role":"user","content":"%s"}]}' % TEXT,
     ),
     # Gemini 1.5 is estimated with o200k_base (no Gemma 3 to load in a unit test).
-    "gemini": ("v1beta/models/gemini-1.5-flash:generateContent", b'{"contents":[{"parts":[{"text":"%s"}]}]}' % TEXT),
+    "gemini": (
+        "v1beta/models/gemini-1.5-flash:generateContent",
+        b'{"contents":[{"parts":[{"text":"%s"}]}]}' % TEXT,
+    ),
 }
 
 
@@ -56,11 +62,13 @@ def test_a_record_with_provider_usage_counts_nothing_unless_asked(provider: Prov
     usage = TokenUsage(input_tokens=120, output_tokens=30)
 
     record = build_record(_exchange(provider, usage, count_input=False), ADAPTERS[provider], counter, PRICES)
-    assert (record.usage_source, record.usage.input_tokens, record.estimated_input_tokens) == ("provider", 120, None)
+    assert (record.usage_source, record.usage.input_tokens) == ("provider", 120)
+    assert record.estimated_input_tokens is None
     assert len(cache) == 0  # the request's text went through no tokenizer
 
     record = build_record(_exchange(provider, usage, count_input=True), ADAPTERS[provider], counter, PRICES)
-    assert (record.usage_source, record.usage.input_tokens) == ("provider", 120)  # the estimate sits beside it
+    # The estimate sits beside the provider's count; it does not replace it.
+    assert (record.usage_source, record.usage.input_tokens) == ("provider", 120)
     assert record.estimated_input_tokens is not None and record.estimated_input_tokens > 0
     assert len(cache) > 0
 
