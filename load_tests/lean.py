@@ -70,6 +70,18 @@ class Canned:
     stream: bool
 
 
+#: OpenAI sends a stream's usage only when asked (``stream_options.include_usage``), as llmtally does by
+#: default for the streams it meters: the upstream answers that request with the usage chunk, like OpenAI.
+OPENAI_USAGE_STREAM = ("openai+usage", True)
+_UPSTREAM_ONLY = {
+    OPENAI_USAGE_STREAM: (
+        "/v1/chat/completions",
+        b'{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},'
+        b'"messages":[{"role":"user","content":"Say hello"}]}',
+    ),
+}
+
+
 async def capture(chunks: int, piece_chars: int) -> dict[tuple[str, bool], Canned]:
     """Each provider's responses, as the test fake sends them."""
     from llmtally.testing import FakeUpstream, FakeUpstreamConfig
@@ -79,8 +91,8 @@ async def capture(chunks: int, piece_chars: int) -> dict[tuple[str, bool], Canne
     canned = {}
     try:
         async with aiohttp.ClientSession(auto_decompress=False) as session:
-            for (provider, stream), (path, body) in REQUESTS.items():
-                name, value = AUTH[provider].split(": ")
+            for (provider, stream), (path, body) in (REQUESTS | _UPSTREAM_ONLY).items():
+                name, value = AUTH[provider.split("+")[0]].split(": ")
                 async with session.post(url + path, data=body, headers={name: value}) as response:
                     assert response.status == 200, (provider, stream, response.status)
                     data = await response.read()
@@ -132,8 +144,10 @@ class UpstreamProtocol(asyncio.Protocol):
             key = ("gemini", gemini.group(1) is not None)
         elif url.startswith(b"/v1/messages"):
             key = ("anthropic", b'"stream":true' in body)
+        elif b'"stream":true' not in body:
+            key = ("openai", False)
         else:
-            key = ("openai", b'"stream":true' in body)
+            key = OPENAI_USAGE_STREAM if b'"include_usage":true' in body else ("openai", True)
         self.server.respond(self, self.server.canned[key])
 
 
