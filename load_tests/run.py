@@ -404,15 +404,10 @@ def added(result: Result, base: Result) -> dict[str, float]:
 
 
 def cells(args: argparse.Namespace) -> list[tuple[str, str, str]]:
-    """(provider, mode, load) in run order: every concurrency for OpenAI, 16 and 64 for the others,
-    and the offered rates (non-streamed OpenAI)."""
-    out = []
-    for provider in args.providers:
-        levels = args.concurrency if provider == "openai" else [c for c in args.concurrency if c in (16, 64)]
-        for mode in ("json", "stream"):
-            out += [(provider, mode, f"c={c}") for c in levels]
-    out += [("openai", "json", f"r={r}") for r in args.rates]
-    return out
+    """(provider, mode, load) in run order: for each provider and mode (non-streamed, streamed), every
+    concurrency, then every offered rate."""
+    loads = [f"c={c}" for c in args.concurrency] + [f"r={r}" for r in args.rates]
+    return [(provider, mode, load) for provider in args.providers for mode in args.modes for load in loads]
 
 
 async def run_cell(
@@ -471,6 +466,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16,64,256")
     parser.add_argument("--rates", default="200,800", help="offered requests/s (open loop); empty: none")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--modes", default="json,stream", help="json (non-streamed), stream, or both")
     parser.add_argument("--llmtally-workers", default="1,2", help="llmtally targets by proxy worker count")
     parser.add_argument("--latency-ms", type=float, default=50.0, help="fake upstream delay before headers")
     parser.add_argument("--chunks", type=int, default=20, help="text events per stream")
@@ -488,6 +484,11 @@ def main() -> None:
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     args.rates = [float(r) for r in args.rates.split(",") if r]
     args.providers = [p for p in args.providers.split(",") if p]
+    args.modes = [m for m in args.modes.split(",") if m]
+    if unknown := set(args.modes) - {"json", "stream"}:
+        parser.error(f"unknown --modes {sorted(unknown)}: use json, stream or both")
+    if unknown := set(args.providers) - set(PROVIDERS):
+        parser.error(f"unknown --providers {sorted(unknown)}: use {', '.join(PROVIDERS)}")
     args.llmtally_workers = [int(w) for w in args.llmtally_workers.split(",") if w]
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -587,9 +588,9 @@ def check_targets(
     """Issue 5's targets, judged from this run: one row per target and llmtally worker count.
 
     Latency targets take the worst cell over the providers; SSE targets the worst streamed cell at
-    1 and 16 clients; throughput against LiteLLM is compared where both are saturated (the highest
-    concurrency measured), since at 16 clients a 50 ms upstream caps any proxy's requests/s near
-    direct's, 2x LiteLLM's at most.
+    1 and 16 clients; throughput against LiteLLM and nginx the lowest ratio over the providers and
+    modes where all are saturated (the highest concurrency measured), since at 16 clients a 50 ms
+    upstream caps any proxy's requests/s near direct's, 2x LiteLLM's at most.
     """
 
     def cells(target: str, mode: str, load: str) -> list[Result]:
@@ -599,10 +600,12 @@ def check_targets(
         values = [r.added[key] for load in loads for r in cells(target, mode, load) if key in r.added]
         return max(values) if values else None
 
-    def rps(target: str, load: str) -> float | None:
-        found = [r.rps for r in results if r.target == target and r.provider == "openai"
-                 and r.mode == "json" and r.load == load]  # fmt: skip
-        return found[0] if found else None
+    def rps_ratio(target: str, other: str, load: str) -> float | None:
+        """The lowest ratio of ``target``'s requests/s to ``other``'s over the providers and modes."""
+        theirs = {(r.provider, r.mode): r.rps for r in results if r.target == other and r.load == load}
+        ratios = [r.rps / theirs[r.provider, r.mode] for r in results
+                  if r.target == target and r.load == load and theirs.get((r.provider, r.mode))]  # fmt: skip
+        return min(ratios) if ratios else None
 
     loads = sorted({r.load for r in results if r.load.startswith("c=")}, key=lambda x: int(x[2:]))
     top = loads[-1] if loads else None
@@ -619,11 +622,10 @@ def check_targets(
         row("SSE first byte added p50 ms", worst(target, "stream", ("c=1", "c=16"), "ttfb_p50_ms"), 1.0)
         row("SSE chunk gap added p50 ms", worst(target, "stream", ("c=1", "c=16"), "chunk_gap_p50_ms"), 1.0)
         if top is not None:
-            mine, theirs, nginx = rps(target, top), rps("litellm", top), rps("nginx", top)
-            row(f"requests/s / LiteLLM's, {top[2:]} clients",
-                mine / theirs if mine and theirs else None, 5.0, at_most=False)  # fmt: skip
-            row(f"requests/s / nginx's, {top[2:]} clients",
-                mine / nginx if mine and nginx else None, 0.5, at_most=False)  # fmt: skip
+            row(f"requests/s / LiteLLM's, {top[2:]} clients", rps_ratio(target, "litellm", top), 5.0,
+                at_most=False)  # fmt: skip
+            row(f"requests/s / nginx's, {top[2:]} clients", rps_ratio(target, "nginx", top), 0.5,
+                at_most=False)  # fmt: skip
         got = records.get(target)
         if got:
             row("records written / calls answered", got["records"] / max(1, got["measured_requests"]), 1.0,
@@ -664,16 +666,19 @@ def _row(r: Result) -> str:
 
 
 def chart(results: list[Result], path: Path) -> None:
-    """Requests/s and added p50/p99 latency per target, OpenAI non-streamed and streamed."""
+    """Requests/s and added p50/p99 latency per target by concurrency: a row per provider and mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(r.target for r in results))
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
-    for row, mode in enumerate(("json", "stream")):
-        cell = [r for r in results if r.provider == "openai" and r.mode == mode and r.load.startswith("c=")]
+    rows = list(dict.fromkeys((r.provider, r.mode) for r in results if r.load.startswith("c=")))
+    if not rows:
+        return
+    fig, axes = plt.subplots(len(rows), 3, figsize=(16, 4.2 * len(rows)), squeeze=False)
+    for row, (provider, mode) in enumerate(rows):
+        cell = [r for r in results if r.provider == provider and r.mode == mode and r.load.startswith("c=")]
         loads = list(dict.fromkeys(r.load for r in cell))
         for col, (metric, title) in enumerate(
             (
@@ -693,8 +698,9 @@ def chart(results: list[Result], path: Path) -> None:
                         ys.append(match[0].rps)
                     else:
                         ys.append(match[0].added.get(metric, 0.0) if name != "direct" else 0.0)
-                ax.plot(loads, ys, marker="o", label=name)
-            ax.set_title(f"OpenAI {'streamed' if mode == 'stream' else 'non-streamed'}: {title}")
+                ax.plot([load[2:] for load in loads], ys, marker="o", label=name)
+            kind = "streamed" if mode == "stream" else "non-streamed"
+            ax.set_title(f"{provider} {kind}: {title}")
             ax.set_xlabel("concurrent clients")
             if metric != "rps":
                 ax.set_yscale("symlog", linthresh=1.0)
@@ -702,7 +708,7 @@ def chart(results: list[Result], path: Path) -> None:
     axes[0][0].legend()
     fig.suptitle("llmtally load test: same fake upstream (50 ms), same run")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=70)
     plt.close(fig)
 
 
