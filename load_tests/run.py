@@ -176,6 +176,20 @@ class Proc:
     def peak_rss_mb(self) -> float:
         return self._status_mb("VmHWM:")
 
+    def pss_mb(self) -> float:
+        """Proportional set size over the processes: a page shared by n processes counts 1/n in each.
+
+        Summed RSS counts the interpreter and the libraries every process maps once per process;
+        the sum of PSS counts them once, as a container's memory accounting does (roughly: it also
+        charges kernel memory such as socket buffers, which neither figure holds).
+        """
+        total = 0.0
+        for pid in self.pids():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+                total += int(rollup.split("\nPss:")[1].split()[0]) / 1024
+        return total
+
     def sched(self) -> tuple[int, int] | None:
         return sched_counters(self.popen.pid)
 
@@ -420,6 +434,25 @@ async def run_cell(
     return await open_loop("127.0.0.1", port, request, float(value), args.duration, args.warmup)
 
 
+def hold_streams(work: Path, slow_port: int, count: int, workers: int | None) -> dict[str, float]:
+    """Start ``llmtally serve`` against the slow upstream (with ``workers``, or as configured) and
+    measure it holding ``count`` streams (:func:`open_streams`)."""
+    port = free_port()
+    env = {f"LLMTALLY_UPSTREAMS_{p.upper()}": f"http://127.0.0.1:{slow_port}" for p in PROVIDERS}
+    name = "default" if workers is None else f"{workers}w"
+    env |= {"LLMTALLY_LOGGING_DESTINATION": str(work / f"slow-records-{name}.jsonl"),
+            "LLMTALLY_PIPELINE_SPILL_DIR": str(work / f"slow-spill-{name}")}  # fmt: skip
+    if workers is not None:
+        env["LLMTALLY_SERVER_WORKERS"] = str(workers)
+    proxy = Proc(
+        [sys.executable, "-m", "llmtally", "serve", "--port", str(port)], env=env, ready=b"listening on"
+    )
+    try:
+        return uvloop.run(open_streams(port, count, proxy))
+    finally:
+        proxy.stop()
+
+
 async def open_streams(port: int, count: int, proc: Proc) -> dict[str, float]:
     """Hold ``count`` streams open at once (the upstream sends slowly); the proxy's RSS meanwhile.
 
@@ -429,7 +462,7 @@ async def open_streams(port: int, count: int, proc: Proc) -> dict[str, float]:
     """
     from lean import ClientConnection, _connect
 
-    fresh = proc.rss_mb()
+    fresh, fresh_pss = proc.rss_mb(), proc.pss_mb()
     for provider in PROVIDERS:
         warm = build_request("127.0.0.1", port, f"/{provider}", provider, False)
         await closed_loop("127.0.0.1", port, warm, 1, 0.2, 0.0)
@@ -446,11 +479,11 @@ async def open_streams(port: int, count: int, proc: Proc) -> dict[str, float]:
         await asyncio.sleep(0.1)  # polls many connections' first byte; an Event each would be noise
     # A stream counts once its 200 head and first event arrived (an error answer has a body too).
     opened = sum(c.first is not None and c.parser.get_status_code() == 200 for c in conns)
-    rss = proc.rss_mb()
+    rss, pss = proc.rss_mb(), proc.pss_mb()
     for conn in conns:
         if conn.transport is not None:
             conn.transport.close()
-    return {"streams": opened, "rss_mb": rss, "fresh_rss_mb": fresh}
+    return {"streams": opened, "rss_mb": rss, "pss_mb": pss, "fresh_rss_mb": fresh, "fresh_pss_mb": fresh_pss}
 
 
 def main() -> None:
@@ -509,6 +542,7 @@ def main() -> None:
         raise
     results: list[Result] = []
     held: dict[str, float] = {}
+    held_more: dict[str, dict[str, float]] = {}
     try:
         for provider, mode, load in cells(args):
             tallies = {name: CellTally() for name in targets}
@@ -533,26 +567,24 @@ def main() -> None:
             slow_port = free_port()
             slow = Proc([*lean, "--port", str(slow_port), "--latency-ms", "0",
                          "--chunk-interval-ms", "60000"], ready=b"lean upstream on")  # fmt: skip
-            port = free_port()
-            proxy = Proc(
-                [sys.executable, "-m", "llmtally", "serve", "--port", str(port)],
-                env={"LLMTALLY_UPSTREAMS_OPENAI": f"http://127.0.0.1:{slow_port}",
-                     "LLMTALLY_UPSTREAMS_ANTHROPIC": f"http://127.0.0.1:{slow_port}",
-                     "LLMTALLY_UPSTREAMS_GEMINI": f"http://127.0.0.1:{slow_port}",
-                     "LLMTALLY_LOGGING_DESTINATION": str(work / "slow-records.jsonl"),
-                     "LLMTALLY_PIPELINE_SPILL_DIR": str(work / "slow-spill")},
-                ready=b"listening on",
-            )  # fmt: skip
             try:
-                held = uvloop.run(open_streams(port, args.open_streams, proxy))
+                # `llmtally serve` as configured by default (judged), then with each other worker
+                # count measured above (for comparison: what a second worker costs).
+                for workers in [None, *(w for w in args.llmtally_workers if w != 1)]:
+                    measured = hold_streams(work, slow_port, args.open_streams, workers)
+                    if workers is None:
+                        held = measured
+                    else:
+                        held_more[f"{workers}w"] = measured
+                    how = "as configured" if workers is None else f"with {workers} workers"
+                    print(
+                        f"\n{measured['streams']:.0f} streams open at once, after a few calls of each "
+                        f"provider, llmtally {how}: RSS {measured['rss_mb']:.0f} MB, PSS "
+                        f"{measured['pss_mb']:.0f} MB (all processes; {measured['fresh_rss_mb']:.0f} and "
+                        f"{measured['fresh_pss_mb']:.0f} MB idle and fresh)"
+                    )
             finally:
-                proxy.stop()
                 slow.stop()
-            print(
-                f"\n{held['streams']:.0f} streams open at once, after a few calls of each provider: "
-                f"llmtally RSS {held['rss_mb']:.0f} MB (all processes; {held['fresh_rss_mb']:.0f} MB idle "
-                "and fresh)"
-            )
     finally:
         for _, _, proc in targets.values():
             if proc is not None:
@@ -570,12 +602,13 @@ def main() -> None:
     for t in targets:
         value = "-" if t["value"] is None else f"{t['value']:.2f}"
         verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
-        print(f"  {t['target']:24s} {t['what']:38s} {value:>8s} (limit {t['limit']}) {verdict}")
+        print(f"  {t['target']:24s} {t['what']:40s} {value:>8s} (limit {t['limit']}) {verdict}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = f"{datetime.now(UTC):%Y-%m-%d}"
     machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": sys.platform}
     report = {"machine": machine, "args": vars(args), "records": records, "open_streams": held,
+              "open_streams_by_workers": held_more,
               "targets": targets, "results": [asdict(r) for r in results]}  # fmt: skip
     (out_dir / f"{stamp}.json").write_text(json.dumps(report, indent=2))
     chart(results, out_dir / f"{stamp}.png")
@@ -588,9 +621,9 @@ def check_targets(
     """Issue 5's targets, judged from this run: one row per target and llmtally worker count.
 
     Latency targets take the worst cell over the providers; SSE targets the worst streamed cell at
-    1 and 16 clients; throughput against LiteLLM and nginx the lowest ratio over the providers and
-    modes where all are saturated (the highest concurrency measured), since at 16 clients a 50 ms
-    upstream caps any proxy's requests/s near direct's, 2x LiteLLM's at most.
+    1 and 16 clients, and again at 64; throughput against LiteLLM and nginx the lowest ratio over
+    the providers and modes where all are saturated (the highest concurrency measured), since at 16
+    clients a 50 ms upstream caps any proxy's requests/s near direct's, 2x LiteLLM's at most.
     """
 
     def cells(target: str, mode: str, load: str) -> list[Result]:
@@ -621,6 +654,10 @@ def check_targets(
         row("added p99 ms, 64 clients", worst(target, "json", ("c=64",), "p99_ms"), 10.0)
         row("SSE first byte added p50 ms", worst(target, "stream", ("c=1", "c=16"), "ttfb_p50_ms"), 1.0)
         row("SSE chunk gap added p50 ms", worst(target, "stream", ("c=1", "c=16"), "chunk_gap_p50_ms"), 1.0)
+        # The issue gives the SSE targets no concurrency; judged above where its latency targets are
+        # strictest, and here at its other level too, so that a miss there is not buried in the table.
+        for what, key in (("first byte", "ttfb_p50_ms"), ("chunk gap", "chunk_gap_p50_ms")):
+            row(f"SSE {what} added p50 ms, 64 clients", worst(target, "stream", ("c=64",), key), 1.0)
         if top is not None:
             row(f"requests/s / LiteLLM's, {top[2:]} clients", rps_ratio(target, "litellm", top), 5.0,
                 at_most=False)  # fmt: skip
@@ -707,7 +744,7 @@ def chart(results: list[Result], path: Path) -> None:
             ax.grid(True, alpha=0.3)
     axes[0][0].legend()
     fig.suptitle("llmtally load test: same fake upstream (50 ms), same run")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=70)
     plt.close(fig)
 
