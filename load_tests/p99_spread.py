@@ -20,12 +20,9 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+from run import pct  # the run's own percentile, so "all rounds" equals the run's added p99
+
 Cell = tuple[str, str, str]
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def read_rounds(path: Path) -> dict[Cell, dict[str, list[list[float]]]]:
@@ -39,9 +36,10 @@ def read_rounds(path: Path) -> dict[Cell, dict[str, list[list[float]]]]:
 
 
 def added_p99(target: list[list[float]], direct: list[list[float]], picked: list[int]) -> float:
-    mine = [x for i in picked for x in target[i]]
-    theirs = [x for i in picked for x in direct[i]]
-    return pct(mine, 0.99) - pct(theirs, 0.99)
+    mine = pct([x for i in picked for x in target[i]], 0.99)
+    theirs = pct([x for i in picked for x in direct[i]], 0.99)
+    assert mine is not None and theirs is not None, "a round without calls"
+    return mine - theirs
 
 
 def main() -> None:
