@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +36,8 @@ class RunningProxy:
     runner: web.AppRunner
     app: web.Application
     extra_sinks: list[Sink] = field(default_factory=list)
+    #: The temp spill dir :func:`start_proxy` made (none when the config names one).
+    own_spill_dir: str | None = None
 
     @property
     def records(self) -> list[dict[str, Any]]:
@@ -46,19 +50,26 @@ class RunningProxy:
     async def stop(self) -> None:
         await self.runner.cleanup()
         await self.pipeline.close()
+        if self.own_spill_dir is not None:
+            # Only when empty: records a sink could not take stay where the log said they are.
+            with suppress(OSError):
+                os.rmdir(self.own_spill_dir)
 
 
 async def start_proxy(
     config: Config, sinks: list[Sink] | None = None, host: str = "127.0.0.1", port: int = 0
 ) -> RunningProxy:
-    """The proxy with a memory sink, Prometheus metrics and ``sinks``; spills go to a private temp dir."""
+    """The proxy with a memory sink, Prometheus metrics and ``sinks``.
+
+    Spills go to a private temp dir, removed by :meth:`RunningProxy.stop` if nothing was left in it.
+    """
     memory = MemorySink()
     prometheus = PrometheusSink(config.sinks.prometheus.tag_labels)
     pipeline_config = config.pipeline
+    own_spill_dir = None
     if not pipeline_config.spill_dir:
-        pipeline_config = dataclasses.replace(
-            pipeline_config, spill_dir=tempfile.mkdtemp(prefix="llmtally-spill-")
-        )
+        own_spill_dir = tempfile.mkdtemp(prefix="llmtally-spill-")
+        pipeline_config = dataclasses.replace(pipeline_config, spill_dir=own_spill_dir)
     pipeline = RecordPipeline([memory, prometheus, *(sinks or [])], pipeline_config)
     prometheus.bind(pipeline)
     meter = LocalMeter(config, pipeline)
@@ -69,7 +80,9 @@ async def start_proxy(
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = runner.addresses[0][1]
-    return RunningProxy(f"http://{host}:{bound}", pipeline, memory, meter, runner, app, list(sinks or []))
+    return RunningProxy(
+        f"http://{host}:{bound}", pipeline, memory, meter, runner, app, list(sinks or []), own_spill_dir
+    )
 
 
 __all__ = ["MeteringConfig", "RunningProxy", "UpstreamsConfig", "config_for_upstream", "start_proxy"]
