@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,21 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 API_KEY = "sk-test-SECRET-0123456789"
 
 MakeProxy = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_temp_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The suite's temp files, and those of the processes it starts, go to pytest's own temp dir.
+
+    The default spill dir is ``<temp dir>/llmtally-spill``: left at the machine's, records a test
+    spills (a failing hook) would be replayed by every later run, and by a real proxy on the machine.
+    """
+    path = tmp_path_factory.mktemp("tmp")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TMPDIR", str(path))
+    patch.setattr(tempfile, "tempdir", str(path))
+    yield path
+    patch.undo()
 
 
 @pytest.fixture

@@ -93,10 +93,10 @@ def test_sidecar_wiring(variant: str) -> None:
     assert mount["mountPath"] == "/etc/llmtally" and "subPath" not in mount
 
 
-def test_configmap_carries_the_repo_config_and_it_loads() -> None:
+def test_configmap_carries_the_repo_config_and_it_loads(tmp_path: Path) -> None:
     assert (K8S / "base" / "config.toml").read_bytes() == (REPO / "config.toml").read_bytes()
     configmap = next(r for r in render(K8S / "base") if r["kind"] == "ConfigMap")
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / "llmtally-configmap-config.toml"
+    path = tmp_path / "config.toml"
     path.write_text(configmap["data"]["config.toml"])
     assert load_config(path, env={}) == load_config(REPO / "config.toml", env={})
 
