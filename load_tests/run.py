@@ -536,6 +536,10 @@ def main() -> None:
     parser.add_argument("--litellm-bin", default=str(HERE / ".venv-litellm" / "bin" / "litellm"))
     parser.add_argument("--open-streams", type=int, default=1000, help="streams held open at once (0: skip)")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument(
+        "--keep-work", action="store_true",
+        help="keep the run's work dir (records, nginx and LiteLLM configs); kept anyway if the run fails",
+    )  # fmt: skip
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     args.rates = [float(r) for r in args.rates.split(",") if r]
@@ -548,8 +552,21 @@ def main() -> None:
     args.llmtally_workers = [int(w) for w in args.llmtally_workers.split(",") if w]
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # The records of a full run take ~600 MB: the dir goes once the run has counted them.
     work = Path(tempfile.mkdtemp(prefix="llmtally-load-"))
+    try:
+        run(args, work)
+    except BaseException:
+        print(f"the run's records and configs are kept in {work}", file=sys.stderr)
+        raise
+    if args.keep_work:
+        print(f"the run's records and configs are kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    """Measure every cell, then judge, print and write the results (``work``: scratch space)."""
     upstream_port = free_port()
     lean = [sys.executable, str(HERE / "lean.py"), "upstream", "--chunks", str(args.chunks),
             "--piece-chars", str(args.piece_chars)]  # fmt: skip
