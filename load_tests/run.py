@@ -788,21 +788,19 @@ def check_targets(
         if got:
             row("records written / calls answered", got["records"] / max(1, got["measured_requests"]), 1.0,
                 at_most=False)  # fmt: skip
-    if held:
-        rows.append({"target": "llmtally (default serve)", "what": "RSS MB, 1,000 streams, after traffic",
-                     "value": held["rss_mb"], "limit": 150.0,
-                     "met": held["rss_mb"] < 150 and held["streams"] >= 1000})  # fmt: skip
-        # After a call without usage the record process holds a tokenizer: the same streams again,
-        # summed RSS (which counts shared pages once per process) and the container's working set.
-        after_estimate = {
-            "rss_mb_after_estimate": "RSS MB, 1,000 streams, after an estimate",
-            "working_set_mb_after_estimate": "cgroup working set MB, after an estimate",
-        }
-        for key, what in after_estimate.items():
-            value = held.get(key)
-            if value is not None:  # None: no cgroup to measure in
-                rows.append({"target": "llmtally (default serve)", "what": what, "value": value,
-                             "limit": 150.0, "met": value < 150 and held["streams"] >= 1000})  # fmt: skip
+    # After traffic with provider usage; then after a call without usage, when the record process
+    # holds a tokenizer: summed RSS (which counts shared pages once per process) and the working set
+    # of the proxy's own cgroup (absent where none could be made).
+    memory_rows = {
+        "rss_mb": "RSS MB, 1,000 streams, after traffic",
+        "rss_mb_after_estimate": "RSS MB, 1,000 streams, after an estimate",
+        "working_set_mb_after_estimate": "cgroup working set MB, after an estimate",
+    }
+    for key, what in memory_rows.items():
+        value = held.get(key)
+        if value is not None:
+            rows.append({"target": "llmtally (default serve)", "what": what, "value": value, "limit": 150.0,
+                         "met": value < 150 and (held["streams"] or 0) >= 1000})  # fmt: skip
     return rows
 
 
