@@ -48,6 +48,34 @@ class ServerConfig:
     workers: int = 1
     #: Metered calls skip aiohttp's request machinery (llmtally.proxy.fastpath); false: aiohttp serves all.
     fast_path: bool = True
+    #: Limits of an HTTP head, applied alike to requests (fast path and aiohttp) and to upstream
+    #: responses (both clients): aiohttp's own defaults. Past them: 400 to a client, 502 from an upstream.
+    max_line_bytes: int = 8190
+    max_field_bytes: int = 8190
+    max_headers: int = 128
+    #: A request head must arrive whole within this long of its first byte (slowloris): else 408.
+    head_timeout_s: float = 10.0
+    #: A request body must arrive within ``body_grace_s`` plus its length at this rate: else 408.
+    min_body_rate_bytes_s: int = 16384
+    body_grace_s: float = 10.0
+
+    @property
+    def head_limits(self) -> HeadLimits:
+        return HeadLimits(self.max_line_bytes, self.max_field_bytes, self.max_headers)
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLimits:
+    """Sizes an HTTP head may not exceed (a line, one header field, the number of headers)."""
+
+    max_line_bytes: int = 8190
+    max_field_bytes: int = 8190
+    max_headers: int = 128
+
+    @property
+    def max_head_bytes(self) -> int:
+        """Everything a head within the limits can add up to (line, fields, their CRLFs)."""
+        return self.max_line_bytes + self.max_headers * (self.max_field_bytes + 2) + 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +84,9 @@ class UpstreamsConfig:
     anthropic: str = "https://api.anthropic.com"
     gemini: str = "https://generativelanguage.googleapis.com"
     connect_timeout_s: float = 10.0
-    #: Longest silence between two upstream bytes before the call fails with 504.
+    #: Longest wait from sending a request to its response's head (a model may think a while): 504.
+    first_byte_timeout_s: float = 600.0
+    #: Longest silence between two upstream bytes of a response body: the stream is cut.
     read_timeout_s: float = 600.0
     #: Most connections open at once to one upstream host (0: no limit). Every call in flight holds
     #: one, streams included; at the limit a call waits up to ``connect_timeout_s`` for a free one.

@@ -76,7 +76,7 @@ async def test_unreachable_upstream_is_502_with_record() -> None:
 
 async def test_upstream_timeout_is_504_with_record(upstream: FakeUpstream) -> None:
     config = config_for_upstream(upstream.url)
-    config = dataclasses.replace(config, upstreams=dataclasses.replace(config.upstreams, read_timeout_s=0.3))
+    config = dataclasses.replace(config, upstreams=dataclasses.replace(config.upstreams, first_byte_timeout_s=0.3))
     proxy = await start_proxy(config)
     try:
         body = b'{"model":"fake-hang","messages":[]}'
@@ -504,7 +504,7 @@ async def test_on_a_pooled_connection_a_silent_upstream_is_504_and_the_next_call
     upstream: FakeUpstream,
 ) -> None:
     config = config_for_upstream(upstream.url)
-    config = dataclasses.replace(config, upstreams=dataclasses.replace(config.upstreams, read_timeout_s=0.3))
+    config = dataclasses.replace(config, upstreams=dataclasses.replace(config.upstreams, first_byte_timeout_s=0.3))
     proxy = await start_proxy(config)
     try:
         await _warm(proxy)

@@ -175,14 +175,14 @@ async def test_an_upstream_cut_mid_body_fails_the_body() -> None:
     pool.close()
 
 
-async def test_silence_past_the_read_timeout_fails_the_head_and_the_body() -> None:
+async def test_silence_past_the_first_byte_or_read_timeout_fails_the_head_or_the_body() -> None:
     async def silent(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(request) > 0 and b"/head-then-stall" in request:
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
             await writer.drain()
         await asyncio.sleep(10)
 
-    pool = UpstreamPool(UpstreamsConfig(read_timeout_s=0.2))
+    pool = UpstreamPool(UpstreamsConfig(first_byte_timeout_s=0.2, read_timeout_s=0.2))
     async with scripted(silent) as server:
         with pytest.raises(UpstreamReadTimeout):
             await pool.post(url(server, "/no-head"), HEADERS, b"{}")
@@ -191,6 +191,26 @@ async def test_silence_past_the_read_timeout_fails_the_head_and_the_body() -> No
             async for _ in response.chunks():
                 pass
         response.close()
+    pool.close()
+
+
+async def test_the_first_byte_timeout_and_the_read_timeout_are_separate() -> None:
+    async def slow_head(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.5)  # a model thinking: longer than the read timeout, within the first-byte one
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n")
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    pool = UpstreamPool(UpstreamsConfig(first_byte_timeout_s=5, read_timeout_s=0.2))
+    async with scripted(slow_head) as server:
+        response = await pool.post(url(server), HEADERS, b"{}")
+        assert response.status == 200
+        received = []
+        with pytest.raises(UpstreamReadTimeout, match="sent nothing for 0.2 s"):
+            async for chunk in response.chunks():
+                received.append(chunk)
+        response.close()
+    assert received == [b"x"]
     pool.close()
 
 
@@ -335,3 +355,130 @@ def test_the_host_header_names_the_origin_as_a_client_would() -> None:
     assert Origin.of(URL("http://127.0.0.1:8080/x")).host_header == "127.0.0.1:8080"
     assert Origin.of(URL("http://[::1]:8080/x")).host_header == "[::1]:8080"
     assert Origin.of(URL("https://[2001:db8::1]/x")).host_header == "[2001:db8::1]"
+
+
+# A connection is reused only when its parser is idle with no bytes left over -------------------
+
+_OK_2 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+_LEFTOVERS = {
+    "a second response": b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nLEAK",
+    "a partial head": b"HTTP/1.1 200 OK\r\nContent-Le",
+    "a partial body": b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nLEAK",
+    "junk past Content-Length": b"LEAKLEAK",
+}
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["same read", "later read"])
+@pytest.mark.parametrize("extra", list(_LEFTOVERS.values()), ids=list(_LEFTOVERS))
+async def test_bytes_after_a_response_keep_its_connection_from_being_reused(extra: bytes, later: bool) -> None:
+    async def answer(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if b"/first" in request:
+            writer.write(_OK_2 if later else _OK_2 + extra)
+            await writer.drain()
+            if later:
+                await asyncio.sleep(0.05)
+                writer.write(extra)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nright")
+        await writer.drain()
+
+    pool = UpstreamPool()
+    async with scripted(answer) as server:
+        first = await pool.post(url(server, "/first"), HEADERS, b"{}")
+        assert first.body_if_complete() == b"ok"  # the answer itself stands
+        await asyncio.sleep(0.1)
+        second = await pool.post(url(server, "/second"), HEADERS, b"{}")
+        assert second.body_if_complete() == b"right"  # never the first exchange's bytes
+    assert server.connections == 2
+    pool.close()
+
+
+async def test_a_trailing_crlf_after_a_response_leaves_the_parser_idle_and_the_connection_reused() -> None:
+    async def answer(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(_OK_2 + b"\r\n")  # llhttp skips empty lines between messages (RFC 9112 §2.2)
+        await writer.drain()
+
+    pool = UpstreamPool()
+    async with scripted(answer) as server:
+        for _ in range(2):
+            response = await pool.post(url(server), HEADERS, b"{}")
+            assert response.body_if_complete() == b"ok"
+    assert server.connections == 1
+    pool.close()
+
+
+_BROKEN_BODIES = {
+    "invalid chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    "overflowing chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"f" * 20 + b"\r\n",
+}
+
+
+@pytest.mark.parametrize("answer_bytes", list(_BROKEN_BODIES.values()), ids=list(_BROKEN_BODIES))
+async def test_a_body_that_fails_in_the_read_of_its_head_is_told_not_left_hanging(answer_bytes: bytes) -> None:
+    async def answer(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer_bytes)
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    pool = UpstreamPool(UpstreamsConfig(first_byte_timeout_s=30))
+    async with scripted(answer) as server:
+        response = await asyncio.wait_for(pool.post(url(server), HEADERS, b"{}"), 5)
+        assert response.status == 200
+        assert isinstance(response.error, UpstreamProtocolError)
+        assert not response.body_arrived
+        with pytest.raises(UpstreamProtocolError, match="(?i)chunk size"):
+            async for _ in response.chunks():
+                pass
+        response.close()
+    pool.close()
+
+
+async def test_an_upstream_101_is_a_protocol_error_not_an_escape() -> None:
+    async def answer(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\nxx")
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    pool = UpstreamPool()
+    async with scripted(answer) as server:
+        with pytest.raises(UpstreamProtocolError, match="switched protocols"):
+            await asyncio.wait_for(pool.post(url(server), HEADERS, b"{}"), 5)
+    pool.close()
+
+
+_BIG_HEADS = {
+    "a 1 MiB header in one read": [b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (1 << 20) + b"\r\nContent-Length: 2\r\n\r\nok"],
+    "a 9 KB header": [b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 9000 + b"\r\nContent-Length: 2\r\n\r\nok"],
+    "200 headers": [b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"Content-Length: 2\r\n\r\nok"],
+    "a head that never ends, in pieces": [b"HTTP/1.1 200 OK\r\n"] + [b"X-A: " + b"a" * 8000 + b"\r\n"] * 200,
+    "a long status line": [b"HTTP/1.1 200 " + b"O" * 9000 + b"\r\nContent-Length: 2\r\n\r\nok"],
+}
+
+
+@pytest.mark.parametrize("pieces", list(_BIG_HEADS.values()), ids=list(_BIG_HEADS))
+async def test_a_response_head_past_the_limits_fails_the_call(pieces: list[bytes]) -> None:
+    async def answer(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+        await asyncio.sleep(10)
+
+    pool = UpstreamPool()
+    async with scripted(answer) as server:
+        with pytest.raises(UpstreamProtocolError, match="head|header|status line"):
+            await asyncio.wait_for(pool.post(url(server), HEADERS, b"{}"), 10)
+    pool.close()
+
+
+async def test_a_response_head_within_the_limits_is_read() -> None:
+    async def answer(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        headers = b"".join(b"X-H%d: %b\r\n" % (i, b"v" * 8000) for i in range(100))
+        writer.write(b"HTTP/1.1 200 OK\r\n" + headers + b"Content-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    pool = UpstreamPool()
+    async with scripted(answer) as server:
+        response = await pool.post(url(server), HEADERS, b"{}")
+        assert response.body_if_complete() == b"ok"
+        assert len(response.headers) == 101
+    pool.close()

@@ -32,7 +32,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from llmtally.config import UpstreamsConfig
+from llmtally.config import HeadLimits, UpstreamsConfig
 from llmtally.proxy.outbox import Outbox
 
 #: Body bytes buffered ahead of the reader before the upstream socket stops being read.
@@ -62,7 +62,11 @@ class UpstreamDisconnected(UpstreamError):
 
 
 class UpstreamProtocolError(UpstreamError):
-    """The upstream's answer is not valid HTTP/1.1."""
+    """The upstream's answer is not valid HTTP/1.1 (or is over the head limits)."""
+
+
+class _StopParsing(Exception):
+    """Raised inside an llhttp callback to stop the parser (a head past the limits, a second message)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +140,11 @@ class UpstreamResponse:
     def complete(self) -> bool:
         """The whole body has arrived (all of it is in :meth:`body_if_complete`'s reach)."""
         return self._done and self._error is None
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the body cannot be read to its end (it failed after the head), or None."""
+        return self._error
 
     @property
     def body_arrived(self) -> bool:
@@ -281,8 +290,13 @@ class UpstreamConnection(asyncio.Protocol):
         #: Waiting for the head of ``response``; told at the end of the read that completes it.
         self.listener: ResponseListener | None = None
         self.head_parsed = False
+        #: ``response`` has ended: any byte after it means the connection is out of step.
+        self.message_done = False
         self.head_timer: asyncio.TimerHandle | None = None
-        self.read_timeout = 0.0
+        self.first_byte_timeout = 0.0
+        #: Bytes of the head read so far (bounded by the pool's head limits).
+        self.head_bytes = 0
+        self.over_limit = ""
         self.header_pairs: list[tuple[str, str]] = []
         self.reason = b""
         self.keep_alive = True
@@ -299,21 +313,37 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         response = self.response
-        if response is None:
-            self.close()  # bytes nobody asked for: this connection cannot be trusted
+        if response is None or self.message_done:
+            # Bytes nobody asked for, or past the end of the response: this connection is out of
+            # step with its requests and must never carry another client's call.
+            self.keep_alive = False
+            self.close()
             return
+        if not self.head_parsed:
+            self.head_bytes += len(data)
+        broken: UpstreamProtocolError | None = None
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            broken = UpstreamProtocolError("the upstream switched protocols (101), not an answer to a POST")
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamProtocolError(f"invalid HTTP from the upstream: {exc}"))
-            self.close()
+            broken = self._parse_failure(exc)
+        if broken is None and not self.head_parsed and self.head_bytes > self.pool.head_limits.max_head_bytes:
+            limit = self.pool.head_limits.max_head_bytes
+            broken = UpstreamProtocolError(f"the upstream's response head is over {limit} bytes")
+        if broken is not None:
+            self.keep_alive = False
+            self._fail(broken)  # tells a listener still waiting for the head
         listener = self.listener
         if listener is not None and self.head_parsed:
             # Told after the whole read is parsed, so a small answer is already complete; the
             # listener may reuse this connection at once, so nothing here touches it afterwards.
+            # A body that failed in this same read is told too: the listener answers the client.
             self._stop_head_timer()
             self.listener = None
             listener.response_arrived(response)
+        if broken is not None:
+            self.close()  # never reused: the listener cannot have handed it on
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -324,18 +354,45 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self._fail(UpstreamDisconnected("the upstream closed the connection mid-response"))
 
+    def _parse_failure(self, exc: httptools.HttpParserError) -> UpstreamProtocolError | None:
+        """What a parse error means for the response (None: it stands, the connection does not)."""
+        if self.over_limit:
+            return UpstreamProtocolError(self.over_limit)
+        if self.message_done:  # bytes after a complete response: out of step, never reused
+            self.keep_alive = False
+            return None
+        return UpstreamProtocolError(f"invalid HTTP from the upstream: {exc}")
+
     # llhttp callbacks ---------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.message_done:
+            raise _StopParsing  # a second message: stop parsing (the read ends the connection's reuse)
 
     def on_status(self, status: bytes) -> None:
         self.reason += status
+        if len(self.reason) > self.pool.head_limits.max_line_bytes:
+            self._over_limit("the upstream's status line is too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        limits = self.pool.head_limits
+        if len(name) > limits.max_field_bytes or len(value) > limits.max_field_bytes:
+            self._over_limit(f"a header of the upstream's response is over {limits.max_field_bytes} bytes")
+        if len(self.header_pairs) >= limits.max_headers:
+            self._over_limit(f"the upstream's response has more than {limits.max_headers} headers")
         self.header_pairs.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def _over_limit(self, why: str) -> None:
+        self.over_limit = why
+        raise _StopParsing(why)
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        if status == 101:
+            return  # llhttp stops at an upgrade (HttpParserUpgrade): answered as a protocol error
         if 100 <= status < 200:  # informational (103 Early Hints): the real answer follows
             self.header_pairs, self.reason = [], b""
+            self.head_bytes = 0
             return
         response = self.response
         assert response is not None
@@ -361,18 +418,22 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.head_parsed:  # a 1xx message ended; keep waiting for the answer
             return
         self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
+        self.message_done = True
         if self.response is not None:
             self.response._finish()
 
     # Use -----------------------------------------------------------------------------------------
 
-    def send(self, data: bytes, read_timeout: float, listener: ResponseListener) -> None:
+    def send(
+        self, data: bytes, first_byte_timeout: float, read_timeout: float, listener: ResponseListener
+    ) -> None:
         assert self.transport is not None
         self.response = UpstreamResponse(self, read_timeout)
         self.listener = listener
-        self.head_parsed = False
-        self.read_timeout = read_timeout
-        self.head_timer = self.loop.call_at(self.loop.time() + read_timeout, self._head_timed_out)
+        self.head_parsed = self.message_done = False
+        self.head_bytes = 0
+        self.first_byte_timeout = first_byte_timeout
+        self.head_timer = self.loop.call_at(self.loop.time() + first_byte_timeout, self._head_timed_out)
         outbox = self.pool.outbox
         if outbox is not None:
             outbox.write(self.transport, data)
@@ -382,7 +443,11 @@ class UpstreamConnection(asyncio.Protocol):
     def _head_timed_out(self) -> None:
         self.head_timer = None
         if self.listener is not None:
-            self._fail(_silence(self.read_timeout))
+            self._fail(
+                UpstreamReadTimeout(
+                    f"the upstream sent no response head within {self.first_byte_timeout:g} s"
+                )
+            )
             self.close()
 
     def _stop_head_timer(self) -> None:
@@ -435,6 +500,8 @@ class UpstreamPool:
     ssl_context: ssl.SSLContext | None = None
     #: Requests leave through it, after the loop's current batch of callbacks; None: at once.
     outbox: Outbox | None = None
+    #: A response head past these fails the call (502), as a request head past them gets a 400.
+    head_limits: HeadLimits = field(default_factory=HeadLimits)
     _idle: dict[Origin, list[UpstreamConnection]] = field(default_factory=dict)
     _open: dict[Origin, set[UpstreamConnection]] = field(default_factory=dict)
     _opening: dict[Origin, int] = field(default_factory=dict)
@@ -470,7 +537,7 @@ class UpstreamPool:
         # The server side decodes header bytes as UTF-8 with surrogateescape (aiohttp's way, and the
         # fast path's): encoding back the same way forwards every byte as it came, valid UTF-8 or not.
         head = "".join(lines).encode("utf-8", "surrogateescape")
-        conn.send(head + body, self.limits.read_timeout_s, listener)
+        conn.send(head + body, self.limits.first_byte_timeout_s, self.limits.read_timeout_s, listener)
 
     def idle_connection(self, origin: Origin) -> UpstreamConnection | None:
         """A pooled connection to ``origin`` ready for a call now, or None (then :meth:`connection`)."""
