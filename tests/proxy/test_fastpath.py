@@ -6,6 +6,7 @@ Raw sockets on loopback, so what crosses the wire (pipelining, keep-alive, frami
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 
 import httptools
@@ -19,7 +20,7 @@ from llmtally.proxy.fastpath import FastPathServer
 from llmtally.testing import FakeUpstream
 from llmtally.testing.harness import RunningProxy, config_for_upstream, start_proxy
 from tests.conftest import API_KEY, MakeProxy
-from tests.proxy.helpers import first_record, serve_post
+from tests.proxy.helpers import first_record, raw_exchange, serve_post, status_of
 
 CHAT = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
 STREAM_CHAT = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
@@ -344,3 +345,147 @@ async def test_fast_path_off_leaves_every_request_to_aiohttp(
     writer.close()
     assert answer.status == 200
     assert (await first_record(proxy))["input_tokens"] == 1200
+
+
+# Hostile heads: the same verdict with the fast path on and off (aiohttp's, or stricter) ----------
+
+
+@pytest.fixture(params=[True, False], ids=["fast_path", "aiohttp_only"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+def _config(fast: bool, **server: object) -> Config:
+    return Config(server=ServerConfig(fast_path=fast, **server))  # type: ignore[arg-type]
+
+
+def _head(lines: bytes, body: bytes = CHAT, eol: bytes = b"\r\n") -> bytes:
+    start = b"POST /openai/v1/chat/completions HTTP/1.1" + eol
+    return start + lines.replace(b"\r\n", eol) + b"Content-Length: %d" % len(body) + eol + eol + body
+
+
+_HOST = b"Host: proxy\r\nAuthorization: Bearer " + API_KEY.encode() + b"\r\n"
+_BAD_HEADS = {
+    "a 70 KiB header": _head(_HOST + b"X-Big: " + b"a" * 70_000 + b"\r\n"),
+    "a 9 KB header": _head(_HOST + b"X-Big: " + b"a" * 9_000 + b"\r\n"),
+    "200 headers": _head(_HOST + b"".join(b"X-H%d: v\r\n" % i for i in range(200))),
+    "10,000 headers": _head(_HOST + b"".join(b"X-H%d: v\r\n" % i for i in range(10_000))),
+    "bare LF line ends": _head(_HOST, eol=b"\n"),
+    "a head ending CRLF LF": _HOST.join(
+        [b"POST /openai/v1/chat/completions HTTP/1.1\r\n", b"Content-Length: 2\r\n\n{}"]
+    ),
+    "no Host": _head(b"Authorization: Bearer k\r\n"),
+    "two Hosts": _head(_HOST + b"Host: other\r\n"),
+}
+
+
+@pytest.mark.parametrize("request_bytes", list(_BAD_HEADS.values()), ids=list(_BAD_HEADS))
+async def test_bad_heads_get_400_at_once_on_either_path(
+    make_proxy: MakeProxy,
+    upstream: FakeUpstream,
+    fast_path: bool,
+    request_bytes: bytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = await make_proxy(_config(fast_path))
+    answer = await raw_exchange(proxy.url, request_bytes, timeout_s=3)
+    assert status_of(answer) == 400, answer[:200]
+    assert upstream.requests == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback per request
+
+
+_HANDED_ON = {
+    "h2c upgrade": _head(
+        _HOST + b"Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAoAAA\r\n"
+    ),
+    "websocket upgrade": _head(
+        _HOST
+        + b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n"
+    ),
+    "CONNECT": b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n",
+    "an absolute-form target": _head(_HOST).replace(b"POST /openai", b"POST http://127.0.0.1:9/openai", 1),
+    "a non-ASCII target": _head(_HOST).replace(b"/chat/completions", b"/chat/compl\xe9tions", 1),
+}
+_HANDED_ON_STATUS = {
+    "h2c upgrade": 200, "websocket upgrade": 200, "CONNECT": 404, "an absolute-form target": 400,
+    "a non-ASCII target": 400,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_HANDED_ON))
+async def test_upgrade_connect_and_odd_targets_are_answered_without_a_traceback(
+    make_proxy: MakeProxy,
+    upstream: FakeUpstream,
+    fast_path: bool,
+    case: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = await make_proxy(_config(fast_path))
+    answer = await raw_exchange(proxy.url, _HANDED_ON[case], timeout_s=3)
+    assert status_of(answer) == _HANDED_ON_STATUS[case], answer[:300]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    if _HANDED_ON_STATUS[case] == 200:  # served as a plain POST: the upgrade is hop-by-hop, not forwarded
+        assert upstream.seen is not None and "upgrade" not in {k.lower() for k in upstream.seen.headers}
+    else:
+        assert upstream.requests == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "recorded"),
+    [(b"caf\xe9\xff", "caf\u00e9\u00ff"), ("café ✓".encode(), "café ✓"), (b"plain", "plain")],
+    ids=["not UTF-8: read as ISO-8859-1", "UTF-8", "ASCII"],
+)
+async def test_tag_bytes_are_recorded_as_text_that_renders(
+    make_proxy: MakeProxy, upstream: FakeUpstream, fast_path: bool, raw: bytes, recorded: str
+) -> None:
+    proxy = await make_proxy(_config(fast_path))
+    answer = await raw_exchange(proxy.url, _head(_HOST + b"x-llmtally-tag-team: " + raw + b"\r\n"))
+    assert status_of(answer) == 200
+    record = await first_record(proxy)
+    assert record["tags"] == {"team": recorded}
+    orjson.dumps(record, default=str)  # a record with surrogate escapes once stopped every sink
+    assert upstream.seen is not None and all(
+        not k.lower().startswith("x-llmtally") for k in upstream.seen.headers
+    )
+
+
+async def test_a_head_dribbled_in_is_cut_off_at_head_timeout(
+    make_proxy: MakeProxy, upstream: FakeUpstream, fast_path: bool
+) -> None:
+    proxy = await make_proxy(_config(fast_path, head_timeout_s=0.5))
+    request = _head(_HOST)
+    pieces: list[bytes | float] = []
+    for i in range(0, 60, 5):  # 5 bytes every 0.1 s: the whole head would take ~6 s
+        pieces += [request[i : i + 5], 0.1]
+    started = asyncio.get_running_loop().time()
+    answer = await raw_exchange(proxy.url, pieces, timeout_s=5)
+    assert status_of(answer) == 408, answer
+    assert asyncio.get_running_loop().time() - started < 3
+    assert upstream.requests == 0
+
+
+@pytest.mark.parametrize(
+    "path", ["/openai/v1/chat/completions", "/openai/echo/slow"], ids=["metered", "passthrough"]
+)
+async def test_a_body_slower_than_min_body_rate_is_cut_off(
+    make_proxy: MakeProxy, upstream: FakeUpstream, fast_path: bool, path: str
+) -> None:
+    proxy = await make_proxy(_config(fast_path, body_grace_s=0.5, min_body_rate_bytes_s=1000))
+    body = b"x" * 5000  # allowed 0.5 s + 5 s at 1000 B/s; sent at 50 B/s
+    head = _head(_HOST, body=body)[: -len(body)].replace(b"/openai/v1/chat/completions", path.encode())
+    pieces: list[bytes | float] = [head]
+    for i in range(0, 500, 5):
+        pieces += [body[i : i + 5], 0.1]
+    answer = await raw_exchange(proxy.url, pieces, timeout_s=10)
+    assert status_of(answer) == 408, answer[:300]
+
+
+async def test_a_head_within_the_limits_is_served_on_the_fast_path(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await make_proxy()
+    fields = b"".join(b"X-H%d: %b\r\n" % (i, b"v" * 500) for i in range(100))  # 50 KB, within every limit
+    answer = await raw_exchange(proxy.url, _head(_HOST + fields))
+    assert status_of(answer) == 200
+    assert upstream.seen is not None and upstream.seen.headers["X-H99"] == "v" * 500

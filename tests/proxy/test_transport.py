@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gzip
+import logging
 import socket
 import time
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 from yarl import URL
 
@@ -19,7 +21,7 @@ from llmtally.proxy.app import STATE_KEY
 from llmtally.testing import FakeUpstream
 from llmtally.testing.harness import RunningProxy, config_for_upstream, start_proxy
 from tests.conftest import API_KEY, MakeProxy
-from tests.proxy.helpers import first_record, only_record, serve_post
+from tests.proxy.helpers import RawUpstream, first_record, only_record, serve_post
 
 CHAT = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
 STREAM_CHAT = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
@@ -76,7 +78,9 @@ async def test_unreachable_upstream_is_502_with_record() -> None:
 
 async def test_upstream_timeout_is_504_with_record(upstream: FakeUpstream) -> None:
     config = config_for_upstream(upstream.url)
-    config = dataclasses.replace(config, upstreams=dataclasses.replace(config.upstreams, first_byte_timeout_s=0.3))
+    config = dataclasses.replace(
+        config, upstreams=dataclasses.replace(config.upstreams, first_byte_timeout_s=0.3)
+    )
     proxy = await start_proxy(config)
     try:
         body = b'{"model":"fake-hang","messages":[]}'
@@ -504,7 +508,9 @@ async def test_on_a_pooled_connection_a_silent_upstream_is_504_and_the_next_call
     upstream: FakeUpstream,
 ) -> None:
     config = config_for_upstream(upstream.url)
-    config = dataclasses.replace(config, upstreams=dataclasses.replace(config.upstreams, first_byte_timeout_s=0.3))
+    config = dataclasses.replace(
+        config, upstreams=dataclasses.replace(config.upstreams, first_byte_timeout_s=0.3)
+    )
     proxy = await start_proxy(config)
     try:
         await _warm(proxy)
@@ -611,3 +617,122 @@ async def test_calls_waiting_on_pooled_connections_at_shutdown_are_cut_off_and_r
     for record in proxy.records[3:]:
         assert record["error"] == "cut off at shutdown: still running when shutdown_grace_s ended"
         assert record["client_disconnected"] is False
+
+
+# Upstreams that misbehave: every client answered, never with another exchange's bytes -------------
+
+_USAGE_BODY = b'{"id":"c1","model":"gpt-4o","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}'
+_OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (
+    len(_USAGE_BODY),
+    _USAGE_BODY,
+)
+_RIGHT = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+_LEFTOVERS = {
+    "an unsolicited second response": b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nLEAK",
+    "a partial head": b"HTTP/1.1 200 OK\r\nContent-Le",
+    "a partial second body": b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nLEAK",
+    "bytes past Content-Length": b"LEAKLEAK",
+}
+
+
+def _raw_config(url: str, fast: bool = True) -> Config:
+    config = config_for_upstream(url)
+    return dataclasses.replace(
+        config,
+        server=dataclasses.replace(config.server, fast_path=fast),
+        upstreams=dataclasses.replace(config.upstreams, first_byte_timeout_s=5, read_timeout_s=5),
+    )
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["same read", "later read"])
+@pytest.mark.parametrize("extra", list(_LEFTOVERS.values()), ids=list(_LEFTOVERS))
+@pytest.mark.parametrize(
+    "path", ["/openai/v1/chat/completions", "/openai/v1/models"], ids=["metered", "passthrough"]
+)
+async def test_what_an_upstream_sends_past_its_answer_never_reaches_the_next_client(
+    path: str, extra: bytes, later: bool
+) -> None:
+    def answer(request: bytes) -> list[bytes | float]:
+        if b"first" in request:
+            return [_OK, 0.05, extra] if later else [_OK + extra]
+        return [_RIGHT]
+
+    async with RawUpstream(answer) as raw:
+        proxy = await start_proxy(_raw_config(raw.url))
+        try:
+            method = "POST" if "chat" in path else "GET"
+            async with aiohttp.ClientSession() as client:  # one client after the other, on one pool
+                for which in ("first", "second"):
+                    async with client.request(
+                        method, proxy.url + path, data=CHAT if method == "POST" else None,
+                        headers={**AUTH, "X-Which": which},
+                    ) as response:  # fmt: skip
+                        body = await response.read()
+                    if which == "first" and status_of_first(response.status, body, extra, later):
+                        continue
+                    if which == "second":
+                        assert (response.status, body) == (200, b"{}")
+                    await asyncio.sleep(0.15)
+        finally:
+            await proxy.stop()
+    assert raw.connections == 2  # the first connection was never reused
+
+
+def status_of_first(status: int, body: bytes, extra: bytes, later: bool) -> bool:
+    """The first client gets its answer, or (aiohttp's stricter verdict on junk after it) a 502."""
+    if status == 502:
+        assert b"LEAK" not in body  # says what failed, never quotes the upstream's bytes
+        return True
+    assert (status, body) == (200, _USAGE_BODY)
+    return False
+
+
+async def test_a_body_broken_in_the_read_of_its_head_is_a_502_with_the_upstreams_status_recorded() -> None:
+    broken = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    async with RawUpstream(lambda request: [broken, 30.0]) as raw:
+        proxy = await start_proxy(_raw_config(raw.url))
+        try:
+            started = time.perf_counter()
+            status, _, body = await post(proxy.url + "/openai/v1/chat/completions", CHAT)
+            assert time.perf_counter() - started < 5  # answered, not left to hang
+            assert status == 502 and b"upstream_protocol_error" in body
+            record = await only_record(proxy)
+        finally:
+            await proxy.stop()
+    assert record["status"] == 200 and "chunk size" in record["error"].lower()
+    assert record["client_disconnected"] is False
+
+
+@pytest.mark.parametrize(
+    "answer_bytes",
+    [
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (1 << 20) + b"\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\n"
+        + b"".join(b"X-H%d: v\r\n" % i for i in range(3000))
+        + b"Content-Length: 2\r\n\r\n{}",
+    ],
+    ids=["101", "a 1 MiB header", "3,000 headers"],
+)
+@pytest.mark.parametrize(
+    "path", ["/openai/v1/chat/completions", "/openai/v1/models"], ids=["metered", "passthrough"]
+)
+async def test_an_upstream_head_that_cannot_be_forwarded_is_a_502_without_a_traceback(
+    answer_bytes: bytes, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with RawUpstream(lambda request: [answer_bytes, 30.0]) as raw:
+        proxy = await start_proxy(_raw_config(raw.url))
+        try:
+            method = "POST" if "chat" in path else "GET"
+            async with (
+                aiohttp.ClientSession() as client,
+                client.request(
+                    method, proxy.url + path, data=CHAT if method == "POST" else None, headers=AUTH
+                ) as response,
+            ):
+                body = await response.read()
+        finally:
+            await proxy.stop()
+    assert response.status == 502, body[:300]
+    assert b"aaaa" not in body and b"X-H1" not in body
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

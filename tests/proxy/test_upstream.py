@@ -206,7 +206,7 @@ async def test_the_first_byte_timeout_and_the_read_timeout_are_separate() -> Non
         response = await pool.post(url(server), HEADERS, b"{}")
         assert response.status == 200
         received = []
-        with pytest.raises(UpstreamReadTimeout, match="sent nothing for 0.2 s"):
+        with pytest.raises(UpstreamReadTimeout, match=r"sent nothing for 0\.2 s"):
             async for chunk in response.chunks():
                 received.append(chunk)
         response.close()
@@ -370,7 +370,9 @@ _LEFTOVERS = {
 
 @pytest.mark.parametrize("later", [False, True], ids=["same read", "later read"])
 @pytest.mark.parametrize("extra", list(_LEFTOVERS.values()), ids=list(_LEFTOVERS))
-async def test_bytes_after_a_response_keep_its_connection_from_being_reused(extra: bytes, later: bool) -> None:
+async def test_bytes_after_a_response_keep_its_connection_from_being_reused(
+    extra: bytes, later: bool
+) -> None:
     async def answer(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if b"/first" in request:
             writer.write(_OK_2 if later else _OK_2 + extra)
@@ -414,7 +416,9 @@ _BROKEN_BODIES = {
 
 
 @pytest.mark.parametrize("answer_bytes", list(_BROKEN_BODIES.values()), ids=list(_BROKEN_BODIES))
-async def test_a_body_that_fails_in_the_read_of_its_head_is_told_not_left_hanging(answer_bytes: bytes) -> None:
+async def test_a_body_that_fails_in_the_read_of_its_head_is_told_not_left_hanging(
+    answer_bytes: bytes,
+) -> None:
     async def answer(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(answer_bytes)
         await writer.drain()
@@ -426,7 +430,7 @@ async def test_a_body_that_fails_in_the_read_of_its_head_is_told_not_left_hangin
         assert response.status == 200
         assert isinstance(response.error, UpstreamProtocolError)
         assert not response.body_arrived
-        with pytest.raises(UpstreamProtocolError, match="(?i)chunk size"):
+        with pytest.raises(UpstreamProtocolError, match=r"(?i)chunk size"):
             async for _ in response.chunks():
                 pass
         response.close()
@@ -447,9 +451,15 @@ async def test_an_upstream_101_is_a_protocol_error_not_an_escape() -> None:
 
 
 _BIG_HEADS = {
-    "a 1 MiB header in one read": [b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (1 << 20) + b"\r\nContent-Length: 2\r\n\r\nok"],
+    "a 1 MiB header in one read": [
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (1 << 20) + b"\r\nContent-Length: 2\r\n\r\nok"
+    ],
     "a 9 KB header": [b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 9000 + b"\r\nContent-Length: 2\r\n\r\nok"],
-    "200 headers": [b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"Content-Length: 2\r\n\r\nok"],
+    "200 headers": [
+        b"HTTP/1.1 200 OK\r\n"
+        + b"".join(b"X-H%d: v\r\n" % i for i in range(200))
+        + b"Content-Length: 2\r\n\r\nok"
+    ],
     "a head that never ends, in pieces": [b"HTTP/1.1 200 OK\r\n"] + [b"X-A: " + b"a" * 8000 + b"\r\n"] * 200,
     "a long status line": [b"HTTP/1.1 200 " + b"O" * 9000 + b"\r\nContent-Length: 2\r\n\r\nok"],
 }
@@ -465,7 +475,7 @@ async def test_a_response_head_past_the_limits_fails_the_call(pieces: list[bytes
 
     pool = UpstreamPool()
     async with scripted(answer) as server:
-        with pytest.raises(UpstreamProtocolError, match="head|header|status line"):
+        with pytest.raises(UpstreamProtocolError, match=r"head|header|status line"):
             await asyncio.wait_for(pool.post(url(server), HEADERS, b"{}"), 10)
     pool.close()
 

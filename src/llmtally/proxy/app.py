@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -28,6 +28,7 @@ from llmtally.config import Config
 from llmtally.exchange import Exchange, Meter
 from llmtally.providers import ADAPTERS, Endpoint, MeteredRequest, ProviderAdapter
 from llmtally.providers.encoding import DECODABLE
+from llmtally.proxy.aiohttp_guard import body_deadline_s, guard_client_connector
 from llmtally.proxy.eager import start_eagerly
 from llmtally.proxy.metering_copy import MeteringCopy, StreamBudget
 from llmtally.proxy.outbox import Outbox
@@ -37,6 +38,8 @@ from llmtally.proxy.upstream import (
     UpstreamConnectTimeout,
     UpstreamError,
     UpstreamPool,
+    UpstreamProtocolError,
+    UpstreamReadTimeout,
     UpstreamResponse,
 )
 from llmtally.record import Provider
@@ -150,14 +153,19 @@ async def _on_startup(app: web.Application) -> None:
     up = state.config.upstreams
     # Idle connections stay pooled for reuse (keep-alive); the limit caps calls in flight, not the pool.
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=up.max_connections, ttl_dns_cache=300)
+    guard_client_connector(connector)  # never reuse a connection out of step with its requests
+    limits = state.config.server.head_limits
     state.session = aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=None, connect=up.connect_timeout_s, sock_read=up.read_timeout_s),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),  # a proxy must not keep one client's cookies for another
+        max_line_size=limits.max_line_bytes,
+        max_field_size=limits.max_field_bytes,
+        max_headers=limits.max_headers,
     )
     state.outbox = Outbox(asyncio.get_running_loop())
-    state.pool = UpstreamPool(up, outbox=state.outbox)
+    state.pool = UpstreamPool(up, outbox=state.outbox, head_limits=limits)
 
 
 async def _on_shutdown(app: web.Application) -> None:
@@ -256,7 +264,7 @@ def _upstream_headers(
             continue
         if low.startswith("x-llmtally-"):
             if low.startswith(TAG_PREFIX) and len(low) > len(TAG_PREFIX):
-                tags[low[len(TAG_PREFIX) :]] = value
+                tags[header_text(low[len(TAG_PREFIX) :])] = header_text(value)
             continue
         if metered and low == "accept-encoding":
             # Only ask for encodings llmtally can decode to read the usage.
@@ -266,6 +274,23 @@ def _upstream_headers(
             value = ",".join(codings).strip()
         out.append((name, value))
     return out, tags
+
+
+def header_text(value: str) -> str:
+    """A header value as text for a record.
+
+    Both servers decode header bytes as UTF-8 with surrogate escapes, so every byte is forwarded as
+    it came; but a string with escapes cannot be written as JSON (one such tag once stopped every
+    sink). For the record, bytes that are valid UTF-8 read as UTF-8, others as ISO-8859-1, the
+    charset RFC 9110 (§5.5, obs-text) gives header bytes above 0x7F.
+    """
+    if value.isascii():
+        return value
+    raw = value.encode("utf-8", "surrogateescape")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def _client_headers(upstream: CIMultiDictProxy[str], keep_length: bool) -> list[tuple[str, str]]:
@@ -350,6 +375,9 @@ async def _proxy(provider: Provider, request: web.Request) -> web.StreamResponse
     """aiohttp's handler for every provider path the fast path leaves to it (or all, when it is off)."""
     t0 = time.perf_counter()
     state = request.app[STATE_KEY]
+    if not request.raw_path.startswith("/") or not request.raw_path.isascii():
+        # An absolute-form target (a forward proxy's) or raw non-ASCII bytes (a URI is ASCII).
+        return _json_error(400, "bad_path", "the request target must be an ASCII path (origin-form)")
     endpoint = ADAPTERS[provider].route(request.match_info["tail"]) if request.method == "POST" else None
     if endpoint is None:
         upstream_url = _upstream_url(state.upstreams[provider], request.raw_path, provider)
@@ -357,7 +385,13 @@ async def _proxy(provider: Provider, request: web.Request) -> web.StreamResponse
             return _json_error(400, "bad_path", BAD_PATH)
         headers, _ = _upstream_headers(request.headers.items(), metered=False)
         return await _passthrough(state, request, upstream_url, CIMultiDict(headers), t0)
-    body = await request.read()
+    server = state.config.server
+    try:
+        length = request.content_length or server.max_request_body_mb * 1024 * 1024
+        async with asyncio.timeout(body_deadline_s(server, length)):
+            body = await request.read()
+    except TimeoutError:
+        return _too_slow()
     down = _AiohttpDownstream(request)
     await meter_call(
         state, down, provider, endpoint, request.raw_path, request.headers.items(), body, request.query, t0
@@ -590,6 +624,15 @@ class MeteredCall:
         exchange.status = upstream.status
         if self.adapter.request_id_header:
             exchange.upstream_request_id = upstream.headers.get(self.adapter.request_id_header)
+        if upstream.error is not None and not upstream.body_arrived:
+            # The body failed in the read that brought its head: nothing went to the client yet, so
+            # it gets a 502; the record keeps the upstream's status and says what failed.
+            upstream.close()
+            _, kind, message = _upstream_failure(upstream.error)
+            exchange.error = f"{kind}: {message}"
+            exchange.latency_ms = (time.perf_counter() - self.t0) * 1000
+            _send_error(self.down, 502, kind, message)
+            return True
         if (self.metered.stream and 200 <= upstream.status < 300) or not upstream.complete:
             return False
         body = upstream.body_if_complete()
@@ -736,23 +779,77 @@ def _upstream_failure(exc: BaseException) -> tuple[int, str, str]:
                 "(unreachable, or all [upstreams] max_connections busy)"
             ),
         )
+    if isinstance(exc, UpstreamReadTimeout):
+        return 504, "upstream_timeout", str(exc)
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return 504, "upstream_timeout", "the upstream did not answer in time"
+    if isinstance(exc, UpstreamProtocolError):
+        return 502, "upstream_protocol_error", str(exc)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        # aiohttp's parse errors quote the upstream's bytes; say what failed, not what was sent.
+        return 502, "upstream_protocol_error", "the upstream's answer is not valid HTTP/1.1"
     return 502, "upstream_unreachable", f"cannot reach the upstream: {type(exc).__name__}: {exc}"
+
+
+def _too_slow() -> web.Response:
+    response = _json_error(408, "request_timeout", "the request body arrived too slowly")
+    response.force_close()
+    return response
+
+
+class _PacedBody:
+    """A streamed request body that must keep up ``min_body_rate_bytes_s`` after ``body_grace_s``
+    (a body dribbled in would hold its connection, and the upstream's, for ever)."""
+
+    __slots__ = ("content", "grace_s", "rate", "too_slow")
+
+    def __init__(self, content: aiohttp.StreamReader, grace_s: float, rate: int) -> None:
+        self.content = content
+        self.grace_s = grace_s
+        self.rate = rate
+        self.too_slow = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        start, got = loop.time(), 0
+        while True:
+            try:
+                async with asyncio.timeout_at(start + self.grace_s + got / self.rate):
+                    chunk = await self.content.readany()
+            except TimeoutError:
+                self.too_slow = True
+                raise
+            if not chunk:
+                return
+            got += len(chunk)
+            yield chunk
 
 
 async def _passthrough(
     state: ProxyState, request: web.Request, url: URL, headers: CIMultiDict[str], t0: float
 ) -> web.StreamResponse:
     """Unmetered paths: stream the request body up and the response down, no record."""
-    data = request.content if request.body_exists else None
+    server = state.config.server
+    paced: _PacedBody | None = None
+    data: Any = None
+    if request.body_exists:
+        if server.min_body_rate_bytes_s > 0:
+            paced = _PacedBody(request.content, server.body_grace_s, server.min_body_rate_bytes_s)
+            data = paced.chunks()
+        else:
+            data = request.content
     if request.headers.get("Content-Length"):
         headers["Content-Length"] = request.headers["Content-Length"]
     try:
         upstream = await _send_upstream(state, request, url, headers, data)
     except (TimeoutError, aiohttp.ClientError) as exc:
+        if paced is not None and paced.too_slow:
+            return _too_slow()
         status, kind, message = _upstream_failure(exc)
         return _json_error(status, kind, message)
+    if upstream.status < 200:  # a 101 nobody asked for (Upgrade is not forwarded): not HTTP to pass on
+        upstream.close()
+        return _json_error(502, "upstream_protocol_error", "the upstream switched protocols unasked (101)")
     try:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         headers_out = _client_headers(upstream.headers, keep_length=True)

@@ -10,11 +10,14 @@ answer to the socket itself (through the loop's :class:`~llmtally.proxy.outbox.O
 it once the loop has run the callbacks of the events it polled together).
 
 Any other request (passthrough paths, health and metrics, chunked or ``Expect: 100-continue``
-uploads, HTTP/1.0, percent-encoded paths, malformed or oversized heads, bodies above
+uploads, HTTP/1.0, Upgrade and CONNECT, percent-encoded paths, a missing or repeated Host, bare-LF
+line ends, malformed heads or heads past the ``[server]`` head limits, bodies above
 ``max_request_body_mb``) hands its connection, bytes and all, to aiohttp's own protocol for the
-rest of the connection's life: its limits, errors and routes apply unchanged. The runner, the
-sites, the signals and graceful shutdown stay aiohttp's too; ``[server] fast_path = false`` turns
-the lean path off.
+rest of the connection's life: its limits, errors and routes apply unchanged, so every verdict on
+such input is aiohttp's. A head that does not arrive within ``head_timeout_s``, or a body slower
+than ``min_body_rate_bytes_s`` (after ``body_grace_s``), is answered 408 and the connection closed.
+The runner, the sites, the signals and graceful shutdown stay aiohttp's too; ``[server] fast_path =
+false`` turns the lean path off.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from aiohttp import web
 from multidict import MultiDict
 
 from llmtally.providers import ADAPTERS, Endpoint
+from llmtally.proxy.aiohttp_guard import GuardedServer
 from llmtally.proxy.app import JSON_TYPE, STATE_KEY, MeteredCall, ProxyState, error_body, new_metered_call
 from llmtally.record import Provider
 
@@ -56,19 +60,24 @@ def proxy_runner(app: web.Application) -> web.AppRunner:
     thinking before its first token) is closed or drained at once, not at its next byte; at shutdown
     in-flight calls get ``shutdown_grace_s``.
     """
+    server = app[STATE_KEY].config.server
     return _ProxyRunner(
         app,
         access_log=None,
         handle_signals=False,
-        shutdown_timeout=app[STATE_KEY].config.server.shutdown_grace_s,
+        shutdown_timeout=server.shutdown_grace_s,
         handler_cancellation=True,
+        # The same head limits as the fast path and the upstream clients.
+        max_line_size=server.max_line_bytes,
+        max_field_size=server.max_field_bytes,
+        max_headers=server.max_headers,
     )
 
 
 class _ProxyRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
         state = self.app[STATE_KEY]
+        server = GuardedServer.guard(await super()._make_server(), state.config.server)
         if not state.config.server.fast_path:
             return server
         # The runner and its sites use a server only as the protocol factory and for
@@ -79,10 +88,15 @@ class _ProxyRunner(web.AppRunner):
 class FastPathServer:
     """The protocol factory the proxy port listens with: aiohttp's server behind a lean hot path."""
 
-    def __init__(self, aiohttp_server: web.Server, state: ProxyState) -> None:
+    def __init__(self, aiohttp_server: GuardedServer, state: ProxyState) -> None:
         self.aiohttp_server = aiohttp_server
         self.state = state
-        self.max_body = state.config.server.max_request_body_mb * 1024 * 1024
+        server = state.config.server
+        self.max_body = server.max_request_body_mb * 1024 * 1024
+        self.limits = server.head_limits
+        self.head_timeout = server.head_timeout_s
+        self.body_grace = server.body_grace_s
+        self.min_body_rate = server.min_body_rate_bytes_s
         assert state.outbox is not None  # made at startup, before the runner makes its server
         #: Every write to a client goes through it, so its writes keep their order.
         self.outbox = state.outbox
@@ -158,9 +172,13 @@ class _Connection(asyncio.Protocol):
         self.drain_waiter: asyncio.Future[None] | None = None
         self.last_active = self.loop.time()
         self.idle_timer: asyncio.TimerHandle | None = None
+        #: Armed while a request is only partly here: its head, or its body, must arrive by then.
+        self.request_timer: asyncio.TimerHandle | None = None
         # The answer being written.
         self.answer_started = False
         self.chunked = False
+        #: Body bytes the answer's Content-Length still promises (None: chunked or whole).
+        self.unsent: int | None = None
         self.held_head: bytes | None = None
         # Filled by the parser's callbacks while a head is parsed.
         self._url = b""
@@ -190,6 +208,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._forget()
+        self._stop_request_timer()
         if self.metered is not None:
             self.metered.cancel()  # as aiohttp's handler_cancellation: the client is gone
         self._wake_writer(ConnectionResetError("the client closed the connection"))
@@ -211,26 +230,31 @@ class _Connection(asyncio.Protocol):
             # must not be rescanned from its start at every byte.
             head_end = received.find(b"\r\n\r\n", self.scanned)
             if head_end < 0:
-                if len(received) > MAX_HEAD:
-                    self._hand_off()
-                else:
-                    self.scanned = max(0, len(received) - 3)
+                if len(received) > MAX_HEAD or _bare_lf(received, self.scanned):
+                    self._hand_off()  # aiohttp answers: 400 for a bare LF, its limits for the size
+                    return
+                if self.request_timer is None:
+                    self._start_request_timer(self.server.head_timeout)
+                self.scanned = max(0, len(received) - 3)
                 return
             self.scanned = 0
-            call = self._parse_head(bytes(received[: head_end + 4]))
+            call = self._parse_head(bytes(received[: head_end + 4])) if head_end < MAX_HEAD else None
             if call is None:
                 self._hand_off()
                 return
             self.call = call
+            if len(received) < call.end:
+                self._body_deadline(call.end - call.head_size)
         call = self.call
         if len(received) < call.end:
             return
+        self._stop_request_timer()
         body = bytes(received[call.head_size : call.end])
         self.received = bytes(received[call.end :]) if len(received) > call.end else b""
         self.call = None
         self.keep_alive = call.keep_alive and not self.server.closing
         self.answer_started = self.chunked = False
-        self.held_head = None
+        self.unsent = self.held_head = None
         metered = new_metered_call(
             self.server.state, self, call.provider, call.endpoint, call.raw_path, call.headers, body,
             call.query, time.perf_counter(),
@@ -248,22 +272,33 @@ class _Connection(asyncio.Protocol):
         parser = httptools.HttpRequestParser(self)
         try:
             parser.feed_data(head)
-        except httptools.HttpParserError:
-            return None  # aiohttp answers malformed requests with its own 400
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return None  # aiohttp answers malformed requests with its own 400; it serves Upgrade/CONNECT
         if parser.get_method() != b"POST" or parser.get_http_version() != "1.1":
             return None
+        limits = self.server.limits
+        if len(self._url) > limits.max_line_bytes or len(self._headers) > limits.max_headers:
+            return None
         length = None
+        hosts = 0
+        max_field = limits.max_field_bytes
         for name, value in self._headers:
+            if len(name) > max_field or len(value) > max_field:
+                return None
             low = name.lower()
             if low == "content-length":
                 if length is not None or not (value.isascii() and value.isdigit()):
                     return None
                 length = int(value)
+            elif low == "host":
+                hosts += 1
             elif low in ("transfer-encoding", "expect", "upgrade"):
                 return None
-        if length is None or length > self.server.max_body:
+        if length is None or length > self.server.max_body or hosts != 1:
             return None
-        raw_path = self._url.decode("utf-8", "surrogateescape")
+        if not self._url.isascii():
+            return None  # aiohttp answers 400: a request target is ASCII
+        raw_path = self._url.decode("ascii")
         path, _, query = raw_path.partition("?")
         provider, slash, tail = path[1:].partition("/")
         if not slash or not path.startswith("/") or "%" in path or "#" in raw_path:
@@ -299,10 +334,14 @@ class _Connection(asyncio.Protocol):
             return
         received, self.received = self.received, b""
         self._forget()
+        deadline = self.request_timer.when() if self.request_timer is not None else None
+        self._stop_request_timer()
         self.server.outbox.flush()  # the answers before it go first
         handler = self.server.aiohttp_server()
         transport.set_protocol(handler)
         handler.connection_made(transport)
+        if deadline is not None:  # the head's deadline goes with it
+            handler.start_head_deadline(deadline - self.loop.time())
         if self.reading_paused:
             transport.resume_reading()
         if received:
@@ -359,8 +398,12 @@ class _Connection(asyncio.Protocol):
 
     async def start(self, status: int, reason: str, headers: list[tuple[str, str]], hold_head: bool) -> None:
         self.answer_started = True
-        has_length = any(name.lower() == "content-length" for name, _ in headers)
-        self.chunked = not has_length and not _bodyless(status)
+        lengths = [value for name, value in headers if name.lower() == "content-length"]
+        if len(lengths) == 1 and lengths[0].strip().isdigit():
+            self.unsent = 0 if _bodyless(status) else int(lengths[0])
+        elif lengths:  # the upstream's framing cannot be trusted: do not promise it on
+            headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
+        self.chunked = self.unsent is None and not _bodyless(status)
         head = self._head(status, reason, headers, None)
         if hold_head:
             self.held_head = head
@@ -368,13 +411,20 @@ class _Connection(asyncio.Protocol):
             await self._send(head)
 
     async def write(self, data: bytes) -> None:
-        if self.chunked:
+        unsent = self.unsent
+        if unsent is not None:  # never more than the head promised: the client reads the next answer after
+            if len(data) > unsent:
+                data = data[:unsent]
+            self.unsent = unsent - len(data)
+        elif self.chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         if self.held_head is not None:
             data, self.held_head = self.held_head + data, None
         await self._send(data)
 
     async def finish(self) -> None:
+        if self.unsent:  # shorter than promised: only closing tells the client the answer is over
+            self.keep_alive = False
         data = b"0\r\n\r\n" if self.chunked else b""
         if self.held_head is not None:
             data, self.held_head = self.held_head + data, None
@@ -419,6 +469,34 @@ class _Connection(asyncio.Protocol):
             else:
                 waiter.set_exception(exc)
 
+    def _start_request_timer(self, after_s: float) -> None:
+        """A head began arriving: it must be whole within ``after_s`` (0: no deadline)."""
+        if after_s > 0:
+            self.request_timer = self.loop.call_at(self.loop.time() + after_s, self._request_too_slow)
+
+    def _body_deadline(self, length: int) -> None:
+        """The head is here, the body not yet: it must come at ``min_body_rate_bytes_s`` after the grace."""
+        server = self.server
+        self._stop_request_timer()
+        if server.min_body_rate > 0:
+            allowed = server.body_grace + length / server.min_body_rate
+            self.request_timer = self.loop.call_at(self.loop.time() + allowed, self._request_too_slow)
+
+    def _stop_request_timer(self) -> None:
+        if self.request_timer is not None:
+            self.request_timer.cancel()
+            self.request_timer = None
+
+    def _request_too_slow(self) -> None:
+        """Slowloris: a head or body dribbled in keeps a connection for ever unless cut off."""
+        self.request_timer = None
+        if self.lost or self.metered is not None:
+            return
+        self.received, self.call = b"", None
+        self.keep_alive = False
+        self.send_whole(408, "", [JSON_TYPE], error_body("request_timeout", "the request arrived too slowly"))
+        self.close()
+
     def _check_idle(self) -> None:
         self.idle_timer = None
         if self.lost or self.transport is None:
@@ -450,3 +528,13 @@ def _phrase(status: int) -> str:
 
 def _bodyless(status: int) -> bool:
     return status < 200 or status in (204, 304)
+
+
+def _bare_lf(data: bytes | bytearray, start: int) -> bool:
+    """Whether ``data`` has a line feed without its carriage return at or after ``start``."""
+    lf = data.find(b"\n", start)
+    while lf >= 0:
+        if lf == 0 or data[lf - 1] != 0x0D:
+            return True
+        lf = data.find(b"\n", lf + 1)
+    return False
