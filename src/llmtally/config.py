@@ -61,6 +61,9 @@ class UpstreamsConfig:
     #: Most connections open at once to one upstream host (0: no limit). Every call in flight holds
     #: one, streams included; at the limit a call waits up to ``connect_timeout_s`` for a free one.
     max_connections: int = 0
+    #: PEM file of the CA certificates that upstream TLS certificates are verified against, for both
+    #: upstream clients ("": the system's default store, which honours ``SSL_CERT_FILE``).
+    ca_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,6 +468,8 @@ def _coerce(tp: Any, value: Any, source: str, path: tuple[str, ...]) -> Any:
             raise ConfigError(f"{where}: expected a string, got {_describe(value)}")
         if path[0] == "upstreams" and path[-1] in ("openai", "anthropic", "gemini"):
             _check_url(value, where)
+        if path == ("upstreams", "ca_file") and value and not os.path.isfile(value):
+            raise ConfigError(f"{where}: no such file: {value!r}")
         if path[:2] == ("sinks", "webhook") and path[-1] == "url" and value:
             _check_url(value, where)
         return value
