@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
+from multidict import CIMultiDict
 from yarl import URL
 
 from llmtally.config import ConfigError
@@ -244,8 +245,14 @@ async def passthrough_request(
             raise PassthroughConnectError(
                 connect_failure(url.host or "", url.port or 0, proxy, EgressProxyError(proxy.unusable))
             )
-        auth = None if proxy.authorization is None else aiohttp.BasicAuth.decode(proxy.authorization)
-        return await session.request(method, url, proxy=proxy.url, proxy_auth=auth, **kwargs)
+        if proxy.authorization is not None:
+            if url.scheme == "https":  # on the CONNECT only: the upstream never sees it
+                kwargs["proxy_headers"] = {"Proxy-Authorization": proxy.authorization}
+            else:  # every request goes to the proxy itself (aiohttp's proxy_headers would not)
+                headers = CIMultiDict(kwargs.pop("headers", None) or {})
+                headers["Proxy-Authorization"] = proxy.authorization
+                kwargs["headers"] = headers
+        return await session.request(method, url, proxy=proxy.url, **kwargs)
     except PassthroughConnectError:
         raise
     except aiohttp.ClientError as exc:
@@ -271,7 +278,7 @@ def aiohttp_connect_failure(
     elif isinstance(exc, aiohttp.ClientConnectorError):
         inner = exc.os_error
     elif proxy is not None and isinstance(exc, aiohttp.ServerDisconnectedError):
-        inner = EgressProxyError(f"the tunnel closed: {type(exc).__name__}: {exc}")
+        inner = EgressProxyError(f"the proxy closed the tunnel: {type(exc).__name__}: {exc}")
     else:
         return exc
     return PassthroughConnectError(connect_failure(url.host or "", url.port or 0, proxy, inner))
