@@ -23,6 +23,7 @@ from llmtally.proxy.egress import Egress
 from llmtally.testing import FakeUpstream
 from llmtally.testing.harness import config_for_upstream
 from tests.conftest import API_KEY
+from tests.proxy import test_tls_upstream
 from tests.proxy.helpers import only_record
 from tests.proxy.test_server import serving, stop_serve
 from tests.proxy.test_tls_upstream import PATHS, call, no_traceback_logged, running, tls_config, tls_upstream
@@ -32,6 +33,9 @@ PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "ALL_PROXY")
 USER, PASSWORD = "us%40er", "p%3Ass%20w0rd"
 BASIC = "Basic " + base64.b64encode(b"us@er:p:ss w0rd").decode()
 REQUEST_LINE = re.compile(rb"(?:^|\r\n)([A-Z]+ \S+ HTTP/1\.1)\r\n")
+#: The TLS tests' fixtures: the test CA and its PEM file.
+ca = test_tls_upstream.ca
+ca_file = test_tls_upstream.ca_file
 
 
 def _loopback(host: str) -> str:
@@ -139,18 +143,6 @@ def clean_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.lower(), raising=False)
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return str(path)
 
 
 def free_port() -> int:

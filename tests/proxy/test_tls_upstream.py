@@ -211,6 +211,13 @@ def test_ca_file_is_read_from_the_file_and_the_environment(ca_file: str, tmp_pat
     assert load_config(config, env={"LLMTALLY_UPSTREAMS_CA_FILE": str(other)}).upstreams.ca_file == str(other)
     with pytest.raises(ConfigError, match=r"LLMTALLY_UPSTREAMS_CA_FILE: no such file: '/nowhere/ca.pem'"):
         load_config(env={"LLMTALLY_UPSTREAMS_CA_FILE": "/nowhere/ca.pem"})
+    # Refused when the configuration is read, with the line, not when the first call needs it.
+    other.write_text("not a certificate\n")
+    config.write_text(f'[upstreams]\nopenai = "https://localhost:1"\nca_file = "{other}"\n')
+    with pytest.raises(
+        ConfigError, match=r"config.toml:3: \[upstreams\] ca_file: not a PEM file of CA certificates"
+    ):
+        load_config(config, env={})
 
 
 async def test_a_ca_file_trusts_only_its_own_authority(ca: trustme.CA, ca_file: str) -> None:
