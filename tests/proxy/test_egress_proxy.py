@@ -53,6 +53,8 @@ class ForwardProxy:
     refuse_with: bytes | None = None
     #: Close the connection after reading the request head, without answering.
     hang_up: bool = False
+    #: Read the request head and never answer.
+    silent: bool = False
     connections: int = 0
     connect_targets: list[str] = field(default_factory=list)
     #: Request lines of non-CONNECT requests (absolute-form), including keep-alive follow-ups.
@@ -81,6 +83,9 @@ class ForwardProxy:
         answer = None
         if self.hang_up:
             writer.close()
+            return
+        if self.silent:
+            await reader.read()  # until the client gives up and closes
             return
         if self.demand is not None and authorization != self.demand:
             answer = b'407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm="test"'
@@ -297,6 +302,23 @@ async def test_a_failing_proxy_is_a_502_naming_it(
 
 
 @pytest.mark.parametrize("kind", PATHS)
+async def test_a_proxy_that_never_answers_connect_is_a_504_within_connect_timeout(
+    ca: trustme.CA, ca_file: str, kind: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with tls_upstream(ca) as upstream, forward_proxy(silent=True) as egress:
+        monkeypatch.setenv("HTTPS_PROXY", egress.url)
+        up = UpstreamsConfig(connect_timeout_s=0.3, ca_file=ca_file)
+        config = config_for_upstream(upstream.url(), Config(upstreams=up))
+        with no_traceback_logged(caplog):
+            async with running(config) as proxy:
+                status, body = await call(proxy.url, kind)
+                assert (status, body["error"]["type"]) == (504, "upstream_timeout"), body
+                if kind == "metered":
+                    assert (await only_record(proxy))["status"] == 504
+        assert egress.connections == 1 and upstream.fake.requests == 0
+
+
+@pytest.mark.parametrize("kind", PATHS)
 async def test_an_unreachable_proxy_is_a_502_naming_it(
     ca: trustme.CA, ca_file: str, kind: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -319,7 +341,7 @@ async def test_an_unsupported_proxy_scheme_fails_calls_and_is_never_bypassed(
     async with tls_upstream(ca) as upstream:
         monkeypatch.setenv("HTTPS_PROXY", "socks5://127.0.0.1:1080")
         message = await failure(upstream.url(), ca_file, kind)
-        assert "only http:// egress proxies are supported, HTTPS_PROXY is socks5://" in message
+        assert "only http://host:port egress proxies are supported, HTTPS_PROXY is socks5://" in message
         assert upstream.fake.requests == 0
 
 
@@ -388,3 +410,15 @@ def test_the_environment_is_read_as_the_standard_library_reads_it(monkeypatch: p
     monkeypatch.setenv("no_proxy", "*")
     assert egress.proxy_for("https", "api.example.com", 443) is not None
     assert Egress.from_environment().proxy_for("https", "api.example.com", 443) is None
+
+
+@pytest.mark.parametrize(
+    "value", ["http://[not-a-host", "socks5://127.0.0.1:1080", "https://proxy.test:3128"]
+)
+def test_a_proxy_that_cannot_be_used_is_named_and_never_bypassed(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", value)
+    proxy = Egress.from_environment().proxy_for("https", "api.openai.com", 443)
+    assert proxy is not None and proxy.unusable is not None
+    assert str(proxy).startswith("egress proxy ") and "(HTTPS_PROXY)" in str(proxy)

@@ -55,7 +55,7 @@ class EgressProxy:
     unusable: str | None = None
 
     def __str__(self) -> str:
-        return f"egress proxy {self.url} ({self.source})"
+        return f"egress proxy {self.url or '?'} ({self.source})"
 
 
 @dataclass(slots=True)
@@ -99,15 +99,19 @@ class Egress:
 
 
 def _parse_proxy(raw: str, source: str) -> EgressProxy:
-    url = URL(raw if "://" in raw else f"http://{raw}")
+    try:
+        url = URL(raw if "://" in raw else f"http://{raw}")
+        host, port = url.host, url.port
+    except ValueError:
+        return EgressProxy(URL(), source, unusable=f"{source} is not a URL")
     authorization = None
     if url.user is not None:
         token = f"{url.user}:{url.password or ''}".encode()
         authorization = "Basic " + base64.b64encode(token).decode("ascii")
     shown = url.with_user(None).with_path("").with_query(None).with_fragment(None)
     unusable = None
-    if url.scheme != "http" or not url.host:
-        unusable = f"only http:// egress proxies are supported, {source} is {shown.scheme}://"
+    if url.scheme != "http" or not host or port is None:
+        unusable = f"only http://host:port egress proxies are supported, {source} is {shown.scheme}://"
     return EgressProxy(shown, source, authorization, unusable)
 
 

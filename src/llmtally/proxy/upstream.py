@@ -440,8 +440,8 @@ class AbsoluteFormConnection(UpstreamConnection):
         self.proxy_lines = f"Proxy-Authorization: {auth}\r\n".encode("latin-1") if auth else b""
 
     def send(self, data: bytes, read_timeout: float, listener: ResponseListener) -> None:
+        assert data.startswith(b"POST /")  # as UpstreamPool.send builds every request
         line_end = data.index(b"\r\n") + 2
-        assert data.startswith(b"POST /")
         rewritten = b"".join((self.target_prefix, data[5:line_end], self.proxy_lines, data[line_end:]))
         super().send(rewritten, read_timeout, listener)
 
