@@ -91,6 +91,9 @@ class UpstreamsConfig:
     #: Most connections open at once to one upstream host (0: no limit). Every call in flight holds
     #: one, streams included; at the limit a call waits up to ``connect_timeout_s`` for a free one.
     max_connections: int = 0
+    #: PEM file of the CA certificates that upstream TLS certificates are verified against, for both
+    #: upstream clients ("": the system's default store, which honours ``SSL_CERT_FILE``).
+    ca_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,6 +498,8 @@ def _coerce(tp: Any, value: Any, source: str, path: tuple[str, ...]) -> Any:
             raise ConfigError(f"{where}: expected a string, got {_describe(value)}")
         if path[0] == "upstreams" and path[-1] in ("openai", "anthropic", "gemini"):
             _check_url(value, where)
+        if path == ("upstreams", "ca_file") and value:
+            _check_ca_file(value, where)
         if path[:2] == ("sinks", "webhook") and path[-1] == "url" and value:
             _check_url(value, where)
         return value
@@ -535,6 +540,17 @@ def _check_url(value: str, where: str) -> None:
         raise ConfigError(f"{where}: not a URL: {value!r} ({exc})") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise ConfigError(f"{where}: must be an http(s) URL with a host, got {value!r}")
+
+
+def _check_ca_file(path: str, where: str) -> None:
+    import ssl
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}: no such file: {path!r}")
+    try:  # refused now, not when the first call needs it
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{where}: not a PEM file of CA certificates: {path!r} ({exc})") from None
 
 
 def _describe(value: Any) -> str:

@@ -30,6 +30,7 @@ from llmtally.providers import ADAPTERS, Endpoint, MeteredRequest, ProviderAdapt
 from llmtally.providers.encoding import DECODABLE
 from llmtally.proxy.aiohttp_guard import body_deadline_s, guard_client_connector
 from llmtally.proxy.eager import start_eagerly
+from llmtally.proxy.egress import Egress, PassthroughConnectError, passthrough_request, upstream_ssl_context
 from llmtally.proxy.metering_copy import MeteringCopy, StreamBudget
 from llmtally.proxy.outbox import Outbox
 from llmtally.proxy.upstream import (
@@ -98,6 +99,8 @@ class ProxyState:
     session: aiohttp.ClientSession | None = None
     #: Metered calls, the hot path: a lean keep-alive client (see :mod:`llmtally.proxy.upstream`).
     pool: UpstreamPool | None = None
+    #: The egress proxies both clients go through (read from the environment at startup).
+    egress: Egress = field(default_factory=Egress)
     #: Socket writes of the fast path and the pool, sent after each batch of the loop's callbacks.
     outbox: Outbox | None = None
     #: Loop time when the shutdown grace ends and the runner cancels what is still running (set at
@@ -152,7 +155,13 @@ async def _on_startup(app: web.Application) -> None:
     state = app[STATE_KEY]
     up = state.config.upstreams
     # Idle connections stay pooled for reuse (keep-alive); the limit caps calls in flight, not the pool.
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=up.max_connections, ttl_dns_cache=300)
+    # Both clients: one verifying TLS context, one reading of HTTPS_PROXY / HTTP_PROXY / NO_PROXY
+    # (passed per request below rather than aiohttp's trust_env, which reads the environment per call).
+    ssl_context = upstream_ssl_context(up.ca_file)
+    state.egress = Egress.from_environment()
+    connector = aiohttp.TCPConnector(
+        limit=0, limit_per_host=up.max_connections, ttl_dns_cache=300, ssl=ssl_context
+    )
     guard_client_connector(connector)  # never reuse a connection out of step with its requests
     limits = state.config.server.head_limits
     state.session = aiohttp.ClientSession(
@@ -165,7 +174,9 @@ async def _on_startup(app: web.Application) -> None:
         max_headers=limits.max_headers,
     )
     state.outbox = Outbox(asyncio.get_running_loop())
-    state.pool = UpstreamPool(up, outbox=state.outbox, head_limits=limits)
+    state.pool = UpstreamPool(
+        up, ssl_context=ssl_context, outbox=state.outbox, egress=state.egress, head_limits=limits
+    )
 
 
 async def _on_shutdown(app: web.Application) -> None:
@@ -759,7 +770,9 @@ async def _send_upstream(
 ) -> aiohttp.ClientResponse:
     assert state.session is not None
     skip = {h for h in ("User-Agent", "Accept", "Accept-Encoding", "Content-Type") if h not in headers}
-    return await state.session.request(
+    return await passthrough_request(
+        state.session,
+        state.egress,
         request.method,
         url,
         headers=headers,
@@ -783,6 +796,8 @@ def _upstream_failure(exc: BaseException) -> tuple[int, str, str]:
         return 504, "upstream_timeout", str(exc)
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return 504, "upstream_timeout", "the upstream did not answer in time"
+    if isinstance(exc, PassthroughConnectError):  # worded as the fast client's UpstreamConnectError
+        return 502, "upstream_unreachable", f"cannot reach the upstream: UpstreamConnectError: {exc}"
     if isinstance(exc, UpstreamProtocolError):
         return 502, "upstream_protocol_error", str(exc)
     if isinstance(exc, aiohttp.ClientResponseError):

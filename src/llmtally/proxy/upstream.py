@@ -24,8 +24,9 @@ import collections
 import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol, cast
 
 import httptools
@@ -33,6 +34,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from llmtally.config import HeadLimits, UpstreamsConfig
+from llmtally.proxy.egress import Egress, EgressProxy, connect_failure, connect_through
 from llmtally.proxy.outbox import Outbox
 
 #: Body bytes buffered ahead of the reader before the upstream socket stops being read.
@@ -491,6 +493,26 @@ class UpstreamConnection(asyncio.Protocol):
             response._fail(exc)
 
 
+class AbsoluteFormConnection(UpstreamConnection):
+    """A connection to an http upstream through an egress proxy: each request line names the origin
+    (``POST http://host:port/path``) and carries the proxy's credentials. Only such connections pay
+    for the rewrite; a direct connection's requests go out as built."""
+
+    def __init__(self, pool: UpstreamPool, origin: Origin, proxy: EgressProxy) -> None:
+        super().__init__(pool, origin)
+        self.target_prefix = f"POST http://{origin.host_header}".encode("latin-1")
+        auth = proxy.authorization
+        self.proxy_lines = f"Proxy-Authorization: {auth}\r\n".encode("latin-1") if auth else b""
+
+    def send(
+        self, data: bytes, first_byte_timeout: float, read_timeout: float, listener: ResponseListener
+    ) -> None:
+        assert data.startswith(b"POST /")  # as UpstreamPool.send builds every request
+        line_end = data.index(b"\r\n") + 2
+        rewritten = b"".join((self.target_prefix, data[5:line_end], self.proxy_lines, data[line_end:]))
+        super().send(rewritten, first_byte_timeout, read_timeout, listener)
+
+
 @dataclass
 class UpstreamPool:
     """Keep-alive connections per origin, shared by every metered call of a proxy process."""
@@ -500,6 +522,9 @@ class UpstreamPool:
     ssl_context: ssl.SSLContext | None = None
     #: Requests leave through it, after the loop's current batch of callbacks; None: at once.
     outbox: Outbox | None = None
+    #: Which origins go through an egress proxy (decided per new connection, never per call; an
+    #: origin's route is fixed, so the pool's per-origin keys are per origin and route).
+    egress: Egress = field(default_factory=Egress)
     #: A response head past these fails the call (502), as a request head past them gets a 400.
     head_limits: HeadLimits = field(default_factory=HeadLimits)
     _idle: dict[Origin, list[UpstreamConnection]] = field(default_factory=dict)
@@ -607,19 +632,24 @@ class UpstreamPool:
             if self.ssl_context is None:
                 self.ssl_context = ssl.create_default_context()
             ssl_context = self.ssl_context
+        proxy = self.egress.proxy_for(origin.scheme, origin.host, origin.port)
         self._opening[origin] = self._opening.get(origin, 0) + 1
         try:
-            _, conn = await loop.create_connection(
-                lambda: UpstreamConnection(self, origin),
-                origin.host,
-                origin.port,
-                ssl=ssl_context,
-                server_hostname=origin.host if ssl_context is not None else None,
-            )
+            if proxy is None:
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self, origin),
+                    origin.host,
+                    origin.port,
+                    ssl=ssl_context,
+                    server_hostname=origin.host if ssl_context is not None else None,
+                )
+            else:
+                factory: Callable[[], UpstreamConnection] = partial(UpstreamConnection, self, origin)
+                if ssl_context is None:  # plain http: requests name the origin to the proxy
+                    factory = partial(AbsoluteFormConnection, self, origin, proxy)
+                _, conn = await connect_through(loop, proxy, origin.host, origin.port, factory, ssl_context)
         except (OSError, ssl.SSLError) as exc:
-            raise UpstreamConnectError(
-                f"cannot connect to {origin.host}:{origin.port}: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise UpstreamConnectError(connect_failure(origin.host, origin.port, proxy, exc)) from exc
         finally:
             self._opening[origin] -= 1
         self._open.setdefault(origin, set()).add(conn)

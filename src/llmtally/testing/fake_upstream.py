@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ssl
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -148,17 +149,20 @@ class FakeUpstream:
         self._runner: web.AppRunner | None = None
         self.url = ""
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
+        """Listen on ``host:port`` (port 0: any free one), over TLS with ``ssl_context``; the base URL."""
         # Short shutdown: a "fake-hang" handler must not hold a test up for the default 60 s. Handlers
         # are cancelled when the proxy closes the connection, as a provider stops generating.
         self._runner = web.AppRunner(
             self.app, access_log=None, handle_signals=False, shutdown_timeout=0.5, handler_cancellation=True
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await site.start()
         bound = self._runner.addresses[0][1]
-        self.url = f"http://{host}:{bound}"
+        self.url = f"{'https' if ssl_context is not None else 'http'}://{host}:{bound}"
         return self.url
 
     async def stop(self) -> None:
