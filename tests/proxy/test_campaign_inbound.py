@@ -43,6 +43,8 @@ SMUGGLED = b"GET /openai/v1/SMUGGLED HTTP/1.1\r\nHost: proxy\r\n\r\n"
 OK = http_response(chat_completion())
 #: Upgrade and CONNECT may also be refused by closing the connection (nothing of them is served).
 CLEAN_CLOSE = (("closed",),)
+#: A target with dot segments may be forwarded if what the upstream resolves stays in its base.
+FORWARDED_INSIDE = (("2xx",),)
 
 
 @dataclass(frozen=True)
@@ -53,16 +55,25 @@ class Case:
     expect: tuple[str, ...]
     answers: int = 1
     pause_s: float = 0.0
-    #: Other verdicts as good as ``expect``; with them the two front ends may differ. For bytes
-    #: whose verdict depends on how reads split them (aiohttp refuses a whole read that ends in
-    #: garbage, answers a read that holds only the good request), and for Upgrade (a clean close).
+    #: Other verdicts as good as ``expect``: for bytes whose verdict depends on how reads split them
+    #: (aiohttp refuses a whole read that ends in garbage, answers a read that holds only the good
+    #: request), for Upgrade (a clean close), and for dot segments (refused, or forwarded resolved
+    #: inside the upstream's base path).
     also: tuple[tuple[str, ...], ...] = ()
+    #: The two front ends may give different ones of the accepted verdicts.
+    may_differ: bool = False
 
     @classmethod
     def of(
-        cls, id: str, data: bytes, *expect: str, answers: int = 1, also: tuple[tuple[str, ...], ...] = ()
+        cls,
+        id: str,
+        data: bytes,
+        *expect: str,
+        answers: int = 1,
+        also: tuple[tuple[str, ...], ...] = (),
+        may_differ: bool = False,
     ) -> Case:
-        return cls(id, (data,), expect, answers, also=also)
+        return cls(id, (data,), expect, answers, also=also, may_differ=may_differ)
 
     @property
     def accepted(self) -> tuple[tuple[str, ...], ...]:
@@ -118,11 +129,11 @@ FRAMING = [
     Case.of("chunk-extension-bare-lf", head("Host: p", "Transfer-Encoding: chunked") + b"%x;a=b\n%b\r\n0\r\n\r\n" % (N, CHAT), "4xx"),
     # Pipelining, with and without leftover bytes.
     Case.of("pipelined-two", post() + post(), "2xx", "2xx", answers=2),
-    Case.of("pipelined-then-garbage", post() + b"GARBAGE\r\n\r\n", "2xx", "4xx", answers=2, also=(("4xx",),)),
+    Case.of("pipelined-then-garbage", post() + b"GARBAGE\r\n\r\n", "2xx", "4xx", answers=2, also=(("4xx",),), may_differ=True),
     Case("pipelined-then-garbage-later", (post(), b"GARBAGE\r\n\r\n"), ("2xx", "4xx"), answers=2, pause_s=0.1),
-    Case.of("pipelined-then-bare-lf", post() + b"GET /healthz HTTP/1.1\nHost: p\n\n", "2xx", "4xx", answers=2, also=(("4xx",),)),
+    Case.of("pipelined-then-bare-lf", post() + b"GET /healthz HTTP/1.1\nHost: p\n\n", "2xx", "4xx", answers=2, also=(("4xx",),), may_differ=True),
     Case("pipelined-then-bare-lf-later", (post(), b"GET /healthz HTTP/1.1\nHost: p\n\n"), ("2xx", "4xx"), answers=2, pause_s=0.1),
-    Case.of("body-longer-than-cl", head("Host: p", "Content-Length: 10") + CHAT, "2xx", "4xx", answers=2, also=(("4xx",),)),
+    Case.of("body-longer-than-cl", head("Host: p", "Content-Length: 10") + CHAT, "2xx", "4xx", answers=2, also=(("4xx",),), may_differ=True),
     Case("body-longer-than-cl-later", (head("Host: p", "Content-Length: 10") + CHAT[:10], CHAT[10:]), ("2xx", "4xx"), answers=2, pause_s=0.1),
     # Request lines.
     Case.of("http-1.2", head("Host: p", f"Content-Length: {N}", request_line=f"POST {CHAT_PATH} HTTP/1.2") + CHAT, "4xx"),
@@ -140,19 +151,20 @@ TARGETS = [
     Case.of("absolute-form-https", post(f"https://127.0.0.1:{OTHER}{CHAT_PATH}"), "4xx"),
     Case.of("network-path", post(f"//127.0.0.1:{OTHER}{CHAT_PATH}"), "4xx"),
     Case.of("network-path-after-provider", post(f"/openai//127.0.0.1:{OTHER}/v1/chat/completions"), "2xx"),
-    Case.of("dot-dot-out-of-provider", post("/openai/../../v1/chat/completions"), "4xx"),
-    Case.of("dot-dot-out-of-base", post("/openai/v1/../../../../admin"), "4xx"),
+    Case.of("dot-dot-out-of-provider", post("/openai/../../v1/chat/completions"), "4xx", also=FORWARDED_INSIDE),
+    Case.of("dot-dot-out-of-base", post("/openai/v1/../../../../admin"), "4xx", also=FORWARDED_INSIDE),
     Case.of("dot-dot-inside", post("/openai/v1/x/../chat/completions"), "2xx"),
-    Case.of("encoded-dot-dot", post("/openai/%2e%2e/%2e%2e/admin"), "4xx"),
-    Case.of("encoded-dot-dot-in-tail", post("/openai/v1/%2e%2e/%2e%2e/%2E%2E/admin"), "4xx"),
+    Case.of("encoded-dot-dot", post("/openai/%2e%2e/%2e%2e/admin"), "4xx", also=FORWARDED_INSIDE),
+    Case.of("encoded-dot-dot-in-tail", post("/openai/v1/%2e%2e/%2e%2e/%2E%2E/admin"), "4xx", also=FORWARDED_INSIDE),
+    Case.of("encoded-slash-dot-dot", post("/openai/v1/..%2f..%2f..%2fadmin"), "4xx", also=FORWARDED_INSIDE),
     Case.of("encoded-provider", post("/%6fpenai/v1/chat/completions"), "4xx"),
     Case.of("encoded-slash", post("/openai%2fv1/chat/completions"), "4xx"),
     Case.of("at-host", post(f"/openai@127.0.0.1:{OTHER}/v1/chat/completions"), "4xx"),
     Case.of("at-host-after-provider", post(f"/openai/@127.0.0.1:{OTHER}/v1/chat/completions"), "2xx"),
-    Case.of("backslashes", post("/openai\\..\\..\\v1/chat/completions"), "4xx"),
+    Case.of("backslashes", post("/openai\\..\\..\\v1/chat/completions"), "4xx", also=FORWARDED_INSIDE),
     Case.of("backslash-host", f"GET /openai/\\\\127.0.0.1:{OTHER}/v1 HTTP/1.1\r\nHost: p\r\n\r\n".encode(), "2xx"),
     Case.of("fragment", post("/openai/v1/chat/completions#frag"), "2xx"),
-    Case.of("connect", f"CONNECT 127.0.0.1:{OTHER} HTTP/1.1\r\nHost: 127.0.0.1:{OTHER}\r\n\r\n".encode(), "4xx", also=CLEAN_CLOSE),
+    Case.of("connect", f"CONNECT 127.0.0.1:{OTHER} HTTP/1.1\r\nHost: 127.0.0.1:{OTHER}\r\n\r\n".encode(), "4xx", also=CLEAN_CLOSE, may_differ=True),
     Case.of("options-asterisk", b"OPTIONS * HTTP/1.1\r\nHost: p\r\n\r\n", "4xx"),
     Case.of("post-asterisk", post("*"), "4xx"),
     Case.of("host-other", post(host=f"127.0.0.1:{OTHER}"), "2xx"),
@@ -163,11 +175,11 @@ TARGETS = [
 ]  # fmt: skip
 
 UPGRADES = [
-    Case.of("h2c-upgrade-get", b"GET /openai/v1/models HTTP/1.1\r\nHost: p\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n", "2xx", also=CLEAN_CLOSE),
-    Case.of("h2c-upgrade-metered", head("Host: p", "Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c", "HTTP2-Settings: AAMAAABkAAQAAP__", f"Content-Length: {N}") + CHAT, "2xx", also=CLEAN_CLOSE),
-    Case.of("websocket-upgrade", b"GET /openai/v1/realtime HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", "2xx", also=CLEAN_CLOSE),
-    Case.of("upgrade-then-bytes", head("Host: p", "Connection: Upgrade", "Upgrade: websocket", f"Content-Length: {N}") + CHAT + b"\x81\x05hello", "2xx", "4xx", answers=2, also=CLEAN_CLOSE),
-    Case.of("connect-with-body", f"CONNECT 127.0.0.1:{OTHER} HTTP/1.1\r\nHost: 127.0.0.1:{OTHER}\r\nContent-Length: 4\r\n\r\nPING".encode(), "4xx", "4xx", answers=2, also=CLEAN_CLOSE),
+    Case.of("h2c-upgrade-get", b"GET /openai/v1/models HTTP/1.1\r\nHost: p\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n", "2xx", also=CLEAN_CLOSE, may_differ=True),
+    Case.of("h2c-upgrade-metered", head("Host: p", "Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c", "HTTP2-Settings: AAMAAABkAAQAAP__", f"Content-Length: {N}") + CHAT, "2xx", also=CLEAN_CLOSE, may_differ=True),
+    Case.of("websocket-upgrade", b"GET /openai/v1/realtime HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", "2xx", also=CLEAN_CLOSE, may_differ=True),
+    Case.of("upgrade-then-bytes", head("Host: p", "Connection: Upgrade", "Upgrade: websocket", f"Content-Length: {N}") + CHAT + b"\x81\x05hello", "2xx", "4xx", answers=2, also=CLEAN_CLOSE, may_differ=True),
+    Case.of("connect-with-body", f"CONNECT 127.0.0.1:{OTHER} HTTP/1.1\r\nHost: 127.0.0.1:{OTHER}\r\nContent-Length: 4\r\n\r\nPING".encode(), "4xx", "4xx", answers=2, also=CLEAN_CLOSE, may_differ=True),
 ]  # fmt: skip
 
 BIG_BODY = b'{"model":"gpt-4o","messages":[{"role":"user","content":"' + b"a" * (1 << 20) + b'"}]}'
@@ -255,7 +267,8 @@ async def test_hostile_request(case: Case, caplog: pytest.LogCaptureFixture) -> 
         assert not any(b"SMUGGLED" in r.split(b"\r\n")[0] for r in outcome.upstream_requests), name
         if "2xx" not in verdict.summary:  # refused: nothing of it went upstream
             assert not outcome.upstream_requests, (name, outcome.upstream_requests)
-    if not case.also:
+    if not case.may_differ:
+        assert fast.verdict.summary == plain.verdict.summary
         assert fast.verdict.statuses == plain.verdict.statuses, (
             fast.verdict.raw[:300],
             plain.verdict.raw[:300],
