@@ -13,13 +13,15 @@ import logging
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httptools
 import pytest
 
 from llmtally.config import Config, ServerConfig, UpstreamsConfig
 from llmtally.testing.harness import RunningProxy, config_for_upstream, start_proxy
+from tests.proxy.test_fastpath import Answer
+from tests.proxy.test_fastpath import _Reader as AnswerReader
 
 #: The longest any one exchange may take before the suite calls it a hang.
 ANSWER_WITHIN_S = 3.0
@@ -32,14 +34,6 @@ CHAT_PATH = "/openai/v1/chat/completions"
 
 
 # Client side ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Answer:
-    status: int = 0
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    body: bytes = b""
-    complete: bool = False
 
 
 @dataclass
@@ -65,27 +59,6 @@ class Verdict:
         return tuple(f"{a.status // 100}xx" if a.complete else "cut" for a in self.answers)
 
 
-class _AnswerParser:
-    def __init__(self) -> None:
-        self.answers: list[Answer] = []
-        self.parser = httptools.HttpResponseParser(self)
-
-    def on_message_begin(self) -> None:
-        self.answers.append(Answer())
-
-    def on_status(self, status: bytes) -> None:
-        self.answers[-1].status = self.parser.get_status_code()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.answers[-1].headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
-
-    def on_body(self, body: bytes) -> None:
-        self.answers[-1].body += body
-
-    def on_message_complete(self) -> None:
-        self.answers[-1].complete = True
-
-
 def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1].split("/")[0])
 
@@ -100,7 +73,7 @@ async def exchange(
     """Send ``writes`` on one new connection (``pause_s`` between them) and read what comes back until
     the proxy closes, or ``answers`` answers are complete and it stays quiet; a hang fails the test."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    parser = _AnswerParser()
+    parser = AnswerReader(reader)  # its parser only: reads here stop at a close or a quiet spell
     raw = bytearray()
     closed = False
     garbled: str | None = None

@@ -301,7 +301,7 @@ async def run_fault(fault: Fault, route: str, fast_path: bool) -> Outcome:
 
 
 def _header(verdict: Verdict, name: str) -> str | None:
-    return next((v for n, v in verdict.answers[0].headers if n == name), None) if verdict.answers else None
+    return verdict.answers[0].headers.get(name) if verdict.answers else None
 
 
 @pytest.mark.parametrize(("fault", "route"), CASES)
