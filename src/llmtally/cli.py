@@ -34,7 +34,7 @@ def _non_negative(text: str) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from llmtally.pricing import PriceBook, PriceFileError
-    from llmtally.proxy.server import run
+    from llmtally.serving import run
 
     path = _config_path(args)
     config = load_config(path)
@@ -43,7 +43,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except PriceFileError as exc:
         print(f"llmtally: prices file error: {exc}", file=sys.stderr)
         return 2
-    return run(config, host=args.host, port=args.port, config_path=path, workers=args.workers)
+    return run(
+        config,
+        host=args.host,
+        port=args.port,
+        config_path=path,
+        workers=args.workers,
+        fake_upstream=args.fake_upstream,
+    )
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
@@ -218,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=_non_negative,
         help="proxy processes sharing the port (overrides [server] workers; 0: a single process)",
+    )
+    serve.add_argument(
+        "--fake-upstream",
+        action="store_true",
+        help="answer every call with the built-in fake upstream (no key, no network; records say so)",
     )
     serve.set_defaults(func=_cmd_serve)
 

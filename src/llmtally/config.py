@@ -61,6 +61,9 @@ class UpstreamsConfig:
     #: Most connections open at once to one upstream host (0: no limit). Every call in flight holds
     #: one, streams included; at the limit a call waits up to ``connect_timeout_s`` for a free one.
     max_connections: int = 0
+    #: Answer every call with llmtally's built-in fake upstream, started in-process (``serve
+    #: --fake-upstream``): no key, no network; every record then carries ``fake_upstream: true``.
+    fake: bool = False
 
 
 @dataclass(frozen=True, slots=True)

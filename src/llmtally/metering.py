@@ -61,7 +61,11 @@ def _parse_stream(exchange: Exchange, adapter: ProviderAdapter, body: bytes) -> 
 
 
 def build_record(
-    exchange: Exchange, adapter: ProviderAdapter, counter: TokenCounter, prices: PriceBook
+    exchange: Exchange,
+    adapter: ProviderAdapter,
+    counter: TokenCounter,
+    prices: PriceBook,
+    fake_upstream: bool = False,
 ) -> UsageRecord:
     """Parse what is left to parse, choose the usage (provider's, else an estimate), price it."""
     request = exchange.request
@@ -122,6 +126,7 @@ def build_record(
         upstream_request_id=exchange.upstream_request_id or summary.upstream_request_id,
         service_tier=service_tier,
         inference_geo=geo if geo and geo.lower() != "global" else None,
+        fake_upstream=fake_upstream,
     )
 
 
@@ -134,11 +139,15 @@ def _worth_estimating(exchange: Exchange) -> bool:
 
 
 def safe_build_record(
-    exchange: Exchange, adapter: ProviderAdapter, counter: TokenCounter, prices: PriceBook
+    exchange: Exchange,
+    adapter: ProviderAdapter,
+    counter: TokenCounter,
+    prices: PriceBook,
+    fake_upstream: bool = False,
 ) -> UsageRecord:
     """:func:`build_record`, but a metering bug still yields a record that says so (records are money)."""
     try:
-        return build_record(exchange, adapter, counter, prices)
+        return build_record(exchange, adapter, counter, prices, fake_upstream)
     except Exception as exc:
         log.exception("metering failed for request %s", exchange.request_id)
         return UsageRecord(
@@ -159,6 +168,7 @@ def safe_build_record(
             client_disconnected=exchange.client_disconnected,
             tags=exchange.tags,
             error=f"metering failed: {type(exc).__name__}: {exc}",
+            fake_upstream=fake_upstream,
         )
 
 
@@ -214,7 +224,14 @@ class LocalMeter:
 
     def submit(self, exchange: Exchange) -> None:
         provider = exchange.provider
-        job = partial(safe_build_record, exchange, ADAPTERS[provider], self.counters[provider], self.prices)
+        job = partial(
+            safe_build_record,
+            exchange,
+            ADAPTERS[provider],
+            self.counters[provider],
+            self.prices,
+            self.config.upstreams.fake,  # stamped here, in the record process: nothing per call in a worker
+        )
         self.pipeline.submit(job)
 
     async def metrics(self) -> bytes | None:
