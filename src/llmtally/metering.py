@@ -80,7 +80,9 @@ def build_record(
             summary = _parse_stream(exchange, adapter, exchange.response_body)
         else:
             summary = adapter.parse_response(request, exchange.response_body)
-    estimate = _resolve_estimate(exchange, counter, needed=exchange.count_input or summary.usage is None)
+    # An error's record has no usage to stand in for ("none"): its input is not counted for it.
+    wanted = exchange.count_input or (summary.usage is None and _worth_estimating(exchange))
+    estimate = _resolve_estimate(exchange, counter, needed=wanted)
     model = summary.model or request.model
     errors = [e for e in (exchange.error, request.error, summary.error) if e]
 
@@ -122,7 +124,7 @@ def build_record(
         client_disconnected=exchange.client_disconnected,
         tags=exchange.tags,
         error="; ".join(errors) or None,
-        estimated_input_tokens=estimate.input_tokens if estimate else None,
+        estimated_input_tokens=estimate.input_tokens if estimate and source != "none" else None,
         upstream_request_id=exchange.upstream_request_id or summary.upstream_request_id,
         service_tier=service_tier,
         inference_geo=geo if geo and geo.lower() != "global" else None,
