@@ -272,8 +272,9 @@ class Config:
 ENV_ALIASES: dict[str, tuple[str, ...]] = {
     "GEMINI_TOKENIZER": ("counters", "gemini", "tokenizer"),
 }
-#: Environment variables read elsewhere (not configuration keys).
-ENV_RESERVED = frozenset({"CONFIG"})
+#: Environment variables read elsewhere (not configuration keys): ``LLMTALLY_CONFIG`` (the file),
+#: ``LLMTALLY_URL`` (where clients such as the examples find the proxy, often set in serve's shell too).
+ENV_RESERVED = frozenset({"CONFIG", "URL"})
 
 
 def load_config(
