@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test demo lint load proto clean
+.PHONY: serve serve-fake test demo lint load proto clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) >&2
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 
 serve: $(STAMP)
 	@$(BIN)/llmtally serve --config config.toml
+
+# The same proxy with every upstream answered by the built-in fake: try it with your own SDK code,
+# no key, no network (stderr says so, and every record carries "fake_upstream": true).
+serve-fake: $(STAMP)
+	@$(BIN)/llmtally serve --config config.toml --fake-upstream
 
 demo: $(STAMP)
 	@$(BIN)/llmtally demo

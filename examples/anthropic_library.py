@@ -1,6 +1,11 @@
 """The library without the proxy, for Claude: estimate before sending, exact usage after.
 
-ANTHROPIC_API_KEY=sk-ant-... python examples/anthropic_library.py
+From the repository:
+
+    ANTHROPIC_API_KEY=sk-ant-... .venv/bin/python examples/anthropic_library.py
+
+Without a key, against the fake upstream: start it with `.venv/bin/python -m llmtally.testing --port
+9999` and add `ANTHROPIC_BASE_URL=http://127.0.0.1:9999` to the command.
 """
 
 import os

@@ -1,6 +1,13 @@
-"""Anthropic (Claude) through llmtally: change only base_url. Run `make serve` first, then:
+"""Anthropic (Claude) through llmtally: change only base_url. Each call becomes one usage record.
 
-ANTHROPIC_API_KEY=sk-ant-... python examples/anthropic_proxy.py
+From the repository, once `make serve` or `make test` has made `.venv`, in one shell (add
+`--fake-upstream` to `llmtally serve` to have llmtally's built-in fake answer every call: no key, no
+network):
+
+    .venv/bin/llmtally serve > records.jsonl &    # the proxy on :8787 in the background, records to a file
+    ANTHROPIC_API_KEY=sk-ant-... .venv/bin/python examples/anthropic_proxy.py
+    kill %1; wait                     # stop llmtally: it writes every record before it exits
+    .venv/bin/llmtally report records.jsonl
 """
 
 import os

@@ -1,6 +1,11 @@
 """The library without the proxy, for Gemini: exact Gemma 3 count before sending, usage after.
 
-GEMINI_API_KEY=... python examples/gemini_library.py
+From the repository:
+
+    GEMINI_API_KEY=... .venv/bin/python examples/gemini_library.py
+
+Without a key, against the fake upstream: start it with `.venv/bin/python -m llmtally.testing --port
+9999` and add `GEMINI_BASE_URL=http://127.0.0.1:9999` to the command.
 """
 
 import os

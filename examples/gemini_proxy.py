@@ -1,6 +1,13 @@
-"""Gemini through llmtally: change only base_url. Run `make serve` first, then:
+"""Gemini through llmtally: change only base_url. Each call becomes one usage record.
 
-GEMINI_API_KEY=... python examples/gemini_proxy.py
+From the repository, once `make serve` or `make test` has made `.venv`, in one shell (add
+`--fake-upstream` to `llmtally serve` to have llmtally's built-in fake answer every call: no key, no
+network):
+
+    .venv/bin/llmtally serve > records.jsonl &    # the proxy on :8787 in the background, records to a file
+    GEMINI_API_KEY=... .venv/bin/python examples/gemini_proxy.py
+    kill %1; wait                     # stop llmtally: it writes every record before it exits
+    .venv/bin/llmtally report records.jsonl
 """
 
 import os

@@ -1,6 +1,11 @@
 """The library without the proxy: count a request before sending it, track the response after.
 
-OPENAI_API_KEY=sk-... python examples/openai_library.py
+From the repository:
+
+    OPENAI_API_KEY=sk-... .venv/bin/python examples/openai_library.py
+
+Without a key, against the fake upstream: start it with `.venv/bin/python -m llmtally.testing --port
+9999` and add `OPENAI_BASE_URL=http://127.0.0.1:9999/v1` to the command.
 """
 
 import os

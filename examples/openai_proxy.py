@@ -1,8 +1,13 @@
-"""OpenAI through llmtally: change only base_url. Run `make serve` first, then:
+"""OpenAI through llmtally: change only base_url. Each call below becomes one usage record.
 
-    OPENAI_API_KEY=sk-... python examples/openai_proxy.py
+From the repository, once `make serve` or `make test` has made `.venv`, in one shell (add
+`--fake-upstream` to `llmtally serve` to have llmtally's built-in fake answer every call: no key, no
+network):
 
-Each call below becomes one usage record on llmtally's stdout.
+    .venv/bin/llmtally serve > records.jsonl &    # the proxy on :8787 in the background, records to a file
+    OPENAI_API_KEY=sk-... .venv/bin/python examples/openai_proxy.py
+    kill %1; wait                     # stop llmtally: it writes every record before it exits
+    .venv/bin/llmtally report records.jsonl
 """
 
 import os

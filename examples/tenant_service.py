@@ -1,12 +1,16 @@
 """An aiohttp service that attributes LLM cost per tenant, through llmtally, with tags.
 
-    make serve                                   # llmtally on :8787
-    OPENAI_API_KEY=sk-... python examples/tenant_service.py   # this service on :8080
-    curl -X POST localhost:8080/ask -H 'X-Tenant: acme' -d 'What is 2+2?'
-    llmtally report --by tag:tenant < records.jsonl
-
 The service sets `x-llmtally-tag-tenant` on each call; llmtally puts it in the record's `tags` (and
-does not forward it), so cost per tenant is a group-by away.
+does not forward it), so cost per tenant is a group-by away. From the repository, once `make serve`
+or `make test` has made `.venv`, in one shell (add `--fake-upstream` to `llmtally serve` to have
+llmtally's built-in fake answer every call: no key, no network):
+
+    .venv/bin/llmtally serve > records.jsonl &    # the proxy on :8787 in the background, records to a file
+    OPENAI_API_KEY=sk-... .venv/bin/python examples/tenant_service.py &    # this service on :8080
+    curl -sS -X POST localhost:8080/ask -H 'X-Tenant: acme' -d 'What is 2+2?'
+    curl -sS -X POST localhost:8080/ask -H 'X-Tenant: globex' -d 'And 3+3?'
+    kill %2 %1; wait                  # stop both: llmtally writes every record before it exits
+    .venv/bin/llmtally report --by tag:tenant records.jsonl
 """
 
 import os

@@ -14,7 +14,8 @@ from pathlib import Path
 from llmtally.counters import AnthropicCounter, ChatInput, GeminiCounter, OpenAICounter, TokenCache
 from llmtally.counters.bundled import tiktoken_encoding
 
-CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "texts"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.counters.corpus
+from tests.counters.corpus import TEXTS
 
 
 def best_of(fn: Callable[[], object], repeat: int = 5) -> float:
@@ -27,7 +28,7 @@ def best_of(fn: Callable[[], object], repeat: int = 5) -> float:
 
 
 def main() -> None:
-    texts = [p.read_bytes().decode("utf-8") for p in sorted(CORPUS.glob("*.txt"))]
+    texts = [TEXTS[name] for name in sorted(TEXTS)]
     size_mb = sum(len(t.encode()) for t in texts) / 1e6
     enc = tiktoken_encoding("o200k_base")
     rows: list[tuple[str, float]] = []

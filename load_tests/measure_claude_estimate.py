@@ -1,33 +1,33 @@
 """How far the uncalibrated Claude estimate (o200k_base x 1.2) is from a reference Claude tokenizer.
 
-The only Claude tokenizer available offline is the legacy (pre-Claude-3) one in ../shared, so this is a
-stand-in measurement: it shows the estimator's spread across kinds of text, not its error on Claude 3+,
-which needs real usage (the proxy's calibration learns that factor per model family in production).
+The only Claude tokenizer available offline is the legacy (pre-Claude-3) one, whose counts the
+reference corpus (tests/data) holds, so this is a stand-in measurement: it shows the estimator's
+spread across kinds of text, not its error on Claude 3+, which needs real usage (the proxy's
+calibration learns that factor per model family in production).
 
 Run: .venv/bin/python load_tests/measure_claude_estimate.py
 """
 
 from __future__ import annotations
 
-import json
 import statistics
+import sys
 from pathlib import Path
 
 from llmtally.counters import AnthropicCounter
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.counters.corpus
+from tests.counters.corpus import REFS, TEXTS
 
 
 def main() -> None:
-    refs = json.loads((SHARED / "refs.json").read_text())
     counter = AnthropicCounter()
     errors: list[float] = []
     total_est = total_ref = 0
-    for name, ref in sorted(refs.items()):
+    for name, ref in sorted(REFS.items()):
         if not ref["claude_legacy"]:
             continue
-        text = (SHARED / "texts" / name).read_bytes().decode("utf-8")
-        estimate = counter.count_text("claude-sonnet-5", [text]).input_tokens
+        estimate = counter.count_text("claude-sonnet-5", [TEXTS[name]]).input_tokens
         errors.append((estimate - ref["claude_legacy"]) / ref["claude_legacy"])
         total_est += estimate
         total_ref += ref["claude_legacy"]

@@ -13,7 +13,6 @@ from llmtally.config import Config
 from llmtally.testing import FakeUpstream, FakeUpstreamConfig
 from llmtally.testing.harness import RunningProxy, config_for_upstream, start_proxy
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 API_KEY = "sk-test-SECRET-0123456789"
 
 MakeProxy = Callable[..., Awaitable[RunningProxy]]

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import shlex
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import orjson
+import pytest
 
 
 def run(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
@@ -70,3 +75,51 @@ def test_count_strict_unknown_model_exits_2() -> None:
     result = run("count", "--model", "mystery-1", "--strict", "-", stdin=b"hi")
     assert result.returncode == 2
     assert b"cannot tell the provider" in result.stderr
+
+
+DOCS_CLI = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+#: The files docs/cli.md's error examples name (its "Errors" section says what each holds).
+ERROR_FIXTURES = {
+    "array.json": b"[1, 2]\n",
+    "latin1.txt": "café crème\n".encode("latin-1"),
+    "serve.log": b"2026-12-07 02:52:25,905 INFO llmtally.server: llmtally listening on http://127.0.0.1:8787\n"
+    b"2026-12-07 02:52:31,699 INFO llmtally.server: shutting down\n",
+}
+
+
+def documented_errors() -> list[tuple[str, int, str]]:
+    """(command, exit status, stderr) for each row of the Errors table in docs/cli.md."""
+    section = DOCS_CLI.read_text().split("\n## Errors\n", 1)[1]
+    rows = []
+    for line in section.splitlines():
+        match = re.fullmatch(r"\| `llmtally ([^`]*)`[^|]*\| (\d) \| `(.*)` \|", line)
+        if match:
+            rows.append((match.group(1), int(match.group(2)), match.group(3)))
+    return rows
+
+
+def test_the_errors_table_covers_every_command() -> None:
+    commands = {command.split()[0] for command, _, _ in documented_errors()}
+    assert {"count", "price", "report", "health", "serve"} <= commands
+
+
+@pytest.mark.parametrize(("command", "status", "message"), documented_errors())
+def test_each_documented_error_is_one_line_and_its_exit_status(
+    command: str, status: int, message: str, tmp_path: Path
+) -> None:
+    for name, data in ERROR_FIXTURES.items():
+        (tmp_path / name).write_bytes(data)
+    with socket.socket() as holder:  # "while another process serves 8787": a free port, held
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = str(holder.getsockname()[1])
+        command, message = command.replace("8787", port), message.replace("8787", port)
+        result = subprocess.run(
+            [sys.executable, "-m", "llmtally", *shlex.split(command)],
+            cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+    stderr = result.stderr.decode()
+    assert result.returncode == status, stderr
+    assert message in stderr
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr

@@ -37,6 +37,7 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
         "LLMTALLY_GEMINI_TOKENIZER": "/tmp/tok.json",
         "LLMTALLY_COUNTERS_GEMINI_PRELOAD": "yes",
         "LLMTALLY_CONFIG": "ignored-here",
+        "LLMTALLY_URL": "http://127.0.0.1:8787",  # the examples' variable, often exported in serve's shell
         "OTHER": "x",
     }
     config = load_config(path, env=env)
@@ -45,6 +46,10 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
     assert config.metering.inject_stream_usage is False
     assert config.counters.gemini.tokenizer == "/tmp/tok.json"
     assert config.counters.gemini.preload is True
+
+
+def test_fake_upstream_from_the_environment(tmp_path: Path) -> None:
+    assert load_config(None, env={"LLMTALLY_UPSTREAMS_FAKE": "true"}).upstreams.fake is True
 
 
 def test_price_overrides_are_decimal(tmp_path: Path) -> None:

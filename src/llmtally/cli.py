@@ -1,4 +1,9 @@
-"""``llmtally serve | demo | count | price``."""
+"""``llmtally serve | health | demo | count | price | report``.
+
+Every error a user can cause is one line on stderr, ``llmtally <command>: <what is wrong>``, and the
+exit status docs/cli.md gives: 2 for bad arguments, configuration or input, 1 when the answer is
+"no" (no price, not healthy, no records). Never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,26 @@ import sys
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
+from typing import NoReturn
 
 import orjson
 
 from llmtally.config import Config, ConfigError, load_config
+
+
+class CommandError(Exception):
+    """A user error: ``message`` goes to stderr after the command's name, ``status`` is the exit status."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _config_path(args: argparse.Namespace) -> str | None:
@@ -26,15 +47,28 @@ def _config_from(args: argparse.Namespace) -> Config:
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
     return value
 
 
+def _read_input(source: str | None) -> bytes:
+    """The bytes of ``source`` (a path, or ``-``/None for stdin)."""
+    if source in (None, "-"):
+        return sys.stdin.buffer.read()
+    try:
+        return Path(source).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read {source}: {exc.strerror or exc}") from None
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from llmtally.pricing import PriceBook, PriceFileError
-    from llmtally.proxy.server import run
+    from llmtally.serving import run
 
     path = _config_path(args)
     config = load_config(path)
@@ -43,7 +77,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except PriceFileError as exc:
         print(f"llmtally: prices file error: {exc}", file=sys.stderr)
         return 2
-    return run(config, host=args.host, port=args.port, config_path=path, workers=args.workers)
+    return run(
+        config,
+        host=args.host,
+        port=args.port,
+        config_path=path,
+        workers=args.workers,
+        fake_upstream=args.fake_upstream,
+    )
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
@@ -58,12 +99,15 @@ def _cmd_health(args: argparse.Namespace) -> int:
         )
         host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         url = f"http://{host}:{port}{args.path}"
+    if not url.startswith(("http://", "https://")):
+        raise CommandError(f"--url {url!r}: not an http:// or https:// URL")
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as response:
             ok = response.status == 200
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"llmtally health: {url}: {exc}", file=sys.stderr)
-        return 1
+    except urllib.error.HTTPError as exc:
+        raise CommandError(f"{url}: HTTP {exc.code}", status=1) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise CommandError(f"{url}: {getattr(exc, 'reason', exc)}", status=1) from None
     return 0 if ok else 1
 
 
@@ -74,42 +118,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_count(args: argparse.Namespace) -> int:
+    from llmtally.counters import TokenizerUnavailable
     from llmtally.providers import ADAPTERS
     from llmtally.tracker import TokenCountParams, TokenTracker, UnknownModelError
 
     tracker = TokenTracker(_config_from(args), strict=args.strict)
+    if args.request and args.file:
+        raise CommandError(f"give either --request or a text file, not both ({args.file!r})")
     source = args.request or args.file
-    data = sys.stdin.buffer.read() if source in (None, "-") else Path(source).read_bytes()
-    if args.request:
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            print(f"llmtally count: {source} is not JSON: {exc}", file=sys.stderr)
-            return 2
-        model = args.model or payload.get("model")
-        if not isinstance(model, str):
-            print("llmtally count: the request names no model; pass --model", file=sys.stderr)
-            return 2
-        try:
+    data = _read_input(source)
+    name = "stdin" if source in (None, "-") else source
+    try:
+        if args.request:
+            try:
+                payload = orjson.loads(data)
+            except orjson.JSONDecodeError as exc:
+                raise CommandError(f"{name} is not JSON: {exc}") from None
+            if not isinstance(payload, dict):
+                kind = type(payload).__name__.replace("dict", "object").replace("list", "array")
+                raise CommandError(f"{name} is not a request body: a JSON object is needed, got {kind}")
+            model = args.model or payload.get("model")
+            if not isinstance(model, str) or not model:
+                raise CommandError('the request names no model (a "model" string); pass --model')
             provider = tracker.provider_of(model, args.provider)
-        except UnknownModelError as exc:
-            print(f"llmtally count: {exc}", file=sys.stderr)
-            return 2
-        endpoint = ADAPTERS[provider].endpoint_for_request(payload, model)
-        count = tracker.counters[provider].count_request(model, endpoint.name, payload)
-    else:
-        if not args.model:
-            print("llmtally count: --model is required", file=sys.stderr)
-            return 2
-        model = args.model
-        try:
+            endpoint = ADAPTERS[provider].endpoint_for_request(payload, model)
+            count = tracker.counters[provider].count_request(model, endpoint.name, payload)
+        else:
+            if not args.model:
+                raise CommandError("--model is required to count a text (or pass --request FILE)")
+            model = args.model
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise CommandError(f"{name} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
             provider = tracker.provider_of(model, args.provider)
-            count = tracker.count_tokens(
-                TokenCountParams(model=model, text=data.decode("utf-8"), provider=args.provider)
-            )
-        except UnknownModelError as exc:
-            print(f"llmtally count: {exc}", file=sys.stderr)
-            return 2
+            count = tracker.count_tokens(TokenCountParams(model=model, text=text, provider=args.provider))
+    except (UnknownModelError, TokenizerUnavailable) as exc:
+        raise CommandError(str(exc)) from None
     out: dict[str, object] = {
         "model": model,
         "provider": provider,
@@ -130,13 +175,12 @@ def _cmd_price(args: argparse.Namespace) -> int:
     from llmtally.record import TokenUsage
 
     config = _config_from(args)
+    _check_token_counts(args)
     provider = args.provider or infer_provider(args.model)
-    if provider is None:
-        print(
-            f"llmtally price: cannot tell the provider of model {args.model!r}; pass --provider",
-            file=sys.stderr,
+    if provider is None:  # no provider, so no price: exit 1 as for any model without a price
+        raise CommandError(
+            f"no price for model {args.model!r}: cannot tell its provider; pass --provider", status=1
         )
-        return 2
     usage = TokenUsage(
         input_tokens=args.input,
         output_tokens=args.output,
@@ -150,8 +194,7 @@ def _cmd_price(args: argparse.Namespace) -> int:
     try:
         book = PriceBook(config.pricing)
     except PriceFileError as exc:
-        print(f"llmtally price: prices file error: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(f"prices file error: {exc}") from None
     quote = book.quote(provider, args.model, usage, service_tier=args.service_tier)
 
     def money(value: Decimal | None) -> object:
@@ -174,20 +217,63 @@ def _cmd_price(args: argparse.Namespace) -> int:
     return 0 if quote.cost is not None else 1
 
 
+#: (part, whole): the part's tokens are counted inside the whole's, so it cannot be larger.
+_TOKEN_PARTS = (
+    ("cache_read", "input"),
+    ("cache_write", "input"),
+    ("cache_write_1h", "cache_write"),
+    ("input_audio", "input"),
+    ("reasoning", "output"),
+    ("output_audio", "output"),
+)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_token_counts(args: argparse.Namespace) -> None:
+    """Token counts in the record's meaning: parts fit inside their wholes (negatives: the parser)."""
+    for part, whole in _TOKEN_PARTS:
+        value, limit = getattr(args, part) or 0, getattr(args, whole)
+        if value > limit:
+            raise CommandError(
+                f"{_flag(part)} {value} is more than {_flag(whole)} {limit}: "
+                f"{_flag(part)} counts part of {_flag(whole)}"
+            )
+    if args.cache_read + args.cache_write > args.input:
+        raise CommandError(
+            f"--cache-read {args.cache_read} + --cache-write {args.cache_write} is more than --input "
+            f"{args.input}: --input counts cache reads and writes too"
+        )
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from llmtally.pipeline import report as r
 
     by = [b for item in (args.by or []) for b in item.split(",") if b] or list(r.DEFAULT_GROUPING)
+    read = r.ReadCount()
     try:
+        for key in by:
+            r.group_value({}, key)  # a bad --by is refused before any reading
         since, until = r.parse_when(args.since, "--since"), r.parse_when(args.until, "--until")
-        records = list(r.read_records(args.files))
+        records = list(r.read_records(args.files, count=read))
+        if not records:
+            sources = ", ".join(args.files) if args.files and args.files != ["-"] else "stdin"
+            raise CommandError(
+                f"read {read.lines} line{'' if read.lines == 1 else 's'} from {sources}, none of them a "
+                'usage record (a JSON line with "event": "llm.usage"; llmtally serve writes them to '
+                "stdout, its diagnostics to stderr)",
+                status=1,
+            )
         totals, groups = r.build_report(records, by, since, until)
         if args.plot:
             kept = [rec for rec in records if _in_window(rec, since, until)]
             r.plot_cost_over_time(kept, args.plot)
     except r.ReportError as exc:
-        print(f"llmtally report: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc)) from None
+    except OSError as exc:  # the plot could not be written
+        raise CommandError(f"--plot {args.plot}: {exc.strerror or exc}") from None
     if args.json:
         sys.stdout.write(r.render_json(totals, groups, by))
     elif args.csv:
@@ -205,7 +291,7 @@ def _in_window(record: dict[str, object], since: object, until: object) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmtally", description="LLM usage metering proxy and library.")
+    parser = _Parser(prog="llmtally", description="LLM usage metering proxy and library.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the metering proxy")
@@ -218,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=_non_negative,
         help="proxy processes sharing the port (overrides [server] workers; 0: a single process)",
+    )
+    serve.add_argument(
+        "--fake-upstream",
+        action="store_true",
+        help="answer every call with the built-in fake upstream (no key, no network; records say so)",
     )
     serve.set_defaults(func=_cmd_serve)
 
@@ -249,15 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
     price.add_argument("--provider", choices=["openai", "anthropic", "gemini"])
     price.add_argument("--config")
     price.add_argument(
-        "--input", type=int, default=0, help="all input tokens, cache reads and writes included"
+        "--input", type=_non_negative, default=0, help="all input tokens, cache reads and writes included"
     )
-    price.add_argument("--output", type=int, default=0, help="all output tokens, reasoning included")
-    price.add_argument("--cache-read", type=int, default=0)
-    price.add_argument("--cache-write", type=int, default=0, help="all cache-write tokens")
-    price.add_argument("--cache-write-1h", type=int, default=0, help="of --cache-write, the 1-hour ones")
-    price.add_argument("--reasoning", type=int, default=None, help="of --output, the reasoning ones")
-    price.add_argument("--input-audio", type=int, default=0, help="of --input, the audio ones")
-    price.add_argument("--output-audio", type=int, default=0, help="of --output, the audio ones")
+    price.add_argument(
+        "--output", type=_non_negative, default=0, help="all output tokens, reasoning included"
+    )
+    price.add_argument("--cache-read", type=_non_negative, default=0)
+    price.add_argument("--cache-write", type=_non_negative, default=0, help="all cache-write tokens")
+    price.add_argument(
+        "--cache-write-1h", type=_non_negative, default=0, help="of --cache-write, the 1-hour ones"
+    )
+    price.add_argument(
+        "--reasoning", type=_non_negative, default=None, help="of --output, the reasoning ones"
+    )
+    price.add_argument("--input-audio", type=_non_negative, default=0, help="of --input, the audio ones")
+    price.add_argument("--output-audio", type=_non_negative, default=0, help="of --output, the audio ones")
     price.add_argument("--service-tier", help="batch, flex, priority, ... (default: standard)")
     price.set_defaults(func=_cmd_price)
 
@@ -286,11 +383,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
+    except CommandError as exc:
+        print(f"llmtally {args.command}: {exc}", file=sys.stderr)
+        return exc.status
     except ConfigError as exc:
         print(f"llmtally: configuration error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `llmtally report | head`: the reader left; nothing more to say
+        sys.stderr.close()
+        return 0
     return result
 
 

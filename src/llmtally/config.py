@@ -94,6 +94,9 @@ class UpstreamsConfig:
     #: PEM file of the CA certificates that upstream TLS certificates are verified against, for both
     #: upstream clients ("": the system's default store, which honours ``SSL_CERT_FILE``).
     ca_file: str = ""
+    #: Answer every call with llmtally's built-in fake upstream, started in-process (``serve
+    #: --fake-upstream``): no key, no network; every record then carries ``fake_upstream: true``.
+    fake: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,8 +305,9 @@ class Config:
 ENV_ALIASES: dict[str, tuple[str, ...]] = {
     "GEMINI_TOKENIZER": ("counters", "gemini", "tokenizer"),
 }
-#: Environment variables read elsewhere (not configuration keys).
-ENV_RESERVED = frozenset({"CONFIG"})
+#: Environment variables read elsewhere (not configuration keys): ``LLMTALLY_CONFIG`` (the file),
+#: ``LLMTALLY_URL`` (where clients such as the examples find the proxy, often set in serve's shell too).
+ENV_RESERVED = frozenset({"CONFIG", "URL"})
 
 
 def load_config(

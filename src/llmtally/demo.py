@@ -10,9 +10,11 @@ import asyncio
 import sys
 from typing import Any
 
+from llmtally.config import Config
 from llmtally.pipeline import render_records
+from llmtally.serving import with_fake_upstream
 from llmtally.testing import FakeUpstream
-from llmtally.testing.harness import config_for_upstream, start_proxy
+from llmtally.testing.harness import start_proxy
 
 DEMO_KEY = "demo-key-not-a-secret"
 
@@ -57,7 +59,7 @@ async def _calls(base: str) -> list[tuple[str, Any]]:
 async def _demo() -> int:
     upstream = FakeUpstream()
     upstream_url = await upstream.start()
-    proxy = await start_proxy(config_for_upstream(upstream_url))
+    proxy = await start_proxy(with_fake_upstream(Config(), upstream_url))  # records say fake_upstream
     try:
         out = sys.stdout
         out.write(f"fake upstream at {upstream_url}; llmtally proxy at {proxy.url}\n\n")

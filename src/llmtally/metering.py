@@ -61,7 +61,11 @@ def _parse_stream(exchange: Exchange, adapter: ProviderAdapter, body: bytes) -> 
 
 
 def build_record(
-    exchange: Exchange, adapter: ProviderAdapter, counter: TokenCounter, prices: PriceBook
+    exchange: Exchange,
+    adapter: ProviderAdapter,
+    counter: TokenCounter,
+    prices: PriceBook,
+    fake_upstream: bool = False,
 ) -> UsageRecord:
     """Parse what is left to parse, choose the usage (provider's, else an estimate), price it."""
     request = exchange.request
@@ -76,7 +80,9 @@ def build_record(
             summary = _parse_stream(exchange, adapter, exchange.response_body)
         else:
             summary = adapter.parse_response(request, exchange.response_body)
-    estimate = _resolve_estimate(exchange, counter, needed=exchange.count_input or summary.usage is None)
+    # An error's record has no usage to stand in for ("none"): its input is not counted for it.
+    wanted = exchange.count_input or (summary.usage is None and _worth_estimating(exchange))
+    estimate = _resolve_estimate(exchange, counter, needed=wanted)
     model = summary.model or request.model
     errors = [e for e in (exchange.error, request.error, summary.error) if e]
 
@@ -118,10 +124,11 @@ def build_record(
         client_disconnected=exchange.client_disconnected,
         tags=exchange.tags,
         error="; ".join(errors) or None,
-        estimated_input_tokens=estimate.input_tokens if estimate else None,
+        estimated_input_tokens=estimate.input_tokens if estimate and source != "none" else None,
         upstream_request_id=exchange.upstream_request_id or summary.upstream_request_id,
         service_tier=service_tier,
         inference_geo=geo if geo and geo.lower() != "global" else None,
+        fake_upstream=fake_upstream,
     )
 
 
@@ -134,11 +141,15 @@ def _worth_estimating(exchange: Exchange) -> bool:
 
 
 def safe_build_record(
-    exchange: Exchange, adapter: ProviderAdapter, counter: TokenCounter, prices: PriceBook
+    exchange: Exchange,
+    adapter: ProviderAdapter,
+    counter: TokenCounter,
+    prices: PriceBook,
+    fake_upstream: bool = False,
 ) -> UsageRecord:
     """:func:`build_record`, but a metering bug still yields a record that says so (records are money)."""
     try:
-        return build_record(exchange, adapter, counter, prices)
+        return build_record(exchange, adapter, counter, prices, fake_upstream)
     except Exception as exc:
         log.exception("metering failed for request %s", exchange.request_id)
         return UsageRecord(
@@ -159,6 +170,7 @@ def safe_build_record(
             client_disconnected=exchange.client_disconnected,
             tags=exchange.tags,
             error=f"metering failed: {type(exc).__name__}: {exc}",
+            fake_upstream=fake_upstream,
         )
 
 
@@ -214,7 +226,14 @@ class LocalMeter:
 
     def submit(self, exchange: Exchange) -> None:
         provider = exchange.provider
-        job = partial(safe_build_record, exchange, ADAPTERS[provider], self.counters[provider], self.prices)
+        job = partial(
+            safe_build_record,
+            exchange,
+            ADAPTERS[provider],
+            self.counters[provider],
+            self.prices,
+            self.config.upstreams.fake,  # stamped here, in the record process: nothing per call in a worker
+        )
         self.pipeline.submit(job)
 
     async def metrics(self) -> bytes | None:

@@ -86,6 +86,9 @@ class UsageRecord:
     inference_geo: str | None = None
     #: Why the price may not be what the provider bills (a service tier without price data), if so.
     pricing_note: str | None = None
+    #: The call was answered by llmtally's built-in fake upstream (``serve --fake-upstream``), not a
+    #: provider: its usage and cost are made up.
+    fake_upstream: bool = False
 
     def to_dict(self) -> dict[str, object]:
         """The record as the JSON log line's object (costs stay Decimal; the sink encodes them)."""
@@ -125,6 +128,7 @@ class UsageRecord:
             "latency_ms": self.latency_ms,
             "ttfb_ms": self.ttfb_ms,
             "client_disconnected": self.client_disconnected,
+            "fake_upstream": self.fake_upstream,
             "tags": self.tags,
             "upstream_request_id": self.upstream_request_id,
             "error": self.error,

@@ -33,7 +33,7 @@ from llmtally.pipeline.build import build_pipeline
 from llmtally.pipeline.link import LinkServer, WorkerReady
 from llmtally.pricing.reload import PriceReloader, start_auto_update
 from llmtally.proxy.app import create_admin_app
-from llmtally.proxy.server import (
+from llmtally.proxy.lifecycle import (
     announce,
     preload_gemini,
     reload_on_sighup,

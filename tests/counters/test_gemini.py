@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import base64
-import json
 import struct
 import zlib
+from importlib.resources import files
+from pathlib import Path
 
 import pytest
 
 from llmtally.counters import ChatInput
 from llmtally.counters.gemini import GeminiCounter, image_tokens
-from tests.conftest import SHARED
-
-REFS = json.loads((SHARED / "corpus" / "refs.json").read_text())
+from tests.counters.corpus import REFS, TEXTS
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +25,18 @@ def gemini() -> GeminiCounter:
 def test_corpus_reference_counts(gemini: GeminiCounter) -> None:
     wrong = {}
     for name, ref in REFS.items():
-        text = (SHARED / "corpus" / "texts" / name).read_bytes().decode("utf-8")
-        count = gemini.count_text("gemini-2.5-flash", [text])
+        count = gemini.count_text("gemini-2.5-flash", [TEXTS[name]])
         assert count.exact and count.tokenizer == "gemma3"
         if count.input_tokens != ref["gemma3"]:
             wrong[name] = (count.input_tokens, ref["gemma3"])
     assert not wrong
 
 
-def test_configured_tokenizer_path_is_used(tmp_path: object) -> None:
-    path = SHARED / "tokenizers" / "gemma3.tokenizer.json.gz"
+def test_configured_tokenizer_path_is_used(tmp_path: Path) -> None:
+    path = (
+        tmp_path / "my-gemma3.tokenizer.json.gz"
+    )  # a copy elsewhere: the configured file, not the bundled one
+    path.write_bytes((files("llmtally.counters") / "data" / "gemma3.tokenizer.json.gz").read_bytes())
     counter = GeminiCounter(str(path))
     assert counter.count_text("gemini-2.0-flash", ["Hello world, how are you?"]).input_tokens == 7
 

@@ -1,17 +1,14 @@
-"""OpenAI counting: exact against the shared corpus and the OpenAI cookbook's published counts."""
+"""OpenAI counting: exact against the reference corpus and the OpenAI cookbook's published counts."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 
 from llmtally.counters.bundled import TokenizerUnavailable, read_verified, tiktoken_encoding
 from llmtally.counters.openai import OpenAICounter, encoding_name
-from tests.conftest import SHARED
-
-REFS = json.loads((SHARED / "corpus" / "refs.json").read_text())
+from tests.counters.corpus import REFS, TEXTS
 
 
 @pytest.mark.parametrize("encoding", ["cl100k_base", "o200k_base", "p50k_base"])
@@ -19,8 +16,7 @@ def test_corpus_reference_counts(encoding: str) -> None:
     enc = tiktoken_encoding(encoding)
     wrong = {}
     for name, ref in REFS.items():
-        text = (SHARED / "corpus" / "texts" / name).read_bytes().decode("utf-8")  # bytes: keep \r and \r\n
-        count = len(enc.encode_ordinary(text))
+        count = len(enc.encode_ordinary(TEXTS[name]))
         if count != ref[encoding]:
             wrong[name] = (count, ref[encoding])
     assert not wrong

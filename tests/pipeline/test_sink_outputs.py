@@ -168,3 +168,14 @@ async def test_file_sink_rotates_by_size(tmp_path: Path) -> None:
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["records.jsonl", "records.jsonl.1", "records.jsonl.2"]  # the oldest rotated away
     assert [p.stat().st_size // line for p in sorted(tmp_path.iterdir())] == [1, 2, 2]
+
+
+async def test_protobuf_carries_every_record_field_and_the_fake_upstream_flag(tmp_path: Path) -> None:
+    from llmtally.pipeline.proto import usage_record_pb2 as pb
+
+    json_fields = {*records(1)[0], "fake_upstream"} - {"event", "currency"}  # currency: inside each Money
+    assert json_fields <= set(pb.UsageRecord.DESCRIPTOR.fields_by_name)
+    path = tmp_path / "records.pb"
+    flagged = [{**records(1)[0], "fake_upstream": True}, records(1)[0]]
+    await ProtobufFileSink(str(path)).write(flagged)
+    assert [m.fake_upstream for m in read_delimited(path)] == [True, False]

@@ -71,6 +71,7 @@ async def test_unreachable_upstream_is_502_with_record() -> None:
         assert record["status"] == 502
         assert record["error"].startswith("upstream_unreachable")
         assert record["usage_source"] == "none"
+        assert record["estimated_input_tokens"] is None  # nothing was used: nothing counted (records.md)
         assert record["request_model"] == "gpt-4o"
     finally:
         await proxy.stop()

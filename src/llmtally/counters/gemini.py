@@ -247,8 +247,9 @@ class _Texts:
             return
         if not isinstance(content, Mapping):
             return
-        for part in content.get("parts") or ():
-            self.part(part)
+        parts = content.get("parts")
+        if isinstance(parts, str | list):  # anything else (a number, a bool) holds nothing to count
+            self.content(parts)
 
     def part(self, part: Any) -> None:
         if isinstance(part, str):

@@ -94,6 +94,8 @@ class OTelSink:
             attrs["gen_ai.response.model"] = record["model"]
         if record.get("error"):
             attrs["error.type"] = str(record["error"]).split(":")[0]
+        if record.get("fake_upstream"):
+            attrs["llmtally.fake_upstream"] = True  # made-up usage: keep it apart from real spend
         if record.get("usage_source") != "none":
             self._tokens.record(int(record.get("input_tokens") or 0), {**attrs, "gen_ai.token.type": "input"})
             self._tokens.record(

@@ -67,38 +67,67 @@ class ReportError(ValueError):
     """Bad report arguments or input."""
 
 
-def read_records(sources: Sequence[str], stdin: IO[bytes] | None = None) -> Iterator[dict[str, Any]]:
+@dataclass
+class ReadCount:
+    """What :func:`read_records` read: every line, and the usage records among them."""
+
+    lines: int = 0
+    records: int = 0
+
+
+def read_records(
+    sources: Sequence[str], stdin: IO[bytes] | None = None, count: ReadCount | None = None
+) -> Iterator[dict[str, Any]]:
     """Records from files (plain or gzip) and ``-`` (stdin); lines that are not records are skipped."""
+    count = count if count is not None else ReadCount()
     for source in sources or ["-"]:
         if source == "-":
             stream: IO[bytes] = stdin or sys.stdin.buffer
-            yield from _lines(stream, "<stdin>")
+            yield from _lines(stream, "<stdin>", count)
             continue
         path = Path(source)
         try:
             raw = path.open("rb")
         except OSError as exc:
             raise ReportError(f"{source}: {exc.strerror or exc}") from None
-        with raw:
-            head = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
-            if head == b"\x1f\x8b":
-                with gzip.open(raw) as unzipped:
-                    yield from _lines(unzipped, source)
-            else:
-                yield from _lines(raw, source)
+        try:
+            with raw:
+                head = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
+                if head == b"\x1f\x8b":
+                    with gzip.open(raw) as unzipped:
+                        yield from _lines(unzipped, source, count)
+                else:
+                    yield from _lines(raw, source, count)
+        except (OSError, EOFError) as exc:  # a truncated or corrupt gzip file, a read error
+            raise ReportError(f"{source}: cannot read: {exc}") from None
 
 
-def _lines(stream: Iterable[bytes], name: str) -> Iterator[dict[str, Any]]:
+def _lines(stream: Iterable[bytes], name: str, count: ReadCount) -> Iterator[dict[str, Any]]:
     for line in stream:
+        count.lines += 1
         line = line.strip()
         if not line.startswith(b"{"):
             continue
         try:
             record = json.loads(line, parse_float=Decimal)  # exact: costs are summed as written
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             continue
-        if isinstance(record, dict) and record.get("event") == "llm.usage":
+        if isinstance(record, dict) and record.get("event") == "llm.usage" and _well_formed(record):
+            count.records += 1
             yield record
+
+
+def _well_formed(record: dict[str, Any]) -> bool:
+    """The fields a report reads have the record's types (a hand-edited line may not)."""
+    numbers = all(
+        record.get(name) is None or (isinstance(record[name], int) and not isinstance(record[name], bool))
+        for name in TOKEN_FIELDS
+    ) and all(isinstance(record.get(name), int | Decimal | None) for name in COST_FIELDS)
+    return (
+        numbers
+        and isinstance(record.get("timestamp", ""), str)
+        and isinstance(record.get("tags") or {}, dict)
+    )
 
 
 def parse_when(text: str | None, name: str) -> datetime | None:

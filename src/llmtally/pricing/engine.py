@@ -189,7 +189,7 @@ class PriceBook:
         key = (provider, model)
         if key not in self._warned:
             self._warned.add(key)
-            log.warning("no price for %s model %r: its records carry null costs", provider, model)
+            log.warning("no price for %s model %r: its cost is null", provider, model)
 
     # ---- resolution (once per model) ----
 
