@@ -170,3 +170,12 @@ def status_of(answer: bytes) -> int:
     if not answer.startswith(b"HTTP/1."):
         return 0
     return int(answer.split(b" ", 2)[1])
+
+
+#: What a misbehaving upstream sends after a complete response (never to reach the next call).
+LEFTOVERS = {
+    "an unsolicited second response": b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nLEAK",
+    "a partial head": b"HTTP/1.1 200 OK\r\nContent-Le",
+    "a partial second body": b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nLEAK",
+    "bytes past Content-Length": b"LEAKLEAK",
+}

@@ -21,7 +21,7 @@ from llmtally.proxy.app import STATE_KEY
 from llmtally.testing import FakeUpstream
 from llmtally.testing.harness import RunningProxy, config_for_upstream, start_proxy
 from tests.conftest import API_KEY, MakeProxy
-from tests.proxy.helpers import RawUpstream, first_record, only_record, serve_post
+from tests.proxy.helpers import LEFTOVERS, RawUpstream, first_record, only_record, serve_post
 
 CHAT = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
 STREAM_CHAT = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
@@ -628,12 +628,6 @@ _OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\
     _USAGE_BODY,
 )
 _RIGHT = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
-_LEFTOVERS = {
-    "an unsolicited second response": b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nLEAK",
-    "a partial head": b"HTTP/1.1 200 OK\r\nContent-Le",
-    "a partial second body": b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nLEAK",
-    "bytes past Content-Length": b"LEAKLEAK",
-}
 
 
 def _raw_config(url: str, fast: bool = True) -> Config:
@@ -646,7 +640,7 @@ def _raw_config(url: str, fast: bool = True) -> Config:
 
 
 @pytest.mark.parametrize("later", [False, True], ids=["same read", "later read"])
-@pytest.mark.parametrize("extra", list(_LEFTOVERS.values()), ids=list(_LEFTOVERS))
+@pytest.mark.parametrize("extra", list(LEFTOVERS.values()), ids=list(LEFTOVERS))
 @pytest.mark.parametrize(
     "path", ["/openai/v1/chat/completions", "/openai/v1/models"], ids=["metered", "passthrough"]
 )

@@ -23,6 +23,7 @@ from llmtally.proxy.upstream import (
     UpstreamProtocolError,
     UpstreamReadTimeout,
 )
+from tests.proxy.helpers import LEFTOVERS
 
 #: How a scripted server answers one request: it gets the request bytes and the writer.
 Answer = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -360,16 +361,10 @@ def test_the_host_header_names_the_origin_as_a_client_would() -> None:
 # A connection is reused only when its parser is idle with no bytes left over -------------------
 
 _OK_2 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-_LEFTOVERS = {
-    "a second response": b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nLEAK",
-    "a partial head": b"HTTP/1.1 200 OK\r\nContent-Le",
-    "a partial body": b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nLEAK",
-    "junk past Content-Length": b"LEAKLEAK",
-}
 
 
 @pytest.mark.parametrize("later", [False, True], ids=["same read", "later read"])
-@pytest.mark.parametrize("extra", list(_LEFTOVERS.values()), ids=list(_LEFTOVERS))
+@pytest.mark.parametrize("extra", list(LEFTOVERS.values()), ids=list(LEFTOVERS))
 async def test_bytes_after_a_response_keep_its_connection_from_being_reused(
     extra: bytes, later: bool
 ) -> None:
