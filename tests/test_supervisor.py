@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import signal
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -42,6 +48,20 @@ async def _calls(url: str, count: int, connections: int) -> None:
                     await response.read()
 
     await asyncio.gather(*(one_connection(count // connections) for _ in range(connections)))
+
+
+async def _until_listening(url: str) -> None:
+    """A restarted worker takes a moment to listen (longer on a loaded machine)."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            try:
+                async with session.get(url + "/healthz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError("the restarted worker never listened")
 
 
 def _calls_counted(metrics: str) -> float:
@@ -94,7 +114,7 @@ async def test_a_dead_worker_is_replaced_and_service_goes_on(tmp_path: Path, ups
             now = _workers(process.pid)
             if now and now != [old]:
                 break
-        await asyncio.sleep(1.0)  # the new worker is listening
+        await _until_listening(url)
         await _calls(url, 5, 1)
         stdout, stderr = await stop_serve(process)
     assert b"exited with -9; restarting it" in stderr, stderr.decode()
@@ -158,3 +178,136 @@ async def test_streams_cut_off_at_shutdown_are_all_recorded(tmp_path: Path, upst
     assert len(records) == 20, stderr.decode()
     assert all(r["error"].startswith("cut off at shutdown") for r in records)
     assert b"lost" not in stderr
+
+
+# SIGKILL mid-load, then a restart: every call the client saw end has exactly one record per sink.
+
+
+@dataclass
+class _Meter:
+    """One ``llmtally serve`` run in its own process group, its output in files."""
+
+    process: asyncio.subprocess.Process
+    url: str
+
+
+def _crash_config(tmp_path: Path, upstream: FakeUpstream) -> Path:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[upstreams]\nopenai = "{upstream.url}"\n'
+        f'[logging]\ndestination = "{tmp_path / "records.jsonl"}"\n'
+        f'[sinks.file]\npath = "{tmp_path / "file.jsonl"}"\n'
+        f'[pipeline]\nspill_dir = "{tmp_path / "spill"}"\njournal_dir = "{tmp_path / "journal"}"\n'
+    )
+    return config
+
+
+async def _start_meter(config: Path, run: int) -> _Meter:
+    log = config.parent / f"stderr-{run}.log"
+    stderr = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "llmtally", "serve", "--config", str(config), "--port", "0",
+            "--workers", "2",
+            stdout=asyncio.subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+        )  # fmt: skip
+    finally:
+        os.close(stderr)  # the child has its own copy
+    for _ in range(300):
+        match = re.search(rb"listening on (http://\S+)", log.read_bytes())
+        if match:
+            return _Meter(process, match.group(1).decode())
+        assert process.returncode is None, log.read_text()
+        await asyncio.sleep(0.1)
+    raise AssertionError(log.read_text())
+
+
+async def _load_until_killed(url: str, kill_after: int, kill: Callable[[], None]) -> set[str]:
+    """16 clients calling in a loop; ``kill`` once ``kill_after`` calls ended; the calls whose
+    response the client read whole (each tagged with its own id)."""
+    ended: set[str] = set()
+    killed = asyncio.Event()
+
+    async def client() -> None:
+        async with aiohttp.ClientSession() as session:
+            while not killed.is_set():
+                call = uuid.uuid4().hex
+                headers = {**HEADERS, "x-llmtally-tag-call": call}
+                try:
+                    async with session.post(
+                        url + "/openai/v1/chat/completions", data=CHAT, headers=headers
+                    ) as response:
+                        body = await response.read()
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.01)
+                    continue
+                if response.status == 200 and body.endswith(b"}"):
+                    ended.add(call)
+                if len(ended) >= kill_after and not killed.is_set():
+                    killed.set()
+                    kill()
+
+    await asyncio.wait_for(asyncio.gather(*(client() for _ in range(16))), 60)
+    return ended
+
+
+def _calls_recorded(path: Path) -> list[str]:
+    lines = path.read_bytes().splitlines() if path.exists() else []
+    return [orjson.loads(line)["tags"]["call"] for line in lines]
+
+
+async def _restart_and_check(tmp_path: Path, config: Path, ended: set[str]) -> None:
+    assert list((tmp_path / "journal").glob("*.jnl")), "nothing was journaled"
+    meter = await _start_meter(config, 2)
+    sinks = [tmp_path / "records.jsonl", tmp_path / "file.jsonl"]
+    try:
+        for _ in range(300):  # a killed run's workers may still be draining: adopted when they exit
+            if all(ended <= set(_calls_recorded(sink)) for sink in sinks):
+                break
+            await asyncio.sleep(0.1)
+        meter.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(meter.process.wait(), 30) == 0
+    finally:
+        if meter.process.returncode is None:
+            meter.process.kill()
+            await meter.process.wait()
+    stderr = (tmp_path / "stderr-2.log").read_text()
+    for sink in sinks:
+        calls = _calls_recorded(sink)
+        duplicated = {c for c in calls if calls.count(c) > 1}
+        assert not duplicated, (sink, duplicated, stderr)
+        assert not ended - set(calls), (sink, len(ended - set(calls)), stderr)
+    print(f"{len(ended)} calls ended before the kill; {stderr.count('recovered')} recovery passes")
+    assert not list((tmp_path / "journal").glob("*.jnl")), "the journal kept delivered segments"
+
+
+async def test_sigkill_of_the_record_process_mid_load_loses_no_ended_call(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    config = _crash_config(tmp_path, upstream)
+    first = await _start_meter(config, 1)
+    workers = _workers(first.process.pid)
+    try:
+        ended = await _load_until_killed(first.url, 300, first.process.kill)
+        await first.process.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.process.pid, signal.SIGKILL)
+    assert len(workers) == 2
+    await _restart_and_check(tmp_path, config, ended)
+
+
+async def test_sigkill_of_the_whole_process_group_mid_load_loses_no_ended_call(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    config = _crash_config(tmp_path, upstream)
+    first = await _start_meter(config, 1)
+    try:
+        ended = await _load_until_killed(first.url, 300, lambda: os.killpg(first.process.pid, signal.SIGKILL))
+        await first.process.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.process.pid, signal.SIGKILL)
+    before = len(_calls_recorded(tmp_path / "file.jsonl"))
+    print(f"records in the file sink at the kill: {before} of {len(ended)}")
+    await _restart_and_check(tmp_path, config, ended)

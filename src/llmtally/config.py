@@ -240,6 +240,15 @@ class PipelineConfig:
     retry_backoff_max_s: float = 10.0
     #: How often spilled records are retried.
     replay_interval_s: float = 30.0
+    #: ``llmtally serve``: each proxy worker appends every finished call's exchange to a journal the
+    #: record process replays after a SIGKILL (docs/reliability.md, "Crash recovery").
+    journal: bool = True
+    #: Where the journal lives (empty: <spill_dir>/journal-<port>). One meter per journal dir.
+    journal_dir: str = ""
+    #: fsync every journal append: survives a machine crash too, at the cost of a disk flush per call.
+    journal_fsync: bool = False
+    #: A worker starts a new journal segment past this size; a segment is deleted once all delivered.
+    journal_segment_mb: int = 16
 
 
 @dataclass(frozen=True, slots=True)

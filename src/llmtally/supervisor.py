@@ -8,6 +8,9 @@ Prometheus metrics, served on the admin listener and, through the workers, on th
 
 SIGTERM/SIGINT: readiness turns 503, workers stop accepting and drain for up to ``shutdown_grace_s``,
 then every record they sent is delivered and the process exits 0. A worker that dies is restarted.
+
+SIGKILL: workers journal every exchange (:mod:`llmtally.pipeline.journal`); the next start replays
+what was not delivered, before new traffic, at most once per sink (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -24,14 +27,19 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from llmtally.config import Config
-from llmtally.metering import LocalMeter
+from llmtally.exchange import Exchange
+from llmtally.metering import LocalMeter, safe_build_record
 from llmtally.pipeline.build import build_pipeline
+from llmtally.pipeline.journal import JournalInUse, RecordJournal, new_run_id
 from llmtally.pipeline.link import LinkServer, WorkerReady
+from llmtally.pipeline.queue import RecordPipeline
 from llmtally.pricing.reload import PriceReloader, start_auto_update
+from llmtally.providers import ADAPTERS
 from llmtally.proxy.app import create_admin_app
 from llmtally.proxy.lifecycle import (
     announce,
@@ -66,6 +74,8 @@ class Workers:
     port: int
     link_path: str
     admin_path: str
+    journal_dir: str | None = None
+    run: str = ""
     processes: dict[int, asyncio.subprocess.Process] = field(default_factory=dict)
     exited: dict[int, asyncio.Event] = field(default_factory=dict)
     ready: dict[int, WorkerReady] = field(default_factory=dict)
@@ -78,7 +88,9 @@ class Workers:
     _watches: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self, index: int) -> None:
-        spec = WorkerSpec(self.config, index, self.port, self.link_path, self.admin_path)
+        spec = WorkerSpec(
+            self.config, index, self.port, self.link_path, self.admin_path, self.journal_dir, self.run
+        )
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
@@ -176,13 +188,30 @@ async def supervise(
     stop_on_signals(stop)  # from the start: a stop while starting is orderly too
     pipeline = build_pipeline(config)
     meter = LocalMeter(config, pipeline)
+    placeholder, port = _reserve_port(config.server.host, config.server.port)
+    link: LinkServer | None = None
+    journal = None
+    if config.pipeline.journal:
+        journal = _journal(config, port, pipeline, meter, lambda: link.live_pids() if link else set())
+        try:
+            journal.acquire()
+        except JournalInUse as exc:
+            placeholder.close()
+            raise StartupError(str(exc)) from None
+        await journal.scan(replay_now=False)  # the runners deliver it first, before new traffic
     pipeline.start()
     reloader = PriceReloader(config, config_path, meter.use_prices, meter.prices)
     if config.pricing.auto_update:
         start_auto_update(config.pricing.auto_update_interval_h)
     runtime = Path(tempfile.mkdtemp(prefix="llmtally-"))  # 0700: only this user reaches the sockets
-    placeholder, port = _reserve_port(config.server.host, config.server.port)
-    workers = Workers(config, port, str(runtime / "link.sock"), str(runtime / "admin.sock"))
+    workers = Workers(
+        config,
+        port,
+        str(runtime / "link.sock"),
+        str(runtime / "admin.sock"),
+        str(journal.directory) if journal else None,
+        journal.run if journal else "",
+    )
     all_ready = asyncio.Event()
 
     def on_ready(message: WorkerReady) -> None:
@@ -190,7 +219,9 @@ async def supervise(
         if workers.all_ready:
             all_ready.set()
 
-    link = LinkServer(workers.link_path, meter.submit, on_ready)
+    link = LinkServer(workers.link_path, meter.submit, on_ready, journal.tracker if journal else None)
+    if journal is not None:
+        journal.start()
     admin_runner = web.AppRunner(
         create_admin_app(meter, workers.not_ready), access_log=None, handle_signals=False
     )
@@ -227,7 +258,11 @@ async def supervise(
             log.error("a proxy worker's link stayed open after it stopped")
         await link.close()
         await reloader.stop()
+        if journal is not None:
+            await journal.stop()  # what workers that died journaled and never sent
         await pipeline.close()
+        if journal is not None:
+            journal.close()
         await admin_runner.cleanup()
         placeholder.close()
         shutil.rmtree(runtime, ignore_errors=True)
@@ -246,3 +281,39 @@ async def _first_of(events: tuple[asyncio.Event, ...], within_s: float) -> None:
     finally:
         for wait in waits:
             wait.cancel()
+
+
+def _journal(
+    config: Config,
+    port: int,
+    pipeline: RecordPipeline,
+    meter: LocalMeter,
+    live_pids: Callable[[], set[int]],
+) -> RecordJournal:
+    """The record side of the journal: per port by default, so two meters on one machine (or the
+    test suite's many) never replay each other's calls."""
+    pipeline_config = config.pipeline
+    directory = Path(pipeline_config.journal_dir or pipeline.spill_dir / f"journal-{port}")
+
+    def build(exchange: Exchange) -> dict[str, Any]:
+        provider = exchange.provider
+        return safe_build_record(
+            exchange, ADAPTERS[provider], meter.counters[provider], meter.prices, config.upstreams.fake
+        ).to_dict()
+
+    # The sinks whose file can be read back (names as the sinks give them, see pipeline/sinks.py).
+    readable: dict[str, Path] = {}
+    if config.logging.destination not in ("stdout", "-"):
+        readable[f"jsonl:{config.logging.destination}"] = Path(config.logging.destination)
+    if config.sinks.file.path:
+        readable[f"file:{config.sinks.file.path}"] = Path(config.sinks.file.path)
+    return RecordJournal(
+        directory,
+        new_run_id(),
+        pipeline,
+        build,
+        meter.submit,
+        readable,
+        pipeline_config.journal_fsync,
+        live_pids,
+    )

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import pickle
+import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any
 import aiohttp
 
 from llmtally.exchange import Exchange
+from llmtally.pipeline.journal import JournalTracker, JournalWriter, SegmentOpened, SegmentSealed
 from llmtally.providers.base import Endpoint, MeteredRequest
 
 log = logging.getLogger("llmtally.link")
@@ -125,11 +127,17 @@ class LinkClient:
     """A proxy worker's end: a :class:`~llmtally.exchange.Meter` whose records are built elsewhere."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, admin_path: str | None
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        admin_path: str | None,
+        journal: JournalWriter | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._admin_path = admin_path
+        self._journal = journal
+        self.journal_failures = 0
         self._admin: aiohttp.ClientSession | None = None
         self._warned = False
         #: Frames sent in one write every FLUSH_AFTER_S: fewer syscalls and record-process wake-ups.
@@ -140,9 +148,11 @@ class LinkClient:
         self._watch = asyncio.get_running_loop().create_task(self._watch_peer(), name="llmtally-link")
 
     @classmethod
-    async def connect(cls, path: str, admin_path: str | None = None) -> LinkClient:
+    async def connect(
+        cls, path: str, admin_path: str | None = None, journal: JournalWriter | None = None
+    ) -> LinkClient:
         reader, writer = await asyncio.open_unix_connection(path)
-        return cls(reader, writer, admin_path)
+        return cls(reader, writer, admin_path, journal)
 
     async def _watch_peer(self) -> None:
         with contextlib.suppress(OSError):
@@ -150,9 +160,12 @@ class LinkClient:
         self.closed.set()
 
     def _send(self, message: object) -> None:
+        self._send_frame(_frame(message))
+
+    def _send_frame(self, frame: bytes) -> None:
         if not self._pending:
             asyncio.get_running_loop().call_later(FLUSH_AFTER_S, self._flush)
-        self._pending.append(_frame(message))
+        self._pending.append(frame)
 
     def _flush(self) -> None:
         frames, self._pending = self._pending, []
@@ -170,7 +183,18 @@ class LinkClient:
             )
 
     def submit(self, exchange: Exchange) -> None:
+        """Called in the callback that sent the client its last byte: the journal append comes first
+        (one write), so a SIGKILL from here on still leaves the call its record after a restart."""
+        try:
+            frame = _frame(exchange_to_wire(exchange))
+        except Exception:  # never let metering break the caller's traffic
+            self.lost_records += 1
+            log.exception("could not encode the exchange of request %s", exchange.request_id)
+            return
+        journaled = self._journal is not None and self._append_to_journal(frame)
         if self.closed.is_set() or self._writer.is_closing():
+            if journaled:
+                return  # the next start of the record process replays it
             self.lost_records += 1
             log.error(
                 "record process gone: no record for request %s (%d lost)",
@@ -178,13 +202,42 @@ class LinkClient:
                 self.lost_records,
             )
             return
+        self._send_frame(frame)
+        if journaled:
+            self._rotate_journal()
+
+    def _append_to_journal(self, frame: bytes) -> bool:
+        journal = self._journal
+        assert journal is not None
         try:
-            self._send(exchange_to_wire(exchange))
-        except Exception:  # never let metering break the caller's traffic
-            self.lost_records += 1
-            log.exception(
-                "could not send the exchange of request %s to the record process", exchange.request_id
-            )
+            if not journal.is_open:
+                path = journal.open()
+                if not self.closed.is_set():
+                    self._send(SegmentOpened(path))  # before the frame: the link keeps the order
+            journal.append(frame)
+        except OSError as exc:  # disk full, read-only: the record still travels the link
+            self.journal_failures += 1
+            if self.journal_failures == 1 or self.journal_failures % 10_000 == 0:
+                log.error("journal append failed (%d so far): %s", self.journal_failures, exc)
+            return False
+        return True
+
+    def _rotate_journal(self) -> None:
+        journal = self._journal
+        if journal is not None and journal.is_open and journal.full:
+            self._seal_journal()
+
+    def _seal_journal(self) -> None:
+        journal = self._journal
+        if journal is None or not journal.is_open:
+            return
+        try:
+            path, frames = journal.seal()
+        except OSError as exc:
+            log.error("journal segment not closed cleanly: %s", exc)
+            return
+        if not self.closed.is_set():
+            self._send(SegmentSealed(path, frames))
 
     def send_ready(self, port: int) -> None:
         self._send(WorkerReady(os.getpid(), port))
@@ -208,6 +261,7 @@ class LinkClient:
         """Send what is buffered, then close (the record process sees EOF and knows we are done)."""
         if self._admin is not None:
             await self._admin.close()
+        self._seal_journal()
         if self._pending:
             self._flush()
         with contextlib.suppress(OSError):
@@ -230,13 +284,21 @@ class LinkServer:
         path: str,
         on_exchange: Callable[[Exchange], None],
         on_ready: Callable[[WorkerReady], None],
+        journal: JournalTracker | None = None,
     ) -> None:
         self.path = path
         self._on_exchange = on_exchange
         self._on_ready = on_ready
+        self._journal = journal
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        #: The worker process at the other end of each open connection (SO_PEERCRED): the
+        #: journal leaves a live worker's segments alone, whatever it has yet to send.
+        self._peers: dict[asyncio.Task[None], int] = {}
         self.received = 0
+
+    def live_pids(self) -> set[int]:
+        return set(self._peers.values())
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._accept, self.path)
@@ -246,13 +308,19 @@ class LinkServer:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        pid = _peer_pid(writer)
+        if pid is not None:
+            self._peers[task] = pid
         try:
             await self._read(reader)
         finally:
             self._connections.discard(task)
+            self._peers.pop(task, None)
             writer.close()  # the worker waits for this: all it sent was read
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
+        journal = self._journal
+        segment: str | None = None  # the journal segment the worker's next exchanges are in
         while True:
             try:
                 header = await reader.readexactly(_HEADER.size)
@@ -270,7 +338,17 @@ class LinkServer:
                 self._on_ready(message)
             elif isinstance(message, tuple):
                 self.received += 1
+                if journal is not None and segment is not None:
+                    journal.received(segment, message[0])
                 self._on_exchange(exchange_from_wire(message))
+            elif isinstance(message, SegmentOpened):
+                segment = message.path
+                if journal is not None:
+                    journal.opened(segment)
+            elif isinstance(message, SegmentSealed):
+                segment = None
+                if journal is not None:
+                    journal.sealed(message.path, message.frames)
             else:
                 log.error("unknown link message %r", type(message).__name__)
 
@@ -289,3 +367,14 @@ class LinkServer:
             await self._server.wait_closed()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+
+def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
+    sock = writer.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except OSError:
+        return None
+    return int(pid)

@@ -162,6 +162,11 @@ class RecordPipeline:
         self._worker: asyncio.Task[None] | None = None
 
     @property
+    def runners(self) -> list[SinkRunner]:
+        """One per sink, in sink order (the journal's crash recovery reaches their spill files)."""
+        return self._runners
+
+    @property
     def depth(self) -> int:
         return self._queue.qsize() if self._queue is not None else 0
 

@@ -15,10 +15,12 @@ import pickle
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
 from llmtally.config import Config, configure_logging
+from llmtally.pipeline.journal import JournalWriter
 from llmtally.pipeline.link import LinkClient
 from llmtally.proxy.app import create_app
 from llmtally.proxy.fastpath import proxy_runner
@@ -34,6 +36,9 @@ class WorkerSpec:
     port: int
     link_path: str
     admin_path: str
+    #: Where this worker journals its exchanges (None: no journal), and the run they belong to.
+    journal_dir: str | None = None
+    run: str = ""
 
 
 def main() -> None:
@@ -56,7 +61,16 @@ def worker_main(spec: WorkerSpec) -> None:
 
 async def serve_worker(spec: WorkerSpec) -> None:
     config = spec.config
-    link = await LinkClient.connect(spec.link_path, spec.admin_path)
+    journal = None
+    if spec.journal_dir is not None:
+        pipeline = config.pipeline
+        journal = JournalWriter(
+            Path(spec.journal_dir),
+            spec.run,
+            pipeline.journal_segment_mb * 1024 * 1024,
+            pipeline.journal_fsync,
+        )
+    link = await LinkClient.connect(spec.link_path, spec.admin_path, journal)
     app = create_app(config, link)
     runner = proxy_runner(app)
     await runner.setup()
