@@ -467,9 +467,15 @@ class RecordJournal:
     def close(self) -> None:
         """After the pipeline closed."""
         self.tracker.finish()
-        if self._owner is not None:
-            os.close(self._owner)
-            self._owner = None
+        if self._owner is None:
+            return
+        if not any(self.directory.glob(f"*{SEGMENT_SUFFIX}")):
+            # Nothing left to replay: no empty journal-<port> directory per port ever used.
+            (self.directory / OWNER_LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.directory.rmdir()
+        os.close(self._owner)
+        self._owner = None
 
     async def scan(self, replay_now: bool) -> RecoveryStats:
         """Recover every segment no live worker owns. ``replay_now``: the pipeline is running, so
