@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -397,8 +398,16 @@ async def _proxy(provider: Provider, request: web.Request) -> web.StreamResponse
         headers, _ = _upstream_headers(request.headers.items(), metered=False)
         return await _passthrough(state, request, upstream_url, CIMultiDict(headers), t0)
     server = state.config.server
+    limit = server.max_request_body_mb * 1024 * 1024
+    if request.content_length is not None and request.content_length > limit:
+        # Declared too large: answer now, not after reading (and buffering) the first limit's worth.
+        response = _json_error(
+            413, "request_too_large", f"the request body is over max_request_body_mb ({limit} bytes)"
+        )
+        response.force_close()
+        return response
     try:
-        length = request.content_length or server.max_request_body_mb * 1024 * 1024
+        length = request.content_length or limit
         async with asyncio.timeout(body_deadline_s(server, length)):
             body = await request.read()
     except TimeoutError:
@@ -758,11 +767,33 @@ def _send_error(down: Downstream, status: int, kind: str, message: str) -> None:
 
 
 def _upstream_url(base: URL, raw_path: str, provider: str) -> URL | None:
-    rest = raw_path[len(provider) + 1 :]  # keep the client's encoding and query as sent
+    """The upstream URL for ``raw_path`` (the client's encoding and query kept as sent), or None when
+    the path is not under ``/{provider}/`` as sent or could climb out of the upstream's base path."""
+    prefix = f"/{provider}/"
+    if not raw_path.startswith(prefix):  # routed on the decoded path: "/%6fpenai/..." is not ours
+        return None
+    rest = raw_path[len(prefix) - 1 :]
+    if _climbs_out(rest.partition("?")[0]):
+        return None
     url = URL(str(base).rstrip("/") + rest, encoded=True)
     if url.host != base.host or url.port != base.port or url.scheme != base.scheme:
         return None
     return url
+
+
+def _climbs_out(path: str) -> bool:
+    """True when ``path``, decoded and with its dot segments resolved as a server may resolve them
+    (``%2e``, ``%2f`` and ``\\`` included), would leave its root: "/v1/../../admin" would reach the
+    upstream's "/admin" instead of a path under the configured base. "/v1/x/../chat" stays inside."""
+    depth = 0
+    for segment in unquote(path).replace("\\", "/").split("/"):
+        if segment == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif segment not in ("", "."):
+            depth += 1
+    return False
 
 
 async def _send_upstream(

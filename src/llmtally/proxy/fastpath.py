@@ -53,6 +53,13 @@ JOIN_BELOW = 64 * 1024
 _NO_QUERY: MultiDict[str] = MultiDict()
 
 
+class _Silent:
+    """Callbacks for a parser that only checks bytes (none: llhttp skips what is not defined)."""
+
+
+_SILENT = _Silent()
+
+
 def proxy_runner(app: web.Application) -> web.AppRunner:
     """The runner for a proxy app (every form of serving, and the test harness).
 
@@ -180,6 +187,9 @@ class _Connection(asyncio.Protocol):
         #: Body bytes the answer's Content-Length still promises (None: chunked or whole).
         self.unsent: int | None = None
         self.held_head: bytes | None = None
+        #: llhttp fed a head that is still arriving (``probed`` bytes of it), to refuse garbage early.
+        self.head_probe: httptools.HttpRequestParser | None = None
+        self.probed = 0
         # Filled by the parser's callbacks while a head is parsed.
         self._url = b""
         self._headers: list[tuple[str, str]] = []
@@ -230,14 +240,17 @@ class _Connection(asyncio.Protocol):
             # must not be rescanned from its start at every byte.
             head_end = received.find(b"\r\n\r\n", self.scanned)
             if head_end < 0:
-                if len(received) > MAX_HEAD or _bare_lf(received, self.scanned):
-                    self._hand_off()  # aiohttp answers: 400 for a bare LF, its limits for the size
+                if len(received) > MAX_HEAD or _bare_lf(received, self.scanned) or self._not_a_head():
+                    # aiohttp answers: 400 for a bare LF or bytes no request starts with (a body
+                    # longer than its Content-Length), its limits for the size.
+                    self._hand_off()
                     return
                 if self.request_timer is None:
                     self._start_request_timer(self.server.head_timeout)
                 self.scanned = max(0, len(received) - 3)
                 return
             self.scanned = 0
+            self.head_probe = None
             call = self._parse_head(bytes(received[: head_end + 4])) if head_end < MAX_HEAD else None
             if call is None:
                 self._hand_off()
@@ -265,6 +278,20 @@ class _Connection(asyncio.Protocol):
         self.metered = metered
         metered.on_done = self._call_done
         metered.begin()
+
+    def _not_a_head(self) -> bool:
+        """Whether the partial head in ``received`` is already invalid, so that waiting for its end
+        would only wait for the head timer. llhttp is fed just the bytes it has not seen."""
+        if self.head_probe is None:
+            self.head_probe = httptools.HttpRequestParser(_SILENT)
+            self.probed = 0
+        received = self.received
+        try:
+            self.head_probe.feed_data(bytes(received[self.probed :]))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return True
+        self.probed = len(received)
+        return False
 
     def _parse_head(self, head: bytes) -> _Call | None:
         """The call this head starts, or None when it is not a metered call for the lean path."""
