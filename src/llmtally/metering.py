@@ -80,16 +80,19 @@ def build_record(
             summary = _parse_stream(exchange, adapter, exchange.response_body)
         else:
             summary = adapter.parse_response(request, exchange.response_body)
+    # Usage with a value that is not a token count is not trusted at all: estimated, and said so.
+    reported = summary.usage if summary.usage_error is None else None
+    usage_error = f"{summary.usage_error}: estimated instead" if summary.usage_error else None
     # An error's record has no usage to stand in for ("none"): its input is not counted for it.
-    wanted = exchange.count_input or (summary.usage is None and _worth_estimating(exchange))
+    wanted = exchange.count_input or (reported is None and _worth_estimating(exchange))
     estimate = _resolve_estimate(exchange, counter, needed=wanted)
     model = summary.model or request.model
-    errors = [e for e in (exchange.error, request.error, summary.error) if e]
+    errors = [e for e in (exchange.error, request.error, summary.error, usage_error) if e]
 
     usage: TokenUsage
     source: UsageSource
-    if summary.usage is not None:
-        usage, source = summary.usage, "provider"
+    if reported is not None:
+        usage, source = reported, "provider"
         if estimate is not None and usage.input_tokens:
             counter.observe(model or "", estimate, usage.input_tokens)  # calibrates estimates (Claude)
     elif _worth_estimating(exchange):

@@ -20,6 +20,7 @@ from llmtally.providers.base import (
     ResponseSummary,
     as_int,
     get_path,
+    read_usage,
 )
 from llmtally.providers.streams import JSONArraySplitter, SSESplitter
 from llmtally.record import Provider, TokenUsage
@@ -166,7 +167,7 @@ class _GeminiState:
         if isinstance(obj.get("responseId"), str):
             summary.upstream_request_id = obj["responseId"]
         meta = obj.get("usageMetadata")
-        usage = usage_from_gemini(meta, self._embedding)
+        usage = read_usage(summary, lambda: usage_from_gemini(meta, self._embedding))
         if usage is not None and isinstance(meta, dict):
             summary.usage = usage  # cumulative: the last one wins
             tier = meta.get("serviceTier")
