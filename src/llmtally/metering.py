@@ -17,7 +17,7 @@ from llmtally.counters import TokenCount, TokenCounter, build_counters
 from llmtally.exchange import Exchange
 from llmtally.pricing import PriceBook
 from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter, ResponseSummary
-from llmtally.providers.encoding import decode_body
+from llmtally.providers.encoding import UndecodableBody, decode_body
 from llmtally.record import TokenUsage, UsageRecord, UsageSource
 
 if TYPE_CHECKING:
@@ -70,11 +70,17 @@ def build_record(
     """Parse what is left to parse, choose the usage (provider's, else an estimate), price it."""
     request = exchange.request
     summary = exchange.summary
+    undecodable: str | None = None
     if summary is None:
         if exchange.response_chunks is not None:
-            exchange.response_body = decode_body(exchange.response_encoding, exchange.response_chunks)
+            try:
+                exchange.response_body = decode_body(exchange.response_encoding, exchange.response_chunks)
+            except UndecodableBody as exc:  # the client got the bytes as sent; there is nothing to parse
+                undecodable = str(exc)
             exchange.response_chunks = None
-        if exchange.response_body is None:
+        if undecodable is not None:
+            summary = ResponseSummary(error=undecodable)
+        elif exchange.response_body is None:
             summary = ResponseSummary()
         elif exchange.response_stream:  # a short stream, kept whole by the proxy (proxy.metering_copy)
             summary = _parse_stream(exchange, adapter, exchange.response_body)

@@ -295,7 +295,9 @@ FAST_PATHS = pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "a
 
 def campaign_config(base_url: str, fast_path: bool, **upstreams: float | int) -> Config:
     """Small limits, so oversized bodies and stalls are found in well under a second."""
-    limits = dataclasses.replace(UpstreamsConfig(), connect_timeout_s=2.0, read_timeout_s=1.0, **upstreams)
+    limits = dataclasses.replace(
+        UpstreamsConfig(), connect_timeout_s=2.0, first_byte_timeout_s=1.0, read_timeout_s=1.0, **upstreams
+    )
     config = Config(server=ServerConfig(max_request_body_mb=1, fast_path=fast_path), upstreams=limits)
     return config_for_upstream(base_url, config)
 

@@ -902,8 +902,20 @@ async def _passthrough(
         _overhead_header(state, headers_out, t0)
         response.headers.extend(headers_out)
         await response.prepare(request)
-        async for chunk in upstream.content.iter_any():
-            await response.write(chunk)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            # The head is out: the only honest answer left is a cut (a clean end would pass a truncated
+            # body off as whole). One line, no traceback: an upstream can fail this way on every call.
+            log.warning(
+                "passthrough %s %s: the upstream failed mid-body (%s); the client's answer is cut off",
+                request.method, url.path, type(exc).__name__,
+            )  # fmt: skip
+            upstream.close()
+            if request.transport is not None:
+                request.transport.abort()
+            return response
         await response.write_eof()
         return response
     finally:
