@@ -783,8 +783,8 @@ def _upstream_url(base: URL, raw_path: str, provider: str) -> URL | None:
 
 def _climbs_out(path: str) -> bool:
     """True when ``path``, decoded and with its dot segments resolved as a server may resolve them
-    (``%2e``, ``%2f`` and ``\\`` included), would leave its root: "/v1/../../admin" would reach the
-    upstream's "/admin" instead of a path under the configured base. "/v1/x/../chat" stays inside."""
+    (``%2e``, ``%2f`` and backslashes included), would leave its root, and so reach an upstream path
+    outside the configured base. Dot segments that stay inside (``x`` then ``..``) are fine."""
     depth = 0
     for segment in unquote(path).replace("\\", "/").split("/"):
         if segment == "..":
