@@ -3,3 +3,24 @@
 A platform maps a request target to its dialect, model, upstream and auth, and undoes its own framing
 (AWS event-stream); it never parses usage, which is the dialect's (:mod:`llmtally.providers`).
 """
+
+from __future__ import annotations
+
+from yarl import URL
+
+from llmtally.config import UpstreamsConfig
+from llmtally.platforms.base import Platform, PlatformName, Route
+from llmtally.platforms.direct import DirectPlatform
+
+
+def build_platforms(upstreams: UpstreamsConfig) -> dict[str, Platform]:
+    """Route prefix → platform, for the upstreams configured."""
+    platforms: list[Platform] = [
+        DirectPlatform("openai", URL(upstreams.openai)),
+        DirectPlatform("anthropic", URL(upstreams.anthropic)),
+        DirectPlatform("gemini", URL(upstreams.gemini)),
+    ]
+    return {platform.prefix: platform for platform in platforms}
+
+
+__all__ = ["Platform", "PlatformName", "Route", "build_platforms"]

@@ -27,7 +27,8 @@ from yarl import URL
 
 from llmtally.config import Config
 from llmtally.exchange import Exchange, Meter
-from llmtally.providers import ADAPTERS, Endpoint, MeteredRequest, ProviderAdapter
+from llmtally.platforms import Platform, Route, build_platforms
+from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter
 from llmtally.providers.encoding import DECODABLE
 from llmtally.proxy.aiohttp_guard import body_deadline_s, guard_client_connector
 from llmtally.proxy.eager import start_eagerly
@@ -44,7 +45,6 @@ from llmtally.proxy.upstream import (
     UpstreamReadTimeout,
     UpstreamResponse,
 )
-from llmtally.record import Provider
 
 log = logging.getLogger("llmtally.proxy")
 
@@ -108,9 +108,10 @@ class ProxyState:
     #: shutdown: the proxy is draining from then on).
     cut_at: float | None = None
     drains: set[asyncio.Task[None]] = field(default_factory=set)
-    upstreams: dict[Provider, URL] = field(default_factory=dict)
-    #: Each upstream's origin (a metered call's URL is checked to stay on it).
-    origins: dict[Provider, Origin] = field(init=False)
+    #: Route prefix → the platform that serves it (direct, Azure, Vertex, Bedrock).
+    platforms: dict[str, Platform] = field(default_factory=dict)
+    #: Each upstream's origin, made once (the pool keys its connections by origin).
+    origins: dict[URL, Origin] = field(default_factory=dict)
     #: A metered call's path as the client sent it (with its provider prefix) → the upstream's.
     upstream_paths: dict[str, str] = field(default_factory=dict)
     #: Metered calls whose exchange is not yet with the meter; shutdown waits for none.
@@ -119,8 +120,13 @@ class ProxyState:
     #: Stream bytes this worker holds for the record process to parse (proxy.metering_copy).
     stream_budget: StreamBudget = field(init=False)
 
+    def origin_of(self, upstream: URL) -> Origin:
+        origin = self.origins.get(upstream)
+        if origin is None:
+            origin = self.origins[upstream] = Origin.of(upstream)
+        return origin
+
     def __post_init__(self) -> None:
-        self.origins = {provider: Origin.of(url) for provider, url in self.upstreams.items()}
         self.idle.set()
         self.stream_budget = StreamBudget(self.config.metering.deferred_stream_parse_mb * 1024 * 1024)
 
@@ -131,20 +137,12 @@ SUBMIT_AFTER_CANCEL_S = 5.0
 
 def create_app(config: Config, meter: Meter) -> web.Application:
     """The proxy application; the caller owns running it and the meter (see :mod:`llmtally.proxy.server`)."""
-    state = ProxyState(
-        config=config,
-        meter=meter,
-        upstreams={
-            "openai": URL(config.upstreams.openai),
-            "anthropic": URL(config.upstreams.anthropic),
-            "gemini": URL(config.upstreams.gemini),
-        },
-    )
+    state = ProxyState(config=config, meter=meter, platforms=build_platforms(config.upstreams))
     app = web.Application(client_max_size=config.server.max_request_body_mb * 1024 * 1024)
     app[STATE_KEY] = state
     _add_health_routes(app, meter, lambda: "draining" if state.cut_at is not None else None)
-    for provider in ADAPTERS:
-        app.router.add_route("*", f"/{provider}/{{tail:.*}}", partial(_proxy, provider))
+    for prefix, platform in state.platforms.items():
+        app.router.add_route("*", f"/{prefix}/{{tail:.*}}", partial(_proxy, platform))
     app.router.add_route("*", "/{tail:.*}", _not_found)
     app.on_startup.append(_on_startup)
     app.on_shutdown.append(_on_shutdown)
@@ -383,16 +381,16 @@ class _AiohttpDownstream:
             self.request.transport.close()
 
 
-async def _proxy(provider: Provider, request: web.Request) -> web.StreamResponse:
-    """aiohttp's handler for every provider path the fast path leaves to it (or all, when it is off)."""
+async def _proxy(platform: Platform, request: web.Request) -> web.StreamResponse:
+    """aiohttp's handler for every platform path the fast path leaves to it (or all, when it is off)."""
     t0 = time.perf_counter()
     state = request.app[STATE_KEY]
     if not request.raw_path.startswith("/") or not request.raw_path.isascii():
         # An absolute-form target (a forward proxy's) or raw non-ASCII bytes (a URI is ASCII).
         return _json_error(400, "bad_path", "the request target must be an ASCII path (origin-form)")
-    endpoint = ADAPTERS[provider].route(request.match_info["tail"]) if request.method == "POST" else None
-    if endpoint is None:
-        upstream_url = _upstream_url(state.upstreams[provider], request.raw_path, provider)
+    route = platform.route(request.method, request.match_info["tail"])
+    if route.endpoint is None:
+        upstream_url = _upstream_url(route.upstream, request.raw_path, route.prefix)
         if upstream_url is None:
             return _json_error(400, "bad_path", BAD_PATH)
         headers, _ = _upstream_headers(request.headers.items(), metered=False)
@@ -413,9 +411,7 @@ async def _proxy(provider: Provider, request: web.Request) -> web.StreamResponse
     except TimeoutError:
         return _too_slow()
     down = _AiohttpDownstream(request)
-    await meter_call(
-        state, down, provider, endpoint, request.raw_path, request.headers.items(), body, request.query, t0
-    )
+    await meter_call(state, down, route, request.raw_path, request.headers.items(), body, request.query, t0)
     assert down.response is not None
     return down.response
 
@@ -426,8 +422,7 @@ BAD_PATH = "the request path does not map to the configured upstream"
 def new_metered_call(
     state: ProxyState,
     down: Downstream,
-    provider: Provider,
-    endpoint: Endpoint,
+    route: Route,
     raw_path: str,
     client_headers: Collection[tuple[str, str]],
     body: bytes,
@@ -435,11 +430,13 @@ def new_metered_call(
     t0: float,
 ) -> MeteredCall | None:
     """The call to forward (not begun), or None when ``down`` was answered at once (a bad path)."""
-    path_qs = _upstream_path(state, provider, raw_path)
+    endpoint = route.endpoint
+    assert endpoint is not None, "a metered call has an endpoint"
+    path_qs = _upstream_path(state, route, raw_path)
     if path_qs is None:
         _send_error(down, 400, "bad_path", BAD_PATH)
         return None
-    adapter = ADAPTERS[provider]
+    adapter = ADAPTERS[route.dialect]
     headers, tags = _upstream_headers(client_headers, metered=True)
     metered = adapter.prepare(endpoint, body, query, state.config.metering.inject_stream_usage)
     if metered.injected_usage:  # the stream is edited: it must arrive uncompressed
@@ -447,7 +444,7 @@ def new_metered_call(
         headers.append(("Accept-Encoding", "identity"))
     exchange = Exchange(
         request_id=new_request_id(),
-        provider=provider,
+        provider=route.dialect,
         request=metered,
         started_at=datetime.now(UTC),
         tags=tags,
@@ -455,19 +452,21 @@ def new_metered_call(
         # counting thread measured worse tail latency under load (docs/performance.md).
         count_input=state.config.metering.estimate_input,
     )
-    return MeteredCall(state, down, adapter, metered, exchange, path_qs, headers, t0)
+    return MeteredCall(
+        state, down, adapter, metered, exchange, state.origin_of(route.upstream), path_qs, headers, t0
+    )
 
 
 #: Upstream paths remembered per proxy process (the few paths clients call, each parsed once).
 PATHS_REMEMBERED = 256
 
 
-def _upstream_path(state: ProxyState, provider: Provider, raw_path: str) -> str | None:
+def _upstream_path(state: ProxyState, route: Route, raw_path: str) -> str | None:
     """The path (and query) to request upstream for ``raw_path``, or None if it would leave the upstream."""
     remembered = state.upstream_paths.get(raw_path)
     if remembered is not None:
         return remembered
-    url = _upstream_url(state.upstreams[provider], raw_path, provider)
+    url = _upstream_url(route.upstream, raw_path, route.prefix)
     if url is None:
         return None
     if "?" not in raw_path:  # a query may carry a key (Gemini's ?key=): not kept
@@ -480,8 +479,7 @@ def _upstream_path(state: ProxyState, provider: Provider, raw_path: str) -> str 
 async def meter_call(
     state: ProxyState,
     down: Downstream,
-    provider: Provider,
-    endpoint: Endpoint,
+    route: Route,
     raw_path: str,
     client_headers: Collection[tuple[str, str]],
     body: bytes,
@@ -490,7 +488,7 @@ async def meter_call(
 ) -> None:
     """Forward one metered call, answer it through ``down`` and return when it is done (aiohttp's
     handler); its exchange goes to the meter. A failure of llmtally's own is raised here."""
-    call = new_metered_call(state, down, provider, endpoint, raw_path, client_headers, body, query, t0)
+    call = new_metered_call(state, down, route, raw_path, client_headers, body, query, t0)
     if call is None:
         return
     done: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
@@ -525,8 +523,8 @@ class MeteredCall:
     """
 
     __slots__ = (
-        "adapter", "conn", "down", "exchange", "finished", "headers", "metered", "on_done", "path_qs",
-        "state", "t0", "t_sent", "task",
+        "adapter", "conn", "down", "exchange", "finished", "headers", "metered", "on_done", "origin",
+        "path_qs", "state", "t0", "t_sent", "task",
     )  # fmt: skip
 
     def __init__(
@@ -536,6 +534,7 @@ class MeteredCall:
         adapter: ProviderAdapter,
         metered: MeteredRequest,
         exchange: Exchange,
+        origin: Origin,
         path_qs: str,
         headers: list[tuple[str, str]],
         t0: float,
@@ -545,6 +544,8 @@ class MeteredCall:
         self.adapter = adapter
         self.metered = metered
         self.exchange = exchange
+        #: The upstream the call goes to (its pool of connections).
+        self.origin = origin
         self.path_qs = path_qs
         self.headers = headers
         self.t0 = t0
@@ -564,7 +565,7 @@ class MeteredCall:
         state.idle.clear()
         assert state.pool is not None
         self.t_sent = time.perf_counter()
-        conn = state.pool.idle_connection(state.origins[self.exchange.provider])
+        conn = state.pool.idle_connection(self.origin)
         if conn is not None:
             self._send(conn)
         else:
@@ -621,7 +622,7 @@ class MeteredCall:
     async def _connect_and_send(self) -> None:
         assert self.state.pool is not None
         try:
-            conn = await self.state.pool.connection(self.state.origins[self.exchange.provider])
+            conn = await self.state.pool.connection(self.origin)
         except (TimeoutError, UpstreamError) as exc:
             self.task = None
             self.response_failed(exc)
@@ -766,10 +767,10 @@ def _send_error(down: Downstream, status: int, kind: str, message: str) -> None:
     down.send_whole(status, "", [JSON_TYPE], error_body(kind, message))
 
 
-def _upstream_url(base: URL, raw_path: str, provider: str) -> URL | None:
+def _upstream_url(base: URL, raw_path: str, route_prefix: str) -> URL | None:
     """The upstream URL for ``raw_path`` (the client's encoding and query kept as sent), or None when
-    the path is not under ``/{provider}/`` as sent or could climb out of the upstream's base path."""
-    prefix = f"/{provider}/"
+    the path is not under ``/{route_prefix}/`` as sent or could climb out of the upstream's base path."""
+    prefix = f"/{route_prefix}/"
     if not raw_path.startswith(prefix):  # routed on the decoded path: "/%6fpenai/..." is not ours
         return None
     rest = raw_path[len(prefix) - 1 :]

@@ -34,10 +34,9 @@ import httptools
 from aiohttp import web
 from multidict import MultiDict
 
-from llmtally.providers import ADAPTERS, Endpoint
+from llmtally.platforms import Route
 from llmtally.proxy.aiohttp_guard import GuardedServer
 from llmtally.proxy.app import JSON_TYPE, STATE_KEY, MeteredCall, ProxyState, error_body, new_metered_call
-from llmtally.record import Provider
 
 log = logging.getLogger("llmtally.proxy")
 
@@ -146,8 +145,7 @@ class FastPathServer:
 class _Call:
     """A metered call whose head is parsed; its body may still be arriving."""
 
-    provider: Provider
-    endpoint: Endpoint
+    route: Route
     raw_path: str
     headers: list[tuple[str, str]]
     query: MultiDict[str]
@@ -269,7 +267,7 @@ class _Connection(asyncio.Protocol):
         self.answer_started = self.chunked = False
         self.unsent = self.held_head = None
         metered = new_metered_call(
-            self.server.state, self, call.provider, call.endpoint, call.raw_path, call.headers, body,
+            self.server.state, self, call.route, call.raw_path, call.headers, body,
             call.query, time.perf_counter(),
         )  # fmt: skip
         if metered is None:  # answered at once
@@ -327,16 +325,15 @@ class _Connection(asyncio.Protocol):
             return None  # aiohttp answers 400: a request target is ASCII
         raw_path = self._url.decode("ascii")
         path, _, query = raw_path.partition("?")
-        provider, slash, tail = path[1:].partition("/")
+        prefix, slash, tail = path[1:].partition("/")
         if not slash or not path.startswith("/") or "%" in path or "#" in raw_path:
             return None
-        adapter = ADAPTERS.get(cast(Provider, provider))
-        endpoint = adapter.route(tail) if adapter is not None else None
-        if endpoint is None:
+        platform = self.server.state.platforms.get(prefix)
+        route = platform.route("POST", tail) if platform is not None else None
+        if route is None or route.endpoint is None:
             return None
         return _Call(
-            provider=cast(Provider, provider),
-            endpoint=endpoint,
+            route=route,
             raw_path=raw_path,
             headers=self._headers,
             query=MultiDict(parse_qsl(query, keep_blank_values=True)) if query else _NO_QUERY,
