@@ -83,6 +83,9 @@ class UpstreamsConfig:
     openai: str = "https://api.openai.com"
     anthropic: str = "https://api.anthropic.com"
     gemini: str = "https://generativelanguage.googleapis.com"
+    #: An Azure OpenAI resource (``https://<resource>.openai.azure.com``), served under
+    #: ``/azure-openai`` (empty: that route is off).
+    azure_openai: str = ""
     connect_timeout_s: float = 10.0
     #: Longest wait from sending a request to its response's head (a model may think a while): 504.
     first_byte_timeout_s: float = 600.0
@@ -97,6 +100,13 @@ class UpstreamsConfig:
     #: Answer every call with llmtally's built-in fake upstream, started in-process (``serve
     #: --fake-upstream``): no key, no network; every record then carries ``fake_upstream: true``.
     fake: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AzureOpenAIConfig:
+    #: Deployment name → the model it serves (``prod-chat = "gpt-4o-2024-08-06"``), for pricing
+    #: when a response does not name its model.
+    deployments: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +303,7 @@ class SinksConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstreams: UpstreamsConfig = field(default_factory=UpstreamsConfig)
+    azure_openai: AzureOpenAIConfig = field(default_factory=AzureOpenAIConfig)
     metering: MeteringConfig = field(default_factory=MeteringConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
@@ -500,8 +511,9 @@ def _coerce(tp: Any, value: Any, source: str, path: tuple[str, ...]) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {_describe(value)}")
-        if path[0] == "upstreams" and path[-1] in ("openai", "anthropic", "gemini"):
-            _check_url(value, where)
+        if path[0] == "upstreams" and path[-1] in ("openai", "anthropic", "gemini", "azure_openai"):
+            if value or path[-1] != "azure_openai":  # an optional route is off when empty
+                _check_url(value, where)
         if path == ("upstreams", "ca_file") and value:
             _check_ca_file(value, where)
         if path[:2] == ("sinks", "webhook") and path[-1] == "url" and value:

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 from yarl import URL
 
-from llmtally.config import UpstreamsConfig
+from llmtally.config import Config
+from llmtally.platforms.azure import AzureOpenAIPlatform
 from llmtally.platforms.base import Platform, PlatformName, Route
 from llmtally.platforms.direct import DirectPlatform
 
 
-def build_platforms(upstreams: UpstreamsConfig) -> dict[str, Platform]:
-    """Route prefix → platform, for the upstreams configured."""
+def build_platforms(config: Config) -> dict[str, Platform]:
+    """Route prefix → platform, for the upstreams configured (an optional route is off when empty)."""
+    upstreams = config.upstreams
     platforms: list[Platform] = [
         DirectPlatform("openai", URL(upstreams.openai)),
         DirectPlatform("anthropic", URL(upstreams.anthropic)),
         DirectPlatform("gemini", URL(upstreams.gemini)),
     ]
+    if upstreams.azure_openai:
+        platforms.append(AzureOpenAIPlatform(URL(upstreams.azure_openai), config.azure_openai.deployments))
     return {platform.prefix: platform for platform in platforms}
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from yarl import URL
@@ -29,6 +30,11 @@ class Route:
     upstream: URL
     #: The model the URL names (an Azure deployment's model, a Bedrock model id), for pricing.
     model: str | None = None
+    #: Names a client calls models by in the body (Azure deployments) → the model each one is.
+    models: Mapping[str, str] = field(default_factory=dict)
+    #: The upstream can add usage to a stream when asked (``stream_options.include_usage``); where it
+    #: cannot (early Azure api-versions), nothing is injected and the stream's usage is estimated.
+    stream_usage: bool = True
 
 
 class Platform(Protocol):
@@ -38,6 +44,6 @@ class Platform(Protocol):
     #: The first path segment of its requests, without slashes.
     prefix: str
 
-    def route(self, method: str, tail: str) -> Route:
-        """The route of ``method /{prefix}/{tail}`` (``tail`` decoded, without its query)."""
+    def route(self, method: str, tail: str, query: Mapping[str, str]) -> Route:
+        """The route of ``method /{prefix}/{tail}?{query}`` (``tail`` decoded, without its query)."""
         ...

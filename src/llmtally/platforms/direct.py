@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from yarl import URL
 
 from llmtally.platforms.base import PlatformName, Route
@@ -26,7 +28,7 @@ class DirectPlatform:
         #: One route per endpoint (the adapters make each endpoint once): nothing allocated per call.
         self._routes: dict[Endpoint, Route] = {}
 
-    def route(self, method: str, tail: str) -> Route:
+    def route(self, method: str, tail: str, query: Mapping[str, str]) -> Route:
         endpoint = self._adapter.route(tail) if method == "POST" else None
         if endpoint is None:
             return self._passthrough

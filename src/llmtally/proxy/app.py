@@ -137,7 +137,7 @@ SUBMIT_AFTER_CANCEL_S = 5.0
 
 def create_app(config: Config, meter: Meter) -> web.Application:
     """The proxy application; the caller owns running it and the meter (see :mod:`llmtally.proxy.server`)."""
-    state = ProxyState(config=config, meter=meter, platforms=build_platforms(config.upstreams))
+    state = ProxyState(config=config, meter=meter, platforms=build_platforms(config))
     app = web.Application(client_max_size=config.server.max_request_body_mb * 1024 * 1024)
     app[STATE_KEY] = state
     _add_health_routes(app, meter, lambda: "draining" if state.cut_at is not None else None)
@@ -388,7 +388,7 @@ async def _proxy(platform: Platform, request: web.Request) -> web.StreamResponse
     if not request.raw_path.startswith("/") or not request.raw_path.isascii():
         # An absolute-form target (a forward proxy's) or raw non-ASCII bytes (a URI is ASCII).
         return _json_error(400, "bad_path", "the request target must be an ASCII path (origin-form)")
-    route = platform.route(request.method, request.match_info["tail"])
+    route = platform.route(request.method, request.match_info["tail"], request.query)
     if route.endpoint is None:
         upstream_url = _upstream_url(route.upstream, request.raw_path, route.prefix)
         if upstream_url is None:
@@ -438,7 +438,12 @@ def new_metered_call(
         return None
     adapter = ADAPTERS[route.dialect]
     headers, tags = _upstream_headers(client_headers, metered=True)
-    metered = adapter.prepare(endpoint, body, query, state.config.metering.inject_stream_usage)
+    inject = state.config.metering.inject_stream_usage and route.stream_usage
+    metered = adapter.prepare(endpoint, body, query, inject)
+    if route.model is not None:  # named by the URL (an Azure deployment)
+        metered.model = route.model
+    elif metered.model is not None and metered.model in route.models:
+        metered.model = route.models[metered.model]
     if metered.injected_usage:  # the stream is edited: it must arrive uncompressed
         headers = [(name, value) for name, value in headers if name.lower() != "accept-encoding"]
         headers.append(("Accept-Encoding", "identity"))

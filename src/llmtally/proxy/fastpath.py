@@ -329,14 +329,17 @@ class _Connection(asyncio.Protocol):
         if not slash or not path.startswith("/") or "%" in path or "#" in raw_path:
             return None
         platform = self.server.state.platforms.get(prefix)
-        route = platform.route("POST", tail) if platform is not None else None
-        if route is None or route.endpoint is None:
+        if platform is None:
+            return None
+        params = MultiDict(parse_qsl(query, keep_blank_values=True)) if query else _NO_QUERY
+        route = platform.route("POST", tail, params)
+        if route.endpoint is None:
             return None
         return _Call(
             route=route,
             raw_path=raw_path,
             headers=self._headers,
-            query=MultiDict(parse_qsl(query, keep_blank_values=True)) if query else _NO_QUERY,
+            query=params,
             keep_alive=parser.should_keep_alive(),
             end=len(head) + length,
             head_size=len(head),

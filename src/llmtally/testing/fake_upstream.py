@@ -145,6 +145,9 @@ class FakeUpstream:
         r.add_post(r"/{version:v1beta|v1}/models/{model}:embedContent", self._gemini_embed)
         r.add_post(r"/{version:v1beta|v1}/models/{model}:batchEmbedContents", self._gemini_batch_embed)
         r.add_get("/v1/models", self._openai_models)
+        # Azure OpenAI (the proxy's /azure-openai upstream): classic and v1 URLs.
+        r.add_post("/openai/deployments/{deployment}/chat/completions", self._azure_chat)
+        r.add_post("/openai/v1/chat/completions", self._azure_chat)
         r.add_route("*", "/echo/{tail:.*}", self._echo)
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -493,6 +496,11 @@ class FakeUpstream:
         self.requests += 1
         self.seen = Seen(request.method, request.path_qs, dict(request.headers), b"")
         return web.json_response({"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
+
+    async def _azure_chat(self, request: web.Request) -> web.StreamResponse:
+        from llmtally.testing.fake_azure import azure_chat
+
+        return await azure_chat(self, request)
 
     async def _echo(self, request: web.Request) -> web.Response:
         body = await request.read()
