@@ -86,6 +86,9 @@ class UpstreamsConfig:
     #: An Azure OpenAI resource (``https://<resource>.openai.azure.com``), served under
     #: ``/azure-openai`` (empty: that route is off).
     azure_openai: str = ""
+    #: Google Vertex AI, served under ``/vertex``; ``{location}`` is filled from the request path's
+    #: ``locations/{l}`` (a region name, or ``global`` for the global host). Empty: off.
+    vertex: str = "https://{location}-aiplatform.googleapis.com"
     connect_timeout_s: float = 10.0
     #: Longest wait from sending a request to its response's head (a model may think a while): 504.
     first_byte_timeout_s: float = 600.0
@@ -511,9 +514,9 @@ def _coerce(tp: Any, value: Any, source: str, path: tuple[str, ...]) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {_describe(value)}")
-        if path[0] == "upstreams" and path[-1] in ("openai", "anthropic", "gemini", "azure_openai"):
-            if value or path[-1] != "azure_openai":  # an optional route is off when empty
-                _check_url(value, where)
+        optional = path[-1] in ("azure_openai", "vertex")  # a route that is off when empty
+        if path[0] == "upstreams" and (path[-1] in ("openai", "anthropic", "gemini") or (optional and value)):
+            _check_url(value.replace("{location}", "us-central1"), where)  # a template, with a region
         if path == ("upstreams", "ca_file") and value:
             _check_ca_file(value, where)
         if path[:2] == ("sinks", "webhook") and path[-1] == "url" and value:

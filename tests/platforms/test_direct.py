@@ -8,7 +8,7 @@ from llmtally.platforms import build_platforms
 
 def test_each_provider_has_its_prefix_and_upstream() -> None:
     platforms = build_platforms(Config(upstreams=UpstreamsConfig(openai="http://127.0.0.1:9/base")))
-    assert sorted(platforms) == ["anthropic", "gemini", "openai"]
+    assert sorted(platforms) == ["anthropic", "gemini", "openai", "vertex"]  # Azure: off unless configured
     route = platforms["openai"].route("POST", "v1/chat/completions", {})
     assert (route.platform, route.dialect, route.prefix) == ("direct", "openai", "openai")
     assert route.endpoint is not None and route.endpoint.name == "chat.completions"

@@ -12,6 +12,7 @@ from llmtally.config import Config
 from llmtally.platforms.azure import AzureOpenAIPlatform
 from llmtally.platforms.base import Platform, PlatformName, Route
 from llmtally.platforms.direct import DirectPlatform
+from llmtally.platforms.vertex import VertexPlatform
 
 
 def build_platforms(config: Config) -> dict[str, Platform]:
@@ -24,6 +25,8 @@ def build_platforms(config: Config) -> dict[str, Platform]:
     ]
     if upstreams.azure_openai:
         platforms.append(AzureOpenAIPlatform(URL(upstreams.azure_openai), config.azure_openai.deployments))
+    if upstreams.vertex:
+        platforms.append(VertexPlatform(upstreams.vertex))
     return {platform.prefix: platform for platform in platforms}
 
 

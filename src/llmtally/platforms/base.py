@@ -44,6 +44,7 @@ class Platform(Protocol):
     #: The first path segment of its requests, without slashes.
     prefix: str
 
-    def route(self, method: str, tail: str, query: Mapping[str, str]) -> Route:
-        """The route of ``method /{prefix}/{tail}?{query}`` (``tail`` decoded, without its query)."""
+    def route(self, method: str, tail: str, query: Mapping[str, str]) -> Route | None:
+        """The route of ``method /{prefix}/{tail}?{query}`` (``tail`` decoded, without its query), or
+        None when the path names no upstream this platform may reach (answered 400)."""
         ...

@@ -389,6 +389,8 @@ async def _proxy(platform: Platform, request: web.Request) -> web.StreamResponse
         # An absolute-form target (a forward proxy's) or raw non-ASCII bytes (a URI is ASCII).
         return _json_error(400, "bad_path", "the request target must be an ASCII path (origin-form)")
     route = platform.route(request.method, request.match_info["tail"], request.query)
+    if route is None:
+        return _json_error(400, "bad_path", BAD_PATH)
     if route.endpoint is None:
         upstream_url = _upstream_url(route.upstream, request.raw_path, route.prefix)
         if upstream_url is None:

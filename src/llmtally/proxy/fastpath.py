@@ -333,7 +333,7 @@ class _Connection(asyncio.Protocol):
             return None
         params = MultiDict(parse_qsl(query, keep_blank_values=True)) if query else _NO_QUERY
         route = platform.route("POST", tail, params)
-        if route.endpoint is None:
+        if route is None or route.endpoint is None:  # aiohttp answers (a refusal, or a passthrough)
             return None
         return _Call(
             route=route,

@@ -23,7 +23,12 @@ def config_for_upstream(base_url: str, config: Config | None = None, **metering:
     """``config`` with every upstream pointed at ``base_url`` (and metering overrides)."""
     config = config or Config()
     upstreams = dataclasses.replace(
-        config.upstreams, openai=base_url, anthropic=base_url, gemini=base_url, azure_openai=base_url
+        config.upstreams,
+        openai=base_url,
+        anthropic=base_url,
+        gemini=base_url,
+        azure_openai=base_url,
+        vertex=base_url,
     )
     meter = dataclasses.replace(config.metering, **metering) if metering else config.metering
     return dataclasses.replace(config, upstreams=upstreams, metering=meter)
