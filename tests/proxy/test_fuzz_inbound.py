@@ -48,9 +48,9 @@ HEAD_TIMEOUT_S = 0.5
 BODY_GRACE_S = 0.5
 
 
-def examples(share: float) -> settings:
+def examples(share: float, **more: Any) -> settings:
     """``share`` of the profile's example count (tests/conftest.py): socket examples cost ~10 ms each."""
-    return settings(max_examples=max(5, int(settings.default.max_examples * share)))
+    return settings(max_examples=max(5, int(settings.default.max_examples * share)), **more)
 
 
 class Logged(logging.Handler):

@@ -12,13 +12,15 @@ with arbitrary bytes, sent in arbitrary pieces, through the running proxy (fast 
 from __future__ import annotations
 
 import contextlib
+import gzip
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httptools
 import pytest
-from hypothesis import event, given
+from hypothesis import Phase, event, given
 from hypothesis import strategies as st
 
 from llmtally.record import TokenUsage
@@ -86,8 +88,11 @@ class Response:
     usage: TokenUsage | None = None
 
 
+ENCODINGS = (None, None, "gzip", "deflate")
+
+
 @st.composite
-def valid_responses(draw: st.DrawFn) -> Response:
+def valid_responses(draw: st.DrawFn, encodings: tuple[str | None, ...] = ENCODINGS) -> Response:
     stream: ValidStream | None = draw(
         st.one_of(
             st.none(),
@@ -102,6 +107,10 @@ def valid_responses(draw: st.DrawFn) -> Response:
     status = 200 if stream is not None else draw(STATUSES)
     framing = draw(st.sampled_from(["length", "length", "chunked", "close"]))
     head = f"HTTP/1.1 {status} Whatever\r\nContent-Type: {CONTENT_TYPES.get(kind, 'application/json')}\r\n"
+    encoding = draw(st.sampled_from(encodings))
+    if encoding is not None:  # passed through encoded, metered decoded
+        body = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
+        head += f"Content-Encoding: {encoding}\r\n"
     head += "".join(f"{name}: {value}\r\n" for name, value in draw(SAFE_HEADERS))
     if framing == "length":
         data = f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
@@ -116,12 +125,13 @@ def valid_responses(draw: st.DrawFn) -> Response:
 
 
 @st.composite
-def broken_responses(draw: st.DrawFn) -> Response:
-    """Random bytes, or a valid response corrupted and/or cut short: then the upstream closes."""
+def broken_responses(draw: st.DrawFn, encodings: tuple[str | None, ...] = (None,)) -> Response:
+    """Random bytes, or a valid response corrupted and/or cut short: then the upstream closes.
+    Encoded bodies only when asked: a corrupt one is a known open hole (see the expected failure)."""
     if draw(st.integers(0, 4)) == 0:
         data = draw(st.binary(max_size=400))
         return Response("json", 0, b"", data, True)
-    valid = draw(valid_responses())
+    valid = draw(valid_responses(encodings))
     data = bytearray(valid.data)
     for at, byte in draw(st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), max_size=4)):
         data[at % len(data)] = byte
@@ -190,4 +200,17 @@ def test_a_broken_response_gets_a_502_or_a_clean_close(
     statuses = {a.status for a in seen.answers if a.status}
     event(f"answered {sorted(statuses) or 'nothing'}, {'closed' if seen.closed else 'kept open'}")
     assert statuses <= allowed, (statuses, response.data[:200], seen.raw[:300])
+    assert seen.answers or seen.closed
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="open hole of issue 26 (campaign_open.txt): a corrupt gzip/deflate body logs a metering traceback",
+)
+@examples(0.3, phases=[Phase.generate])  # an expected failure: no time spent shrinking it
+@given(broken_responses(encodings=("gzip", "deflate")), SPLITS, PAUSES)
+def test_a_broken_encoded_response_logs_no_traceback(
+    rig: Rig, response: Response, points: list[int], pause: float
+) -> None:
+    seen, _ = call(rig, response, points, pause)
     assert seen.answers or seen.closed
