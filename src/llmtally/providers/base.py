@@ -179,6 +179,11 @@ def read_usage(summary: ResponseSummary, read: Callable[[], TokenUsage | None]) 
         return None
 
 
+def as_list(value: Any) -> list[Any]:
+    """A field that should be a JSON array; anything else (a number, ``true``) counts as empty."""
+    return value if isinstance(value, list) else []
+
+
 def get_path(obj: Any, *keys: str) -> Any:
     """``obj[k1][k2]...`` or None when any step is missing or not a mapping."""
     for key in keys:

@@ -19,6 +19,7 @@ from llmtally.providers.base import (
     MeteredRequest,
     ResponseSummary,
     as_int,
+    as_list,
     get_path,
     read_usage,
 )
@@ -173,12 +174,12 @@ class _GeminiState:
             tier = meta.get("serviceTier")
             if isinstance(tier, str):
                 summary.service_tier = tier
-        for candidate in obj.get("candidates") or ():
+        for candidate in as_list(obj.get("candidates")):
             if not isinstance(candidate, dict):
                 continue
             if candidate.get("finishReason"):
                 summary.complete = True
-            for part in get_path(candidate, "content", "parts") or ():
+            for part in as_list(get_path(candidate, "content", "parts")):
                 if not isinstance(part, dict):
                     continue
                 text = part.get("text")

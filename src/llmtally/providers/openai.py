@@ -16,6 +16,7 @@ from llmtally.providers.base import (
     MeteredRequest,
     ResponseSummary,
     as_int,
+    as_list,
     get_path,
     parse_object,
     read_usage,
@@ -218,7 +219,7 @@ class _OpenAIStreamParser:
         usage = read_usage(summary, lambda: usage_from_openai(obj.get("usage")))
         if usage is not None:
             summary.usage = usage
-        for choice in obj.get("choices") or ():
+        for choice in as_list(obj.get("choices")):
             if not isinstance(choice, dict):
                 continue
             if "text" in choice:  # legacy completions
@@ -227,7 +228,7 @@ class _OpenAIStreamParser:
             if isinstance(delta, dict):
                 self._keep(delta.get("content"))
                 self._keep(delta.get("refusal"))
-                for call in delta.get("tool_calls") or ():
+                for call in as_list(delta.get("tool_calls")):
                     self._keep(get_path(call, "function", "arguments"))
         return obj
 

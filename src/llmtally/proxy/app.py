@@ -905,7 +905,9 @@ async def _passthrough(
         upstream.close()
         return _json_error(502, "upstream_protocol_error", "the upstream switched protocols unasked (101)")
     try:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        # llhttp lets control bytes through in a reason phrase; aiohttp refuses to write them (a 500).
+        reason = upstream.reason if upstream.reason and upstream.reason.isprintable() else None
+        response = web.StreamResponse(status=upstream.status, reason=reason)
         headers_out = _client_headers(upstream.headers, keep_length=True)
         _overhead_header(state, headers_out, t0)
         response.headers.extend(headers_out)
