@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from llmtally.providers import ADAPTERS, MeteredRequest, ResponseSummary
 from llmtally.providers.streams import JSONArraySplitter, SSESplitter
 from llmtally.record import Provider, TokenUsage
+from tests.providers.test_streams import cut
 
 # Requests as the proxy prepares them: every parser a response can meet -------------------------
 
@@ -48,17 +49,6 @@ def prepared(kind: str, inject: bool = False) -> MeteredRequest:
     endpoint = adapter.route(path)
     assert endpoint is not None
     return adapter.prepare(endpoint, body, query, inject)
-
-
-def cut(data: bytes, points: list[int]) -> list[bytes]:
-    """``data`` cut at ``points`` (taken modulo its length): pieces that join back to ``data``."""
-    marks = sorted({p % (len(data) + 1) for p in points})
-    pieces, last = [], 0
-    for mark in marks:
-        pieces.append(data[last:mark])
-        last = mark
-    pieces.append(data[last:])
-    return pieces
 
 
 SPLITS = st.lists(st.integers(min_value=0, max_value=1 << 20), max_size=40)

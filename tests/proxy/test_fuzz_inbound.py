@@ -21,20 +21,22 @@ from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import httptools
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from llmtally.config import Config
 from llmtally.testing.harness import RunningProxy, start_proxy
+from tests.providers.test_streams import cut
 from tests.proxy.campaign_helpers import (
     RawUpstream,
+    Reading,
     UpstreamConn,
     campaign_config,
     chat_completion,
     http_response,
     port_of,
+    read_answers,
 )
 from tests.proxy.test_fastpath import Answer
 from tests.proxy.test_fastpath import _Reader as AnswerReader
@@ -163,9 +165,7 @@ async def send_and_read(
     ``quiet_s``. No end within HANG_S fails the example."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     parser = AnswerReader(reader)
-    raw = bytearray()
-    garbled: str | None = None
-    closed = False
+    reading = Reading()
 
     async def send() -> None:
         # OSError: the proxy may have closed before the half-close (ENOTCONN), as it may after a 400.
@@ -180,49 +180,26 @@ async def send_and_read(
                 writer.write_eof()
 
     sender = asyncio.create_task(send())
+
+    def finished() -> bool:
+        return answers is not None and sum(a.complete for a in parser.answers) >= answers and sender.done()
+
     try:
         async with asyncio.timeout(HANG_S):
-            while True:
-                done = answers is not None and sum(a.complete for a in parser.answers) >= answers
-                try:
-                    if done and sender.done():
-                        data = await asyncio.wait_for(reader.read(65536), quiet_s)
-                    else:
-                        data = await reader.read(65536)
-                except TimeoutError:
-                    break
-                except ConnectionError:
-                    closed = True
-                    break
-                if not data:
-                    closed = True
-                    break
-                raw += data
-                if garbled is None:
-                    try:
-                        parser.parser.feed_data(data)
-                    except httptools.HttpParserUpgrade:
-                        pass
-                    except httptools.HttpParserError as exc:
-                        garbled = f"{type(exc).__name__}: {exc}"
+            await read_answers(reader, parser, finished, quiet_s, reading)
     except TimeoutError:
-        pytest.fail(f"no end within {HANG_S} s (a hang); got {bytes(raw[:300])!r}")
+        pytest.fail(f"no end within {HANG_S} s (a hang); got {bytes(reading.raw[:300])!r}")
     finally:
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sender
         writer.close()
-    return Seen(parser.answers, closed, bytes(raw), garbled)
+    return Seen(parser.answers, reading.closed, bytes(reading.raw), reading.garbled)
 
 
-def cut(data: bytes, points: list[int]) -> list[bytes]:
-    marks = sorted({p % (len(data) + 1) for p in points})
-    pieces, last = [], 0
-    for mark in marks:
-        pieces.append(data[last:mark])
-        last = mark
-    pieces.append(data[last:])
-    return [p for p in pieces if p]
+def pieces_of(data: bytes, points: list[int]) -> list[bytes]:
+    """``data`` cut at ``points``, without empty pieces (each is one write)."""
+    return [piece for piece in cut(data, points) if piece]
 
 
 def with_pauses(pieces: list[bytes], pause: float) -> list[bytes | float]:
@@ -311,7 +288,7 @@ def test_any_request_bytes_get_answers_or_a_clean_close(
     eof = eof or not data
     # Without a half-close, the first answer (and a quiet spell) or a close ends the exchange.
     seen = rig.run(
-        send_and_read(rig.port, with_pauses(cut(data, points), pause), eof, answers=None if eof else 1)
+        send_and_read(rig.port, with_pauses(pieces_of(data, points), pause), eof, answers=None if eof else 1)
     )
     assert seen.garbled is None, (seen.garbled, seen.raw[:400])
     statuses = [a.status for a in seen.answers if a.status]
@@ -365,7 +342,9 @@ def test_valid_calls_cut_anywhere_reach_the_upstream_byte_for_byte(
     rig.answer, rig.close_after = [http_response(chat_completion())], False
     before = len(rig.upstream.requests)
     data = b"".join(request_bytes(route, body, str(i)) for i, (route, body) in enumerate(calls))
-    seen = rig.run(send_and_read(rig.port, with_pauses(cut(data, points), pause), False, answers=len(calls)))
+    seen = rig.run(
+        send_and_read(rig.port, with_pauses(pieces_of(data, points), pause), False, answers=len(calls))
+    )
     assert [(a.status, a.body) for a in seen.answers] == [(200, chat_completion())] * len(calls), seen.raw[
         :400
     ]

@@ -19,6 +19,8 @@ from tests.proxy.test_sdk_openai import GPT4O
 MESSAGES: Any = [{"role": "user", "content": "Say hello"}]
 CURRENT = "2024-10-21"  # GA, streams report usage when asked
 EARLY = "2024-06-01"  # GA before stream_options: the upstream refuses the option
+#: What a call to the prod-chat deployment records: gpt-4o's usage and cost, under the mapped model.
+PROD_CHAT = {**GPT4O, "request_model": "gpt-4o-2024-08-06"}
 
 
 @pytest.fixture
@@ -30,6 +32,12 @@ def classic(base: str, api_version: str = CURRENT) -> openai.AsyncAzureOpenAI:
     return openai.AsyncAzureOpenAI(
         azure_endpoint=base, api_key=API_KEY, api_version=api_version, max_retries=0
     )
+
+
+async def streamed(client: openai.AsyncAzureOpenAI) -> list[Any]:
+    """Every chunk of a streamed call to the prod-chat deployment."""
+    stream = await client.chat.completions.create(model="prod-chat", messages=MESSAGES, stream=True)
+    return [chunk async for chunk in stream]
 
 
 async def test_classic_deployment_url(azure_proxy: RunningProxy, upstream: FakeUpstream) -> None:
@@ -47,7 +55,7 @@ async def test_classic_deployment_url(azure_proxy: RunningProxy, upstream: FakeU
         provider="openai",
         endpoint="chat.completions",
         stream=False,
-        **{**GPT4O, "request_model": "gpt-4o-2024-08-06"},
+        **PROD_CHAT,
     )
 
 
@@ -55,14 +63,8 @@ async def test_classic_stream_gets_usage_injected_and_hidden(
     azure_proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     via = classic(f"{azure_proxy.url}/azure-openai")
-    seen_via = [
-        c async for c in await via.chat.completions.create(model="prod-chat", messages=MESSAGES, stream=True)
-    ]
-    direct = classic(upstream.url)
-    seen_direct = [
-        c
-        async for c in await direct.chat.completions.create(model="prod-chat", messages=MESSAGES, stream=True)
-    ]
+    seen_via = await streamed(via)
+    seen_direct = await streamed(classic(upstream.url))
     # Azure's extras reach the client as Azure sent them; the usage llmtally asked for does not.
     assert [c.model_dump() for c in seen_via] == [c.model_dump() for c in seen_direct]
     assert (
@@ -77,7 +79,7 @@ async def test_classic_stream_gets_usage_injected_and_hidden(
         provider="openai",
         endpoint="chat.completions",
         stream=True,
-        **{**GPT4O, "request_model": "gpt-4o-2024-08-06"},
+        **PROD_CHAT,
     )
 
 
@@ -85,9 +87,7 @@ async def test_an_api_version_without_stream_usage_is_estimated_not_broken(
     azure_proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
     via = classic(f"{azure_proxy.url}/azure-openai", EARLY)
-    chunks = [
-        c async for c in await via.chat.completions.create(model="prod-chat", messages=MESSAGES, stream=True)
-    ]
+    chunks = await streamed(via)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].delta)
     assert text == "Hello from Azure!"
     assert b"stream_options" not in upstream.seen.body  # injected, this api-version would answer 400

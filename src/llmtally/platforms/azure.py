@@ -48,11 +48,22 @@ class AzureOpenAIPlatform:
         self.upstream = upstream
         self._deployments = dict(deployments)
         self._passthrough = Route("azure", self.prefix, "openai", None, upstream)
-        self._routes: dict[tuple[str, str | None, bool], Route] = {}
+        #: Routes by (path, api-version).
+        self._routes: dict[tuple[str, str | None], Route] = {}
 
     def route(self, method: str, tail: str, query: Mapping[str, str]) -> Route:
         if method != "POST":
             return self._passthrough
+        key = (tail, query.get("api-version"))
+        route = self._routes.get(key)  # before any parsing: the calls of a service repeat a few paths
+        if route is None:
+            route = self._parse(tail, key[1])
+            if len(self._routes) >= MAX_ROUTES:
+                self._routes.clear()
+            self._routes[key] = route
+        return route
+
+    def _parse(self, tail: str, api_version: str | None) -> Route:
         classic = _CLASSIC.fullmatch(tail)
         if classic is not None:
             deployment, operation = classic["deployment"], classic["operation"]
@@ -60,15 +71,7 @@ class AzureOpenAIPlatform:
             deployment, operation = None, tail.removeprefix("openai/")[3:]
         else:
             return self._passthrough
-        stream_usage = reports_stream_usage(query.get("api-version"))
-        key = (operation, deployment, stream_usage)
-        route = self._routes.get(key)
-        if route is None:
-            route = self._make(operation, deployment, stream_usage)
-            if len(self._routes) >= MAX_ROUTES:
-                self._routes.clear()
-            self._routes[key] = route
-        return route
+        return self._make(operation, deployment, reports_stream_usage(api_version))
 
     def _make(self, operation: str, deployment: str | None, stream_usage: bool) -> Route:
         endpoint = ADAPTERS["openai"].route(f"v1/{operation}")

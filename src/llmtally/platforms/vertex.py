@@ -61,12 +61,12 @@ class VertexPlatform:
         self._routes: dict[str, Route | None] = {}
 
     def route(self, method: str, tail: str, query: Mapping[str, str]) -> Route | None:
+        if method == "POST" and tail in self._routes:  # before any parsing: calls repeat a few paths
+            return self._routes[tail]
         call = _MODEL_CALL.match(tail) if method == "POST" else None
         if call is None:
             where = _ANY_LOCATION.match(tail)
             return self._passthrough(where["location"] if where else None)
-        if tail in self._routes:
-            return self._routes[tail]
         upstream = (
             upstream_for(self.template, call["location"]) if _LOCATION.fullmatch(call["location"]) else None
         )
