@@ -51,7 +51,7 @@ class Throttle:
         if folded:
             message += " (%d similar messages folded in since the last one)"
             args = (*args, folded)
-        log.log(level, message, *args)
+        log.log(level, message, *args, stacklevel=2)
 
 
 class Losses:

@@ -149,11 +149,12 @@ class SinkRunner:
                 left = await self._deliver(batch)
                 if left:
                     self._stats.failed[self.sink.name] += len(left)
-                    self._throttle.log(
-                        ("failed",), logging.ERROR, "sink %s failed %d records after retries: spilled to %s",
-                        self.sink.name, len(left), self.spill.path,
-                    )  # fmt: skip
-                    await self._spill(left)
+                    if await self._spill(left):  # (a failed spill logs its loss instead)
+                        self._throttle.log(
+                            ("failed",), logging.ERROR,
+                            "sink %s failed %d records after retries: spilled to %s",
+                            self.sink.name, len(left), self.spill.path,
+                        )  # fmt: skip
             except Exception:  # pragma: no cover - a bug here must not stop this sink for good
                 log.exception("sink %s: delivering a batch failed", self.sink.name)
             finally:
