@@ -275,3 +275,31 @@ async def test_a_hanging_sink_times_out_spills_and_close_stays_bounded(tmp_path:
     assert pipeline.stats.delivered[name] == 0
     assert sorted(set(ids(kept))) == [f"r{i:05d}" for i in range(100)]
     assert pipeline.stats.lost == Counter()
+
+
+class Odd:
+    """A tag value that is no string; the JSON renderer writes its repr, which here is not UTF-8."""
+
+    def __repr__(self) -> str:
+        return POISON_TAG
+
+
+async def test_a_record_only_one_sink_cannot_render_is_quarantined_for_that_sink_alone(
+    tmp_path: Path,
+) -> None:
+    # Plain JSON for the pipeline's check (an object), not for the JSON-lines renderer (its repr has a
+    # lone surrogate): the sink's own per-record rendering catches it; the memory sink takes it as is.
+    out = tmp_path / "out.jsonl"
+    memory = MemorySink()
+    pipeline = RecordPipeline([JsonLinesSink(str(out)), memory], fast(tmp_path))
+    odd = dataclasses.replace(record(3), tags={"team": Odd()})  # type: ignore[dict-item]
+    for i in range(6):
+        pipeline.submit(odd if i == 3 else record(i))
+    await pipeline.close()
+    assert ids(lines_of(out)) == ["r00000", "r00001", "r00002", "r00004", "r00005"]
+    assert ids(memory.records) == [f"r{i:05d}" for i in range(6)]
+    kept = quarantined(tmp_path)
+    assert [(q["record"]["request_id"], q["sink"], q["reason"]) for q in kept] == [
+        ("r00003", f"jsonl:{out}", "unrenderable")
+    ]
+    assert kept[0]["record"]["tags"] == {"team": "caf\\udce9\\udcff"}

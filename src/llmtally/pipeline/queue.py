@@ -24,7 +24,7 @@ from typing import Any
 
 from llmtally.config import PipelineConfig
 from llmtally.pipeline.losses import Losses, Quarantine, Throttle
-from llmtally.pipeline.sinks import BatchRefused, RecordsRejected, Sink, render_record
+from llmtally.pipeline.sinks import BatchRefused, RecordsRejected, Sink, check_renderable
 from llmtally.pipeline.spill import SpillFile
 from llmtally.pipeline.threads import SerialThread
 from llmtally.record import UsageRecord
@@ -500,7 +500,7 @@ def _materialise(batch: list[RecordJob]) -> tuple[list[dict[str, Any]], list[dic
             continue
         as_dict = record.to_dict()
         try:
-            render_record(as_dict)  # the renderer every JSON sink and the spill use: refused here, once
+            check_renderable(as_dict)  # what every JSON sink and the spill would refuse: refused here, once
         except (TypeError, ValueError):
             unrenderable.append(as_dict)
             continue

@@ -66,6 +66,18 @@ def render_record(record: dict[str, Any]) -> bytes:
     return event  # type: ignore[no-any-return]
 
 
+def check_renderable(record: dict[str, Any]) -> None:
+    """Raise as :func:`render_record` would for what can never be JSON (a lone surrogate, an int past
+    64 bits, a key that is not a string), at a fifth of its cost: orjson alone. Other objects pass, as
+    the renderer writes their ``repr``; one whose repr cannot be JSON is refused by the sinks' own
+    per-record rendering instead."""
+    orjson.dumps(record, default=_as_null)
+
+
+def _as_null(_: Any) -> None:
+    return None
+
+
 def render_records(records: list[dict[str, Any]]) -> bytes:
     """Records as JSON lines; raises if any cannot be rendered (see :func:`render_each`)."""
     return b"".join(render_record(record) + b"\n" for record in records)
