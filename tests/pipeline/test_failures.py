@@ -303,3 +303,53 @@ async def test_a_record_only_one_sink_cannot_render_is_quarantined_for_that_sink
         ("r00003", f"jsonl:{out}", "unrenderable")
     ]
     assert kept[0]["record"]["tags"] == {"team": "caf\\udce9\\udcff"}
+
+
+async def test_a_refused_record_in_a_spill_file_does_not_hold_the_replay_back(tmp_path: Path) -> None:
+    calls: Counter[str] = Counter()
+    state = {"down": True}
+
+    def warehouse(rec: dict[str, Any]) -> None:
+        calls[rec["request_id"]] += 1
+        if state["down"] or rec["request_id"] == "r00013":
+            raise ConnectionError("warehouse unavailable")
+
+    pipeline = RecordPipeline(
+        [CallbackSink(warehouse, name="hook:warehouse")], fast(tmp_path, retry_attempts=1)
+    )
+    pipeline.start()
+    for i in range(30):
+        pipeline.submit(record(i))
+    await pipeline.flush()
+    assert pipeline.stats.spilled["hook:warehouse"] == 30  # nothing got through: down, not picky
+    assert quarantined(tmp_path) == []
+    state["down"] = False
+    calls.clear()
+    assert await pipeline.replay()  # the sink is up: its neighbours go in, r00013 alone is quarantined
+    await pipeline.close()
+    assert pipeline.stats.delivered["hook:warehouse"] == 29
+    assert {k: v for k, v in calls.items() if k != "r00013"} == {f"r{i:05d}": 1 for i in range(30) if i != 13}
+    assert [q["record"]["request_id"] for q in quarantined(tmp_path)] == ["r00013"]
+    assert not list((tmp_path / "spill").glob("hook_warehouse.jsonl*"))
+
+
+async def test_a_webhook_refusing_everything_gets_records_spilled_not_quarantined(tmp_path: Path) -> None:
+    receiver = PickyReceiver({f"r{i:05d}" for i in range(40)})  # a schema change: every batch gets 400
+    url = await receiver.start()
+    config = fast(tmp_path, batch_size=20, retry_attempts=1, replay_interval_s=600.0)  # no replay meanwhile
+    pipeline = RecordPipeline([WebhookSink(url, timeout_s=2.0)], config)
+    pipeline.start()
+    for i in range(20):
+        pipeline.submit(record(i))
+    await pipeline.flush()
+    split_once = receiver.posts  # the first batch was split to single records: 1 + 38 posts
+    for i in range(20, 40):
+        pipeline.submit(record(i))
+    await pipeline.flush()
+    await receiver.stop()
+    await pipeline.close()
+    assert split_once == 39
+    assert receiver.posts - split_once < 39  # the next batch was not split again: the receiver refuses all
+    assert quarantined(tmp_path) == []  # not the records' fault
+    spilled = list((tmp_path / "spill").glob("webhook*"))
+    assert sorted(ids([r for p in spilled for r in read_records(p)])) == [f"r{i:05d}" for i in range(40)]

@@ -267,8 +267,10 @@ class SinkRunner:
             batch = records[start : start + size]
             left = await self._deliver(batch, probe=True)
             if left:
-                # What is left goes back to the spill file (delivered batches are not sent again);
-                # if even that fails, the replay file stays and is taken whole next time.
+                if start == 0 and len(left) == len(batch):
+                    return False  # no progress (still down): the replay file stays as it is
+                # Progress: what is left goes back to the spill file (delivered batches are not sent
+                # again); if even that fails, the replay file stays and is taken whole next time.
                 self._stats.replayed[self.sink.name] += start + len(batch) - len(left)
                 if await self._spill(left + records[start + size :], replaying=True):
                     await self._io.run(self.spill.done)
@@ -397,6 +399,12 @@ class RecordPipeline:
             if not self._overflowing and self._queue.empty():
                 break
 
+    async def replay(self) -> bool:
+        """Try every sink's spilled records now (as the runners do every ``replay_interval_s``); True
+        when none are left."""
+        done = await asyncio.gather(*(runner.replay() for runner in self._runners), return_exceptions=True)
+        return all(result is True for result in done)
+
     async def close(self) -> None:
         """Deliver everything queued and retry what is spilled, within ``close_timeout_s``; then save
         what is left to the spill files (counted lost if even that fails), stop, close the sinks."""
@@ -405,7 +413,7 @@ class RecordPipeline:
         try:
             async with asyncio.timeout(budget - save_s):
                 await self.flush()
-                await asyncio.gather(*(runner.replay() for runner in self._runners), return_exceptions=True)
+                await self.replay()
         except TimeoutError:
             log.error(
                 "records not all delivered within close_timeout_s (%.1f s): the rest stay in %s",
