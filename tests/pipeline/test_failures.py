@@ -13,6 +13,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -353,3 +354,29 @@ async def test_a_webhook_refusing_everything_gets_records_spilled_not_quarantine
     assert quarantined(tmp_path) == []  # not the records' fault
     spilled = list((tmp_path / "spill").glob("webhook*"))
     assert sorted(ids([r for p in spilled for r in read_records(p)])) == [f"r{i:05d}" for i in range(40)]
+
+
+class _Prebuilt:
+    """A built record's dict, as a record job returns it (to put in values no UsageRecord field takes)."""
+
+    def __init__(self, as_dict: dict[str, Any]) -> None:
+        self._dict = as_dict
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._dict
+
+
+async def test_absurd_usage_is_quarantined_with_its_exact_numbers(tmp_path: Path) -> None:
+    # Usage of 10^30 tokens (an upstream's lie): no JSON integer, and a cost too large to round.
+    huge = dataclasses.replace(record(1), usage=dataclasses.replace(record(1).usage, input_tokens=10**30))
+    as_dict = huge.to_dict()
+    as_dict["total_cost"] = Decimal("1e30") * Decimal("0.0000025")
+    memory = MemorySink()
+    pipeline = RecordPipeline([JsonLinesSink(str(tmp_path / "out.jsonl")), memory], fast(tmp_path))
+    pipeline.submit(lambda: _Prebuilt(as_dict))  # type: ignore[arg-type,return-value]
+    pipeline.submit(record(2))
+    await pipeline.close()
+    assert ids(memory.records) == ["r00002"]
+    (kept,) = quarantined(tmp_path)
+    assert kept["record"]["input_tokens"] == str(10**30)
+    assert kept["record"]["total_cost"] == "2.5E+24"

@@ -103,15 +103,18 @@ def fallback_render(value: Any) -> bytes:
     64 bits and unknown objects as strings. For quarantined records only."""
     try:
         return orjson.dumps(_printable(value), default=str)
-    except (TypeError, ValueError):  # pragma: no cover - _printable leaves nothing orjson refuses
-        return orjson.dumps({"repr": repr(value)})
+    except Exception:  # pragma: no cover - _printable leaves nothing orjson refuses; this must not fail
+        return orjson.dumps({"repr": _printable(repr(value))})
 
 
 def _printable(value: Any) -> Any:
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, Decimal):
-        return orjson.Fragment(decimal_text(value)) if value.is_finite() else str(value)
+        try:
+            return orjson.Fragment(decimal_text(value))
+        except ArithmeticError:  # too large to round to 10 places (a cost from absurd usage), or NaN
+            return str(value)
     if isinstance(value, bool) or value is None or isinstance(value, float):
         return value
     if isinstance(value, int):
