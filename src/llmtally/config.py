@@ -253,6 +253,9 @@ class PipelineConfig:
     retry_backoff_max_s: float = 10.0
     #: How often spilled records are retried.
     replay_interval_s: float = 30.0
+    #: At shutdown, after in-flight calls ended: the longest delivery may take before what is left
+    #: is saved to the spill files (the last quarter, at most 5 s, is kept for saving).
+    close_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
