@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve serve-fake test demo lint load proto clean
+.PHONY: serve serve-fake test demo lint load soak proto clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) >&2
@@ -45,6 +45,13 @@ $(LITELLM):
 
 load: $(STAMP) $(LITELLM)
 	$(BIN)/python load_tests/run.py $(LOAD_ARGS)
+
+# The long fuzz profile (tests/*/test_fuzz_*.py, ~15 min on 2 cores), then load_tests/soak.py: mixed
+# SDK traffic through `llmtally serve --fake-upstream` for 10 min, failing on RSS/fd growth
+# (docs/reliability.md, "Fuzzing and soak"). SOAK_ARGS='--duration 180' for a shorter soak.
+soak: $(STAMP)
+	HYPOTHESIS_PROFILE=soak $(BIN)/python -m pytest -q tests/providers/test_fuzz_*.py tests/proxy/test_fuzz_*.py
+	$(BIN)/python load_tests/soak.py $(SOAK_ARGS)
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I src/llmtally/pipeline/proto --python_out=src/llmtally/pipeline/proto \

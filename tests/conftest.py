@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from llmtally.config import Config
 from llmtally.testing import FakeUpstream, FakeUpstreamConfig
 from llmtally.testing.harness import RunningProxy, config_for_upstream, start_proxy
 
 API_KEY = "sk-test-SECRET-0123456789"
+
+# Hypothesis profiles (docs/reliability.md, "Fuzzing and soak"): ``fast`` in ``make test`` (the
+# hypothesis default of 100 examples; the socket-level fuzz tests take a fraction of it),
+# ``soak`` in ``make soak`` (HYPOTHESIS_PROFILE=soak, or pytest's --hypothesis-profile=soak).
+# No per-example deadline: 2 shared cores make timings noise, and a hang is bounded by each test.
+settings.register_profile("fast", max_examples=100, deadline=None, print_blob=True)
+settings.register_profile(
+    "soak", max_examples=4000, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 MakeProxy = Callable[..., Awaitable[RunningProxy]]
 

@@ -83,6 +83,12 @@ class UpstreamsConfig:
     openai: str = "https://api.openai.com"
     anthropic: str = "https://api.anthropic.com"
     gemini: str = "https://generativelanguage.googleapis.com"
+    #: An Azure OpenAI resource (``https://<resource>.openai.azure.com``), served under
+    #: ``/azure-openai`` (empty: that route is off).
+    azure_openai: str = ""
+    #: Google Vertex AI, served under ``/vertex``; ``{location}`` is filled from the request path's
+    #: ``locations/{l}`` (a region name, or ``global`` for the global host). Empty: off.
+    vertex: str = "https://{location}-aiplatform.googleapis.com"
     connect_timeout_s: float = 10.0
     #: Longest wait from sending a request to its response's head (a model may think a while): 504.
     first_byte_timeout_s: float = 600.0
@@ -97,6 +103,13 @@ class UpstreamsConfig:
     #: Answer every call with llmtally's built-in fake upstream, started in-process (``serve
     #: --fake-upstream``): no key, no network; every record then carries ``fake_upstream: true``.
     fake: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AzureOpenAIConfig:
+    #: Deployment name → the model it serves (``prod-chat = "gpt-4o-2024-08-06"``), for pricing
+    #: when a response does not name its model.
+    deployments: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +262,9 @@ class PipelineConfig:
     journal_fsync: bool = False
     #: A worker starts a new journal segment past this size; a segment is deleted once all delivered.
     journal_segment_mb: int = 16
+    #: At shutdown, after in-flight calls ended: the longest delivery may take before what is left
+    #: is saved to the spill files (the last quarter, at most 5 s, is kept for saving).
+    close_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +318,7 @@ class SinksConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstreams: UpstreamsConfig = field(default_factory=UpstreamsConfig)
+    azure_openai: AzureOpenAIConfig = field(default_factory=AzureOpenAIConfig)
     metering: MeteringConfig = field(default_factory=MeteringConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
@@ -509,8 +526,9 @@ def _coerce(tp: Any, value: Any, source: str, path: tuple[str, ...]) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {_describe(value)}")
-        if path[0] == "upstreams" and path[-1] in ("openai", "anthropic", "gemini"):
-            _check_url(value, where)
+        optional = path[-1] in ("azure_openai", "vertex")  # a route that is off when empty
+        if path[0] == "upstreams" and (path[-1] in ("openai", "anthropic", "gemini") or (optional and value)):
+            _check_url(value.replace("{location}", "us-central1"), where)  # a template, with a region
         if path == ("upstreams", "ca_file") and value:
             _check_ca_file(value, where)
         if path[:2] == ("sinks", "webhook") and path[-1] == "url" and value:

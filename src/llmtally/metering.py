@@ -17,7 +17,7 @@ from llmtally.counters import TokenCount, TokenCounter, build_counters
 from llmtally.exchange import Exchange
 from llmtally.pricing import PriceBook
 from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter, ResponseSummary
-from llmtally.providers.encoding import decode_body
+from llmtally.providers.encoding import UndecodableBody, decode_body
 from llmtally.record import TokenUsage, UsageRecord, UsageSource
 
 if TYPE_CHECKING:
@@ -70,26 +70,35 @@ def build_record(
     """Parse what is left to parse, choose the usage (provider's, else an estimate), price it."""
     request = exchange.request
     summary = exchange.summary
+    undecodable: str | None = None
     if summary is None:
         if exchange.response_chunks is not None:
-            exchange.response_body = decode_body(exchange.response_encoding, exchange.response_chunks)
+            try:
+                exchange.response_body = decode_body(exchange.response_encoding, exchange.response_chunks)
+            except UndecodableBody as exc:  # the client got the bytes as sent; there is nothing to parse
+                undecodable = str(exc)
             exchange.response_chunks = None
-        if exchange.response_body is None:
+        if undecodable is not None:
+            summary = ResponseSummary(error=undecodable)
+        elif exchange.response_body is None:
             summary = ResponseSummary()
         elif exchange.response_stream:  # a short stream, kept whole by the proxy (proxy.metering_copy)
             summary = _parse_stream(exchange, adapter, exchange.response_body)
         else:
             summary = adapter.parse_response(request, exchange.response_body)
+    # Usage with a value that is not a token count is not trusted at all: estimated, and said so.
+    reported = summary.usage if summary.usage_error is None else None
+    usage_error = f"{summary.usage_error}: estimated instead" if summary.usage_error else None
     # An error's record has no usage to stand in for ("none"): its input is not counted for it.
-    wanted = exchange.count_input or (summary.usage is None and _worth_estimating(exchange))
+    wanted = exchange.count_input or (reported is None and _worth_estimating(exchange))
     estimate = _resolve_estimate(exchange, counter, needed=wanted)
     model = summary.model or request.model
-    errors = [e for e in (exchange.error, request.error, summary.error) if e]
+    errors = [e for e in (exchange.error, request.error, summary.error, usage_error) if e]
 
     usage: TokenUsage
     source: UsageSource
-    if summary.usage is not None:
-        usage, source = summary.usage, "provider"
+    if reported is not None:
+        usage, source = reported, "provider"
         if estimate is not None and usage.input_tokens:
             counter.observe(model or "", estimate, usage.input_tokens)  # calibrates estimates (Claude)
     elif _worth_estimating(exchange):

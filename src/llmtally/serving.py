@@ -89,7 +89,9 @@ def _probe(host: str, port: int, what: str) -> None:
 
 def with_fake_upstream(config: Config, url: str) -> Config:
     """``config`` with every provider's upstream at ``url`` and the record flag on."""
-    upstreams = replace(config.upstreams, openai=url, anthropic=url, gemini=url, fake=True)
+    upstreams = replace(
+        config.upstreams, openai=url, anthropic=url, gemini=url, azure_openai=url, vertex=url, fake=True
+    )
     return replace(config, upstreams=upstreams)
 
 

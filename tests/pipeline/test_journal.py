@@ -24,7 +24,7 @@ from llmtally.pipeline.journal import (
 )
 from llmtally.pipeline.link import LinkClient, LinkServer, exchange_to_wire
 from llmtally.pipeline.queue import RecordPipeline
-from llmtally.pipeline.sinks import JsonLinesSink, render_records
+from llmtally.pipeline.sinks import CallbackSink, JsonLinesSink, render_records
 from tests.pipeline.test_link import _exchange
 
 
@@ -177,3 +177,47 @@ def test_the_tail_holds_the_last_lines_ids(tmp_path: Path) -> None:
     path.write_bytes(render_records([_line(f"id-{n}", pad="x" * 5000) for n in range(100)]) + b'{"torn')
     assert tail_request_ids(path, 10) == {f"id-{n}" for n in range(91, 100)}
     assert tail_request_ids(tmp_path / "missing", 10) == set()
+
+
+async def test_records_a_sink_refuses_are_settled_by_the_quarantine_and_the_rest_marked(
+    tmp_path: Path,
+) -> None:
+    # A callback sink that refuses id-1 for ever: the runner retries it alone, then quarantines it.
+    # Its neighbours are marked as delivered, id-1 as settled, and the sealed segment goes.
+    taken: list[str] = []
+
+    def callback(record: dict[str, Any]) -> None:
+        if record["request_id"] == "id-1":
+            raise ValueError("not this one")
+        taken.append(record["request_id"])
+
+    config = PipelineConfig(
+        spill_dir=str(tmp_path / "spill"), batch_size=8, retry_attempts=2, retry_backoff_s=0.01
+    )
+    pipeline = RecordPipeline([CallbackSink(callback, name="hook")], config)
+    journal = RecordJournal(tmp_path / "j", "run1", pipeline, _record, lambda _: None, {}, False, set)
+    journal.acquire()
+    server = LinkServer(
+        str(tmp_path / "link.sock"), lambda e: pipeline.submit(_record_of(e)), lambda _: None, journal.tracker
+    )
+    await server.start()
+    pipeline.start()
+    writer = JournalWriter(tmp_path / "j", "run1", segment_bytes=1 << 20, fsync=False)
+    client = await LinkClient.connect(server.path, journal=writer)
+    for n in range(3):
+        client.submit(_exchange(n))
+    await client.close()
+    await server.close()
+    await pipeline.flush()
+    for _ in range(100):  # the quarantine settles from its own thread
+        if not list((tmp_path / "j").glob("*.jnl")):
+            break
+        await asyncio.sleep(0.01)
+    assert list((tmp_path / "j").glob("*.jnl*")) == []
+    assert sorted(taken) == ["id-0", "id-2"]
+    kept = [
+        orjson.loads(line) for line in (tmp_path / "spill" / "quarantine.jsonl").read_bytes().splitlines()
+    ]
+    assert [k["record"]["request_id"] for k in kept] == ["id-1"]
+    await pipeline.close()
+    journal.close()

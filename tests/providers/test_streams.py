@@ -10,6 +10,7 @@ from llmtally.providers.streams import JSONArraySplitter, SSESplitter
 
 
 def cut(data: bytes, points: list[int]) -> list[bytes]:
+    """``data`` cut at ``points`` (taken modulo its length): pieces that join back to ``data``."""
     points = sorted({p % (len(data) + 1) for p in points})
     pieces, last = [], 0
     for p in points:

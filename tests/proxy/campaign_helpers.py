@@ -13,7 +13,7 @@ import logging
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httptools
 import pytest
@@ -74,9 +74,7 @@ async def exchange(
     the proxy closes, or ``answers`` answers are complete and it stays quiet; a hang fails the test."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     parser = AnswerReader(reader)  # its parser only: reads here stop at a close or a quiet spell
-    raw = bytearray()
-    closed = False
-    garbled: str | None = None
+    reading = Reading()
 
     async def send() -> None:
         with contextlib.suppress(ConnectionError):
@@ -87,37 +85,62 @@ async def exchange(
                 await writer.drain()
 
     sender = asyncio.create_task(send())
+
+    def finished() -> bool:
+        return sum(a.complete for a in parser.answers) >= answers and sender.done()
+
     try:
         async with asyncio.timeout(within_s):
-            while True:
-                done = sum(a.complete for a in parser.answers) >= answers and sender.done()
-                try:
-                    if done:
-                        data = await asyncio.wait_for(reader.read(65536), QUIET_S)
-                    else:
-                        data = await reader.read(65536)
-                except TimeoutError:
-                    break  # every answer is in and nothing more comes
-                except ConnectionError:
-                    closed = True
-                    break
-                if not data:
-                    closed = True
-                    break
-                raw += data
-                if garbled is None:
-                    try:
-                        parser.parser.feed_data(data)
-                    except httptools.HttpParserUpgrade:
-                        pass
-                    except httptools.HttpParserError as exc:
-                        garbled = f"{type(exc).__name__}: {exc}"
+            await read_answers(reader, parser, finished, QUIET_S, reading)
     except TimeoutError:
-        pytest.fail(f"no answer and no close within {within_s} s; got {bytes(raw[:300])!r}")
+        pytest.fail(f"no answer and no close within {within_s} s; got {bytes(reading.raw[:300])!r}")
     finally:
         sender.cancel()
         writer.close()
-    return Verdict(parser.answers, closed, bytes(raw), garbled)
+    return Verdict(parser.answers, reading.closed, bytes(reading.raw), reading.garbled)
+
+
+@dataclass
+class Reading:
+    """What came back on a connection so far."""
+
+    raw: bytearray = field(default_factory=bytearray)
+    closed: bool = False
+    #: Why the bytes stopped parsing as HTTP answers (None: they did not).
+    garbled: str | None = None
+
+
+async def read_answers(
+    reader: asyncio.StreamReader,
+    parser: AnswerReader,
+    finished: Callable[[], bool],
+    quiet_s: float,
+    reading: Reading,
+) -> None:
+    """Read into ``reading`` (and ``parser``) until the peer closes, or ``finished()`` holds and
+    nothing more comes for ``quiet_s``."""
+    while True:
+        try:
+            if finished():
+                data = await asyncio.wait_for(reader.read(65536), quiet_s)
+            else:
+                data = await reader.read(65536)
+        except TimeoutError:
+            return  # every answer is in and nothing more comes
+        except ConnectionError:
+            reading.closed = True
+            return
+        if not data:
+            reading.closed = True
+            return
+        reading.raw += data
+        if reading.garbled is None:
+            try:
+                parser.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                pass
+            except httptools.HttpParserError as exc:
+                reading.garbled = f"{type(exc).__name__}: {exc}"
 
 
 def post(path: str = CHAT_PATH, body: bytes = CHAT, extra: str = "", host: str = "proxy") -> bytes:
@@ -295,7 +318,9 @@ FAST_PATHS = pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "a
 
 def campaign_config(base_url: str, fast_path: bool, **upstreams: float | int) -> Config:
     """Small limits, so oversized bodies and stalls are found in well under a second."""
-    limits = dataclasses.replace(UpstreamsConfig(), connect_timeout_s=2.0, read_timeout_s=1.0, **upstreams)
+    limits = dataclasses.replace(
+        UpstreamsConfig(), connect_timeout_s=2.0, first_byte_timeout_s=1.0, read_timeout_s=1.0, **upstreams
+    )
     config = Config(server=ServerConfig(max_request_body_mb=1, fast_path=fast_path), upstreams=limits)
     return config_for_upstream(base_url, config)
 

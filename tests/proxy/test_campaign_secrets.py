@@ -184,7 +184,7 @@ async def _run(tmp: Path) -> ServeRun:
         config = tmp / "config.toml"
         config.write_text(
             f'[upstreams]\nopenai = "{upstream.url}"\nanthropic = "{upstream.url}"\ngemini = "{upstream.url}"\n'
-            "read_timeout_s = 1.0\nconnect_timeout_s = 2.0\n"
+            "first_byte_timeout_s = 1.0\nread_timeout_s = 1.0\nconnect_timeout_s = 2.0\n"
             "[server]\nmax_request_body_mb = 1\nshutdown_grace_s = 2.0\n"
             '[logging]\nlevel = "debug"\n'
             f'[pipeline]\nspill_dir = "{tmp / "spill"}"\nretry_attempts = 1\nretry_backoff_s = 0.05\n'

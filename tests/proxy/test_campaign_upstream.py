@@ -180,6 +180,11 @@ def usage_flagged(record: dict[str, Any]) -> None:
         assert isinstance(value, int) and 0 <= value < 2**63, (name, value)
 
 
+def undecodable_said(record: dict[str, Any]) -> None:
+    """A body that is not valid in its Content-Encoding is not metered, and the record says why."""
+    assert "not valid gzip" in (record.get("error") or ""), record
+
+
 FIVE = (("5xx",),)
 #: The upstream failed before its head: 502/504, or (a passthrough GET, which aiohttp's client may
 #: retry on a new connection) the retried call's answer.
@@ -194,6 +199,8 @@ M = ("metered",)
 S = ("stream",)
 ERR_502 = "upstream_unreachable"
 ERR_504 = "upstream_timeout"
+#: The upstream answered, but not in HTTP/1.1.
+ERR_PROTO = "upstream_protocol_error"
 BIG_HEADER = "X-Big: " + "a" * (1 << 20) + "\r\n"
 MANY_HEADERS = "".join(f"X-H{i}: v\r\n" for i in range(5000))
 
@@ -228,14 +235,14 @@ FAULTS = [
     Fault("chunked-invalid-size-first", (then_reused(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n"), respond_with(SECOND)), CUT, record_error="upstream", follow_ups=1, never_reused=True),
     Fault("chunked-overflowing-size", (then_reused(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffffff\r\nabc"), respond_with(SECOND)), CUT, record_error="upstream", follow_ups=1, never_reused=True),
     Fault("switching-protocols-to-post", (then_reused(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x05hello"), respond_with(SECOND)), (*FIVE, ("closed",)), routes=M, record_status=ANY, follow_ups=1, never_reused=True),
-    Fault("status-line-garbage", (then_reused(b"HTTP/1.1 2OO OK\r\n\r\n"), respond_with(SECOND)), FIVE, status=502, record_status=502, record_error=ERR_502, follow_ups=1, never_reused=True),
+    Fault("status-line-garbage", (then_reused(b"HTTP/1.1 2OO OK\r\n\r\n"), respond_with(SECOND)), FIVE, status=502, record_status=502, record_error=ERR_PROTO, follow_ups=1, never_reused=True),
     Fault("not-http-at-all", (then_reused(b"SSH-2.0-OpenSSH_9.6\r\n"), respond_with(SECOND)), FIVE, status=502, record_status=502, follow_ups=1, never_reused=True),
     Fault("header-of-1-mib", (then_reused(http_response(chat_completion(), headers=BIG_HEADER)), respond_with(SECOND)), FIVE, status=502, record_status=502, follow_ups=1, never_reused=True),
     Fault("thousands-of-headers", (then_reused(http_response(chat_completion(), headers=MANY_HEADERS)), respond_with(SECOND)), FIVE, status=502, record_status=502, follow_ups=1, never_reused=True),
     Fault("gzip-body", (respond_with(http_response(GZIPPED, headers="Content-Encoding: gzip\r\n")),), OK, body=GZIPPED, headers=(("content-encoding", "gzip"),), record_status=200, record_error="", usage=(7, 3), client_headers="Accept-Encoding: gzip\r\n"),
     Fault("deflate-body", (respond_with(http_response(DEFLATED, headers="Content-Encoding: deflate\r\n")),), OK, body=DEFLATED, headers=(("content-encoding", "deflate"),), record_status=200, record_error="", usage=(7, 3), client_headers="Accept-Encoding: deflate\r\n"),
     Fault("br-body-undecodable", (respond_with(http_response(BROTLI, headers="Content-Encoding: br\r\n")),), OK, body=BROTLI, headers=(("content-encoding", "br"),), record_status=200, client_headers="Accept-Encoding: br\r\n"),
-    Fault("gzip-body-corrupt", (respond_with(http_response(GZIPPED[:20] + b"\x00" * 20 + GZIPPED[40:], headers="Content-Encoding: gzip\r\n")),), OK, body=GZIPPED[:20] + b"\x00" * 20 + GZIPPED[40:], record_status=200, client_headers="Accept-Encoding: gzip\r\n"),
+    Fault("gzip-body-corrupt", (respond_with(http_response(GZIPPED[:20] + b"\x00" * 20 + GZIPPED[40:], headers="Content-Encoding: gzip\r\n")),), OK, body=GZIPPED[:20] + b"\x00" * 20 + GZIPPED[40:], record_status=200, client_headers="Accept-Encoding: gzip\r\n", record_check=undecodable_said),
     Fault("gzip-chunked", (respond_with(chunked(GZIPPED[:30], GZIPPED[30:], head="Content-Type: application/json\r\nContent-Encoding: gzip\r\n")),), OK, body=GZIPPED, record_status=200, record_error="", usage=(7, 3), client_headers="Accept-Encoding: gzip\r\n"),
     Fault("sse-garbage-events", (respond_with(sse(STREAM_EVENT, b"data: {not json\n\n", b"event: x\ndata: \xff\xfe\x00\n\n", b": comment\n\ndata:\n\n", USAGE_EVENT, b"data: [DONE]\n\n")),), OK, routes=S, record_status=200, usage=(7, 3)),
     Fault("sse-truncated-then-close", (answer_then(sse(STREAM_EVENT, end=False) + b"30\r\ndata: {\"id\":\"c1\",\"choi", "close", 0.05),), CUT, routes=S, record_status=200, record_error="upstream_unreachable", follow_ups=1),

@@ -264,12 +264,10 @@ async def test_a_bug_mid_stream_still_frees_the_budget_and_records_the_call(make
     proxy = await make_proxy()
     state = proxy.app[STATE_KEY]
     path, body, headers = STREAMS["anthropic"]
-    endpoint = ADAPTERS["anthropic"].route("v1/messages")
-    assert endpoint is not None
+    route = state.platforms["anthropic"].route("POST", "v1/messages", {})
+    assert route.endpoint is not None
     with pytest.raises(RuntimeError, match="a bug while writing"):
-        await meter_call(
-            state, _BrokenDownstream(), "anthropic", endpoint, path, list(headers.items()), body, {}, 0.0
-        )
+        await meter_call(state, _BrokenDownstream(), route, path, list(headers.items()), body, {}, 0.0)
     assert state.stream_budget.held == 0
     record = await only_record(proxy)
     assert record["status"] == 200 and record["stream"] is True

@@ -44,6 +44,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
+from llmtally.pipeline.sinks import RecordsRejected
 from llmtally.pipeline.spill import read_records
 
 if TYPE_CHECKING:
@@ -326,6 +327,12 @@ class JournalTracker:
                 self._write_marks(segment, lines[key])
             self._maybe_done(segment)
 
+    def settled(self, sink: str, records: list[dict[str, Any]]) -> None:
+        """``records`` were quarantined for ``sink`` (for every sink when the pipeline itself, or the
+        overflow file, could not render them)."""
+        for name in self.durable if sink not in self.durable else (sink,):
+            self.delivered(name, records)
+
     def _write_marks(self, segment: _Segment, lines: list[bytes]) -> None:
         try:
             if segment.marks is None:
@@ -378,7 +385,12 @@ class MarkingSink:
 
     async def write(self, records: list[dict[str, Any]]) -> None:
         async with self._lock:
-            await self.inner.write(records)
+            try:
+                await self.inner.write(records)
+            except RecordsRejected as exc:  # the others were written: mark them
+                refused = {id(r) for r in exc.records}
+                self._tracker.delivered(self.name, [r for r in records if id(r) not in refused])
+                raise
             self._tracker.delivered(self.name, records)
 
     async def close(self) -> None:
@@ -428,6 +440,12 @@ class RecordJournal:
         self.tracker = JournalTracker([r.sink.name for r in durable], fsync)
         for runner in durable:
             runner.sink = MarkingSink(runner.sink, self.tracker)
+        # A quarantined record is settled (kept aside, never retried): mark it as such, or its segment
+        # would stay for the whole run and the next start would quarantine it again.
+        loop = asyncio.get_running_loop()
+        pipeline.quarantine.listeners.append(
+            lambda sink, records: loop.call_soon_threadsafe(self.tracker.settled, sink, records)
+        )
         self.recovered = RecoveryStats()
 
     def acquire(self) -> None:

@@ -47,6 +47,22 @@ class _PipelineCollector(Collector):
             for sink, value in (getattr(pipeline.stats, attr) if pipeline else {}).items():
                 family.add_metric([sink], value)
             yield family
+        for name, doc, attr in (
+            (
+                "llmtally_records_quarantined",
+                "Records set aside in <spill_dir>/quarantine.jsonl: unrenderable, or refused alone by a sink",
+                "quarantined",
+            ),
+            (
+                "llmtally_records_lost",
+                "Records lost: their spill or quarantine write failed, or shutdown ran out of time.",
+                "lost",
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["sink", "reason"])
+            for (sink, reason), value in (getattr(pipeline.stats, attr) if pipeline else {}).items():
+                family.add_metric([sink, reason], value)
+            yield family
 
 
 class PrometheusSink:

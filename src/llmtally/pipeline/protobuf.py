@@ -7,7 +7,6 @@ Each message is written as its size (a base-128 varint) followed by its bytes, t
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from llmtally.pipeline.proto import usage_record_pb2 as pb
+from llmtally.pipeline.sinks import unrenderable
+from llmtally.pipeline.threads import SerialThread
 
 NANO = Decimal("1e-9")
 _OPTIONAL = ("reasoning_tokens", "ttfb_ms", "error", "estimated_input_tokens", "upstream_request_id",
@@ -97,10 +98,19 @@ class ProtobufFileSink:
     def __init__(self, path: str) -> None:
         self.name = f"protobuf:{path}"
         self._path = path
+        self._thread = SerialThread(self.name)
 
     async def write(self, records: list[dict[str, Any]]) -> None:
-        data = encode_delimited([to_message(r) for r in records])
-        await asyncio.to_thread(self._append, data)
+        messages, bad = [], []
+        for record in records:  # one at a time: a record protobuf refuses never takes the batch with it
+            try:
+                messages.append(to_message(record))
+            except (KeyError, TypeError, ValueError, ArithmeticError):
+                bad.append(record)
+        if messages:
+            await self._thread.run(self._append, encode_delimited(messages))
+        if bad:
+            raise unrenderable(bad)
 
     def _append(self, data: bytes) -> None:
         with open(self._path, "ab") as fh:

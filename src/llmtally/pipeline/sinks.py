@@ -11,6 +11,8 @@ from typing import IO, Any, Protocol
 import orjson
 import structlog
 
+from llmtally.pipeline.threads import SerialThread
+
 #: Costs are written as JSON numbers rounded to this many decimal places (exact Decimal text).
 COST_DECIMALS = Decimal(1).scaleb(-10)
 
@@ -52,16 +54,104 @@ _CHAIN: tuple[Any, ...] = (
 )
 
 
+def render_record(record: dict[str, Any]) -> bytes:
+    """One record as one JSON line (no newline), through the structlog processor chain (orjson renderer).
+
+    Raises (``TypeError``, orjson's ``JSONEncodeError``) for a record that cannot be JSON: a lone
+    surrogate in a string, an integer past 64 bits, an object orjson does not know.
+    """
+    event: Any = dict(record)
+    for processor in _CHAIN:
+        event = processor(None, "info", event)
+    return event  # type: ignore[no-any-return]
+
+
+def check_renderable(record: dict[str, Any]) -> None:
+    """Raise as :func:`render_record` would for what can never be JSON (a lone surrogate, an int past
+    64 bits, a key that is not a string), at a fifth of its cost: orjson alone. Other objects pass, as
+    the renderer writes their ``repr``; one whose repr cannot be JSON is refused by the sinks' own
+    per-record rendering instead."""
+    orjson.dumps(record, default=_as_null)
+
+
+def _as_null(_: Any) -> None:
+    return None
+
+
 def render_records(records: list[dict[str, Any]]) -> bytes:
-    """Records as JSON lines, through the structlog processor chain (orjson renderer)."""
-    lines = []
+    """Records as JSON lines; raises if any cannot be rendered (see :func:`render_each`)."""
+    return b"".join(render_record(record) + b"\n" for record in records)
+
+
+def render_each(records: list[dict[str, Any]]) -> tuple[bytes, list[dict[str, Any]]]:
+    """The JSON lines of the records that render, and the records that do not (each rendered alone,
+    so one that cannot be JSON never takes its neighbours with it)."""
+    lines: list[bytes] = []
+    unrenderable: list[dict[str, Any]] = []
     for record in records:
-        event: Any = dict(record)
-        for processor in _CHAIN:
-            event = processor(None, "info", event)
-        lines.append(event)
+        try:
+            lines.append(render_record(record))
+        except (TypeError, ValueError):  # orjson.JSONEncodeError is a TypeError
+            unrenderable.append(record)
+            continue
         lines.append(b"\n")
-    return b"".join(lines)
+    return b"".join(lines), unrenderable
+
+
+def fallback_render(value: Any) -> bytes:
+    """JSON for anything, losing nothing readable: lone surrogates as ``\\udcXX`` text, integers past
+    64 bits and unknown objects as strings. For quarantined records only."""
+    try:
+        return orjson.dumps(_printable(value), default=str)
+    except Exception:  # pragma: no cover - _printable leaves nothing orjson refuses; this must not fail
+        return orjson.dumps({"repr": _printable(repr(value))})
+
+
+def _printable(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, Decimal):
+        try:
+            return orjson.Fragment(decimal_text(value))
+        except ArithmeticError:  # too large to round to 10 places (a cost from absurd usage), or NaN
+            return str(value)
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else str(value)
+    if isinstance(value, dict):
+        return {str(_printable(k)): _printable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_printable(v) for v in value]
+    return _printable(str(value))
+
+
+class RecordsRejected(Exception):
+    """Raised by a sink that wrote every record of a batch except ``records``.
+
+    ``permanent``: trying again cannot help (the records cannot be rendered for this sink); otherwise
+    the runner retries them alone and quarantines what the sink still refuses.
+    """
+
+    def __init__(self, records: list[dict[str, Any]], reason: str, *, permanent: bool) -> None:
+        super().__init__(f"{len(records)} record(s) rejected: {reason}")
+        self.records = records
+        self.reason = reason
+        self.permanent = permanent
+
+
+class BatchRefused(Exception):
+    """Raised by a sink whose receiver answered and refused the batch for what it holds (a webhook's
+    400, 413 or 422), as opposed to being unreachable or failing: some record in it may be the reason,
+    so the runner splits the batch to find it. Any other exception means the sink is down."""
+
+
+#: Webhook answers that refuse a batch for its content (any other failure status means "down").
+REFUSING_STATUSES = frozenset({400, 413, 415, 422})
+
+
+def unrenderable(records: list[dict[str, Any]]) -> RecordsRejected:
+    return RecordsRejected(records, "unrenderable", permanent=True)
 
 
 class JsonLinesSink:
@@ -71,10 +161,14 @@ class JsonLinesSink:
         self.name = f"jsonl:{destination}"
         self._owned = destination not in ("stdout", "-")
         self._stream: IO[bytes] = open(destination, "ab") if self._owned else sys.stdout.buffer  # noqa: SIM115
+        self._thread = SerialThread(self.name)
 
     async def write(self, records: list[dict[str, Any]]) -> None:
-        data = render_records(records)
-        await asyncio.to_thread(self._write, data)
+        data, bad = render_each(records)
+        if data:
+            await self._thread.run(self._write, data)
+        if bad:
+            raise unrenderable(bad)
 
     def _write(self, data: bytes) -> None:
         self._stream.write(data)
@@ -107,10 +201,14 @@ class RotatingFileSink:
         self._path = path
         self._max_bytes = max_bytes
         self._backups = backups
+        self._thread = SerialThread(self.name)
 
     async def write(self, records: list[dict[str, Any]]) -> None:
-        data = render_records(records)
-        await asyncio.to_thread(self._write, data)
+        data, bad = render_each(records)
+        if data:
+            await self._thread.run(self._write, data)
+        if bad:
+            raise unrenderable(bad)
 
     def _write(self, data: bytes) -> None:
         import os
@@ -151,13 +249,24 @@ class CallbackSink:
         self.name = name or f"hook:{getattr(callback, '__qualname__', 'callback')}"
         self._callback = callback
         self._is_async = asyncio.iscoroutinefunction(callback)
+        self._thread = SerialThread(self.name)
 
     async def write(self, records: list[dict[str, Any]]) -> None:
+        # Every record gets its call: one that raises is reported back (retried alone, then
+        # quarantined), never a reason to skip the others or to call them twice.
+        failed: list[dict[str, Any]] = []
+        first: Exception | None = None
         for record in records:
-            if self._is_async:
-                await self._callback(record)
-            else:
-                await asyncio.to_thread(self._callback, record)
+            try:
+                if self._is_async:
+                    await self._callback(record)
+                else:
+                    await self._thread.run(self._callback, record)
+            except Exception as exc:
+                failed.append(record)
+                first = first or exc
+        if failed:
+            raise RecordsRejected(failed, f"{type(first).__name__}: {first}", permanent=False) from first
 
     async def close(self) -> None:
         return None
@@ -195,11 +304,21 @@ class WebhookSink:
 
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
-        body = b'{"records":[' + render_records(records).rstrip(b"\n").replace(b"\n", b",") + b"]}"
-        headers = {"Content-Type": "application/json", "Idempotency-Key": batch_key(records), **self._headers}
-        async with self._session.post(self._url, data=body, headers=headers) as response:
-            if response.status >= 300:
-                raise RuntimeError(f"webhook answered {response.status}")
+        data, bad = render_each(records)
+        if bad:
+            refused = {id(r) for r in bad}
+            records = [r for r in records if id(r) not in refused]
+        if records:
+            body = b'{"records":[' + data.rstrip(b"\n").replace(b"\n", b",") + b"]}"
+            key = batch_key(records)
+            headers = {"Content-Type": "application/json", "Idempotency-Key": key, **self._headers}
+            async with self._session.post(self._url, data=body, headers=headers) as response:
+                if response.status in REFUSING_STATUSES:
+                    raise BatchRefused(f"webhook answered {response.status}")
+                if response.status >= 300:
+                    raise RuntimeError(f"webhook answered {response.status}")
+        if bad:
+            raise unrenderable(bad)
 
     async def close(self) -> None:
         if self._session is not None:

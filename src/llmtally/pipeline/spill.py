@@ -1,6 +1,7 @@
 """Spill files: records that could not be delivered yet, kept on local disk as JSON lines.
 
-``append`` adds records; ``take`` moves the file aside (atomically) and returns its records for a
+``append`` adds records (each rendered alone: one that cannot be JSON is handed back, never blocks
+the file); ``take`` moves the file aside (atomically) and returns its records for a
 replay; ``done`` removes the replayed file once the records are delivered. A crash between ``take``
 and ``done`` leaves the replay file in place, so the next ``take`` returns the same records again:
 nothing is lost (a receiver that honours idempotency keys sees no duplicates).
@@ -16,7 +17,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from llmtally.pipeline.sinks import render_records
+from llmtally.pipeline.sinks import render_each
 
 log = logging.getLogger("llmtally.pipeline")
 
@@ -27,16 +28,21 @@ class SpillFile:
         self.replay = self.path.with_suffix(self.path.suffix + ".replay")
         self._lock = threading.Lock()
 
-    def append(self, records: list[dict[str, Any]]) -> None:
-        if not records:
-            return
-        data = render_records(records)
+    def append(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Write the records that render; returns those that do not (for the quarantine).
+
+        Raises ``OSError`` when the file cannot be written (disk full, directory unusable).
+        """
+        data, unrenderable = render_each(records)
+        if not data:
+            return unrenderable
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "ab") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())  # records are money: on disk before we say they are safe
+        return unrenderable
 
     def has_records(self) -> bool:
         return self.replay.exists() or (self.path.exists() and self.path.stat().st_size > 0)

@@ -20,6 +20,7 @@ from llmtally.providers.base import (
     as_int,
     get_path,
     parse_object,
+    read_usage,
 )
 from llmtally.providers.streams import SSESplitter
 from llmtally.record import Provider, TokenUsage
@@ -93,7 +94,7 @@ class AnthropicAdapter:
         if isinstance(obj.get("model"), str):
             summary.model = obj["model"]
         usage = obj.get("usage")
-        summary.usage = usage_from_anthropic(usage)
+        summary.usage = read_usage(summary, lambda: usage_from_anthropic(usage))
         tier = get_path(usage, "service_tier")
         summary.service_tier = tier if isinstance(tier, str) else None
         geo = get_path(usage, "inference_geo")
@@ -171,7 +172,7 @@ class _AnthropicStreamParser:
         for key, value in usage.items():
             if value is not None:
                 self._usage[key] = value
-        self.summary.usage = usage_from_anthropic(self._usage)
+        self.summary.usage = read_usage(self.summary, lambda: usage_from_anthropic(self._usage))
         tier = self._usage.get("service_tier")
         if isinstance(tier, str):
             self.summary.service_tier = tier

@@ -6,7 +6,7 @@ the proxy (transport) and the pipeline never look inside a body themselves.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -63,6 +63,8 @@ class ResponseSummary:
     #: Where inference ran, when the provider says (Anthropic ``usage.inference_geo``).
     inference_geo: str | None = None
     error: str | None = None
+    #: The provider's usage held a value that is not a token count: none of its usage is trusted.
+    usage_error: str | None = None
     #: The stream reached its documented end (final usage / terminal event).
     complete: bool = False
 
@@ -145,15 +147,41 @@ def parse_object(endpoint: Endpoint, body: bytes) -> dict[str, Any] | MeteredReq
     return payload
 
 
+#: No call uses this many tokens; a count at or past it is a broken or hostile upstream. Below it,
+#: sums of a few counts stay within a signed 64-bit field (protobuf, PostgreSQL) and exact in a double.
+MAX_TOKEN_COUNT = 2**53
+
+
+class InvalidUsage(ValueError):
+    """A usage field holds something that is not a token count (negative, fractional, huge, text)."""
+
+
 def as_int(value: Any) -> int:
-    """A usage field as an int; absent, null or malformed counts as 0."""
-    if isinstance(value, bool):
+    """A usage field as an int; absent or null counts as 0, anything else that is not a token count
+    raises :class:`InvalidUsage` (taken as it came, it would be billed or break a sink)."""
+    if value is None:
         return 0
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_TOKEN_COUNT:
         return value
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and value.is_integer() and 0 <= value < MAX_TOKEN_COUNT:
         return int(value)
-    return 0
+    text = repr(value)
+    raise InvalidUsage(text if len(text) <= 40 else text[:37] + "...")
+
+
+def read_usage(summary: ResponseSummary, read: Callable[[], TokenUsage | None]) -> TokenUsage | None:
+    """``read()``, or None with ``summary.usage_error`` set when the usage it reads is invalid."""
+    try:
+        return read()
+    except InvalidUsage as exc:
+        if summary.usage_error is None:
+            summary.usage_error = f"provider usage is not a token count ({exc})"
+        return None
+
+
+def as_list(value: Any) -> list[Any]:
+    """A field that should be a JSON array; anything else (a number, ``true``) counts as empty."""
+    return value if isinstance(value, list) else []
 
 
 def get_path(obj: Any, *keys: str) -> Any:

@@ -19,7 +19,9 @@ from llmtally.providers.base import (
     MeteredRequest,
     ResponseSummary,
     as_int,
+    as_list,
     get_path,
+    read_usage,
 )
 from llmtally.providers.streams import JSONArraySplitter, SSESplitter
 from llmtally.record import Provider, TokenUsage
@@ -166,18 +168,18 @@ class _GeminiState:
         if isinstance(obj.get("responseId"), str):
             summary.upstream_request_id = obj["responseId"]
         meta = obj.get("usageMetadata")
-        usage = usage_from_gemini(meta, self._embedding)
+        usage = read_usage(summary, lambda: usage_from_gemini(meta, self._embedding))
         if usage is not None and isinstance(meta, dict):
             summary.usage = usage  # cumulative: the last one wins
             tier = meta.get("serviceTier")
             if isinstance(tier, str):
                 summary.service_tier = tier
-        for candidate in obj.get("candidates") or ():
+        for candidate in as_list(obj.get("candidates")):
             if not isinstance(candidate, dict):
                 continue
             if candidate.get("finishReason"):
                 summary.complete = True
-            for part in get_path(candidate, "content", "parts") or ():
+            for part in as_list(get_path(candidate, "content", "parts")):
                 if not isinstance(part, dict):
                     continue
                 text = part.get("text")

@@ -16,8 +16,10 @@ from llmtally.providers.base import (
     MeteredRequest,
     ResponseSummary,
     as_int,
+    as_list,
     get_path,
     parse_object,
+    read_usage,
 )
 from llmtally.providers.streams import SSESplitter
 from llmtally.record import Provider, TokenUsage
@@ -114,7 +116,7 @@ class OpenAIAdapter:
         summary.error = error_from_body(obj)
         summary.model = _str_or_none(obj.get("model"))
         summary.service_tier = _str_or_none(obj.get("service_tier"))
-        summary.usage = usage_from_openai(obj.get("usage"))
+        summary.usage = read_usage(summary, lambda: usage_from_openai(obj.get("usage")))
         if request.endpoint.name == "embeddings" and summary.usage is not None:
             summary.usage = TokenUsage(input_tokens=summary.usage.input_tokens)
         return summary
@@ -214,10 +216,10 @@ class _OpenAIStreamParser:
         tier = obj.get("service_tier")
         if isinstance(tier, str):
             summary.service_tier = tier
-        usage = usage_from_openai(obj.get("usage"))
+        usage = read_usage(summary, lambda: usage_from_openai(obj.get("usage")))
         if usage is not None:
             summary.usage = usage
-        for choice in obj.get("choices") or ():
+        for choice in as_list(obj.get("choices")):
             if not isinstance(choice, dict):
                 continue
             if "text" in choice:  # legacy completions
@@ -226,7 +228,7 @@ class _OpenAIStreamParser:
             if isinstance(delta, dict):
                 self._keep(delta.get("content"))
                 self._keep(delta.get("refusal"))
-                for call in delta.get("tool_calls") or ():
+                for call in as_list(delta.get("tool_calls")):
                     self._keep(get_path(call, "function", "arguments"))
         return obj
 
@@ -241,7 +243,7 @@ class _OpenAIStreamParser:
                 self.summary.model = response["model"]
             if isinstance(response.get("service_tier"), str):
                 self.summary.service_tier = response["service_tier"]
-            usage = usage_from_openai(response.get("usage"))
+            usage = read_usage(self.summary, lambda: usage_from_openai(response.get("usage")))
             if usage is not None:
                 self.summary.usage = usage
         if kind in ("response.completed", "response.incomplete", "response.failed"):

@@ -18,7 +18,8 @@ from typing import Any, cast
 
 import aiohttp
 import httptools
-from aiohttp import web
+import orjson
+from aiohttp import http_exceptions, web
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -38,6 +39,19 @@ def _timeout_answer() -> bytes:
 
 
 TIMEOUT_ANSWER = _timeout_answer()
+
+
+#: What each of aiohttp's parse errors means, said without the bytes it quotes.
+_CLIENT_ERRORS: dict[type[BaseException], str] = {
+    http_exceptions.BadHttpMethod: "the request method is not valid",
+    http_exceptions.BadStatusLine: "the request line is not valid HTTP/1.1",
+    http_exceptions.InvalidURLError: "the request target is not valid",
+    http_exceptions.InvalidHeader: "a header is not valid",
+    http_exceptions.LineTooLong: "a request line or header is over the [server] head limits",
+    http_exceptions.ContentLengthError: "the body does not match its Content-Length",
+    http_exceptions.TransferEncodingError: "the chunked body is not valid",
+    http_exceptions.ContentEncodingError: "the body is not valid in its Content-Encoding",
+}
 
 
 def body_deadline_s(server: ServerConfig, length: int) -> float | None:
@@ -116,10 +130,30 @@ class GuardedRequestHandler(web.RequestHandler):
         self.force_close()
         transport.close()
 
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a malformed request, without its quote of the offending bytes (which
+        is often the line holding the client's API key) in the body or the log."""
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        what = _CLIENT_ERRORS.get(type(exc), "the request is not valid HTTP/1.1")
+        log.debug("bad request (%s): %s", type(exc).__name__, what)
+        if request.writer.output_size > 0:  # as aiohttp: an answer is already on its way
+            raise ConnectionError("the response has started: no error answer can follow")
+        body = orjson.dumps({"error": {"type": "bad_request", "message": what, "source": "llmtally"}})
+        response = web.Response(status=status, body=body, content_type="application/json")
+        response.force_close()
+        return response
+
     def log_exception(self, *args: Any, **kw: Any) -> None:
         exc = kw.get("exc_info")
         if isinstance(exc, HttpProcessingError):  # the client's malformed request, answered 400
-            log.debug("bad request: %s", exc.message)
+            log.debug("bad request (%s)", type(exc).__name__)  # its message quotes the bytes
             return
         super().log_exception(*args, **kw)
 

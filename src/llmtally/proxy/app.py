@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -26,7 +27,8 @@ from yarl import URL
 
 from llmtally.config import Config
 from llmtally.exchange import Exchange, Meter
-from llmtally.providers import ADAPTERS, Endpoint, MeteredRequest, ProviderAdapter
+from llmtally.platforms import Platform, Route, build_platforms
+from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter
 from llmtally.providers.encoding import DECODABLE
 from llmtally.proxy.aiohttp_guard import body_deadline_s, guard_client_connector
 from llmtally.proxy.eager import start_eagerly
@@ -43,7 +45,6 @@ from llmtally.proxy.upstream import (
     UpstreamReadTimeout,
     UpstreamResponse,
 )
-from llmtally.record import Provider
 
 log = logging.getLogger("llmtally.proxy")
 
@@ -107,9 +108,10 @@ class ProxyState:
     #: shutdown: the proxy is draining from then on).
     cut_at: float | None = None
     drains: set[asyncio.Task[None]] = field(default_factory=set)
-    upstreams: dict[Provider, URL] = field(default_factory=dict)
-    #: Each upstream's origin (a metered call's URL is checked to stay on it).
-    origins: dict[Provider, Origin] = field(init=False)
+    #: Route prefix → the platform that serves it (direct, Azure, Vertex, Bedrock).
+    platforms: dict[str, Platform] = field(default_factory=dict)
+    #: Each upstream's origin, made once (the pool keys its connections by origin).
+    origins: dict[URL, Origin] = field(default_factory=dict)
     #: A metered call's path as the client sent it (with its provider prefix) → the upstream's.
     upstream_paths: dict[str, str] = field(default_factory=dict)
     #: Metered calls whose exchange is not yet with the meter; shutdown waits for none.
@@ -118,8 +120,13 @@ class ProxyState:
     #: Stream bytes this worker holds for the record process to parse (proxy.metering_copy).
     stream_budget: StreamBudget = field(init=False)
 
+    def origin_of(self, upstream: URL) -> Origin:
+        origin = self.origins.get(upstream)
+        if origin is None:
+            origin = self.origins[upstream] = Origin.of(upstream)
+        return origin
+
     def __post_init__(self) -> None:
-        self.origins = {provider: Origin.of(url) for provider, url in self.upstreams.items()}
         self.idle.set()
         self.stream_budget = StreamBudget(self.config.metering.deferred_stream_parse_mb * 1024 * 1024)
 
@@ -130,20 +137,12 @@ SUBMIT_AFTER_CANCEL_S = 5.0
 
 def create_app(config: Config, meter: Meter) -> web.Application:
     """The proxy application; the caller owns running it and the meter (see :mod:`llmtally.proxy.server`)."""
-    state = ProxyState(
-        config=config,
-        meter=meter,
-        upstreams={
-            "openai": URL(config.upstreams.openai),
-            "anthropic": URL(config.upstreams.anthropic),
-            "gemini": URL(config.upstreams.gemini),
-        },
-    )
+    state = ProxyState(config=config, meter=meter, platforms=build_platforms(config))
     app = web.Application(client_max_size=config.server.max_request_body_mb * 1024 * 1024)
     app[STATE_KEY] = state
     _add_health_routes(app, meter, lambda: "draining" if state.cut_at is not None else None)
-    for provider in ADAPTERS:
-        app.router.add_route("*", f"/{provider}/{{tail:.*}}", partial(_proxy, provider))
+    for prefix, platform in state.platforms.items():
+        app.router.add_route("*", f"/{prefix}/{{tail:.*}}", partial(_proxy, platform))
     app.router.add_route("*", "/{tail:.*}", _not_found)
     app.on_startup.append(_on_startup)
     app.on_shutdown.append(_on_shutdown)
@@ -382,31 +381,39 @@ class _AiohttpDownstream:
             self.request.transport.close()
 
 
-async def _proxy(provider: Provider, request: web.Request) -> web.StreamResponse:
-    """aiohttp's handler for every provider path the fast path leaves to it (or all, when it is off)."""
+async def _proxy(platform: Platform, request: web.Request) -> web.StreamResponse:
+    """aiohttp's handler for every platform path the fast path leaves to it (or all, when it is off)."""
     t0 = time.perf_counter()
     state = request.app[STATE_KEY]
     if not request.raw_path.startswith("/") or not request.raw_path.isascii():
         # An absolute-form target (a forward proxy's) or raw non-ASCII bytes (a URI is ASCII).
         return _json_error(400, "bad_path", "the request target must be an ASCII path (origin-form)")
-    endpoint = ADAPTERS[provider].route(request.match_info["tail"]) if request.method == "POST" else None
-    if endpoint is None:
-        upstream_url = _upstream_url(state.upstreams[provider], request.raw_path, provider)
+    route = platform.route(request.method, request.match_info["tail"], request.query)
+    if route is None:
+        return _json_error(400, "bad_path", BAD_PATH)
+    if route.endpoint is None:
+        upstream_url = _upstream_url(route.upstream, request.raw_path, route.prefix)
         if upstream_url is None:
             return _json_error(400, "bad_path", BAD_PATH)
         headers, _ = _upstream_headers(request.headers.items(), metered=False)
         return await _passthrough(state, request, upstream_url, CIMultiDict(headers), t0)
     server = state.config.server
+    limit = server.max_request_body_mb * 1024 * 1024
+    if request.content_length is not None and request.content_length > limit:
+        # Declared too large: answer now, not after reading (and buffering) the first limit's worth.
+        response = _json_error(
+            413, "request_too_large", f"the request body is over max_request_body_mb ({limit} bytes)"
+        )
+        response.force_close()
+        return response
     try:
-        length = request.content_length or server.max_request_body_mb * 1024 * 1024
+        length = request.content_length or limit
         async with asyncio.timeout(body_deadline_s(server, length)):
             body = await request.read()
     except TimeoutError:
         return _too_slow()
     down = _AiohttpDownstream(request)
-    await meter_call(
-        state, down, provider, endpoint, request.raw_path, request.headers.items(), body, request.query, t0
-    )
+    await meter_call(state, down, route, request.raw_path, request.headers.items(), body, request.query, t0)
     assert down.response is not None
     return down.response
 
@@ -417,8 +424,7 @@ BAD_PATH = "the request path does not map to the configured upstream"
 def new_metered_call(
     state: ProxyState,
     down: Downstream,
-    provider: Provider,
-    endpoint: Endpoint,
+    route: Route,
     raw_path: str,
     client_headers: Collection[tuple[str, str]],
     body: bytes,
@@ -426,19 +432,26 @@ def new_metered_call(
     t0: float,
 ) -> MeteredCall | None:
     """The call to forward (not begun), or None when ``down`` was answered at once (a bad path)."""
-    path_qs = _upstream_path(state, provider, raw_path)
+    endpoint = route.endpoint
+    assert endpoint is not None, "a metered call has an endpoint"
+    path_qs = _upstream_path(state, route, raw_path)
     if path_qs is None:
         _send_error(down, 400, "bad_path", BAD_PATH)
         return None
-    adapter = ADAPTERS[provider]
+    adapter = ADAPTERS[route.dialect]
     headers, tags = _upstream_headers(client_headers, metered=True)
-    metered = adapter.prepare(endpoint, body, query, state.config.metering.inject_stream_usage)
+    inject = state.config.metering.inject_stream_usage and route.stream_usage
+    metered = adapter.prepare(endpoint, body, query, inject)
+    if route.model is not None:  # named by the URL (an Azure deployment)
+        metered.model = route.model
+    elif metered.model is not None and metered.model in route.models:
+        metered.model = route.models[metered.model]
     if metered.injected_usage:  # the stream is edited: it must arrive uncompressed
         headers = [(name, value) for name, value in headers if name.lower() != "accept-encoding"]
         headers.append(("Accept-Encoding", "identity"))
     exchange = Exchange(
         request_id=new_request_id(),
-        provider=provider,
+        provider=route.dialect,
         request=metered,
         started_at=datetime.now(UTC),
         tags=tags,
@@ -446,19 +459,21 @@ def new_metered_call(
         # counting thread measured worse tail latency under load (docs/performance.md).
         count_input=state.config.metering.estimate_input,
     )
-    return MeteredCall(state, down, adapter, metered, exchange, path_qs, headers, t0)
+    return MeteredCall(
+        state, down, adapter, metered, exchange, state.origin_of(route.upstream), path_qs, headers, t0
+    )
 
 
 #: Upstream paths remembered per proxy process (the few paths clients call, each parsed once).
 PATHS_REMEMBERED = 256
 
 
-def _upstream_path(state: ProxyState, provider: Provider, raw_path: str) -> str | None:
+def _upstream_path(state: ProxyState, route: Route, raw_path: str) -> str | None:
     """The path (and query) to request upstream for ``raw_path``, or None if it would leave the upstream."""
     remembered = state.upstream_paths.get(raw_path)
     if remembered is not None:
         return remembered
-    url = _upstream_url(state.upstreams[provider], raw_path, provider)
+    url = _upstream_url(route.upstream, raw_path, route.prefix)
     if url is None:
         return None
     if "?" not in raw_path:  # a query may carry a key (Gemini's ?key=): not kept
@@ -471,8 +486,7 @@ def _upstream_path(state: ProxyState, provider: Provider, raw_path: str) -> str 
 async def meter_call(
     state: ProxyState,
     down: Downstream,
-    provider: Provider,
-    endpoint: Endpoint,
+    route: Route,
     raw_path: str,
     client_headers: Collection[tuple[str, str]],
     body: bytes,
@@ -481,7 +495,7 @@ async def meter_call(
 ) -> None:
     """Forward one metered call, answer it through ``down`` and return when it is done (aiohttp's
     handler); its exchange goes to the meter. A failure of llmtally's own is raised here."""
-    call = new_metered_call(state, down, provider, endpoint, raw_path, client_headers, body, query, t0)
+    call = new_metered_call(state, down, route, raw_path, client_headers, body, query, t0)
     if call is None:
         return
     done: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
@@ -516,8 +530,8 @@ class MeteredCall:
     """
 
     __slots__ = (
-        "adapter", "conn", "down", "exchange", "finished", "headers", "metered", "on_done", "path_qs",
-        "state", "t0", "t_sent", "task",
+        "adapter", "conn", "down", "exchange", "finished", "headers", "metered", "on_done", "origin",
+        "path_qs", "state", "t0", "t_sent", "task",
     )  # fmt: skip
 
     def __init__(
@@ -527,6 +541,7 @@ class MeteredCall:
         adapter: ProviderAdapter,
         metered: MeteredRequest,
         exchange: Exchange,
+        origin: Origin,
         path_qs: str,
         headers: list[tuple[str, str]],
         t0: float,
@@ -536,6 +551,8 @@ class MeteredCall:
         self.adapter = adapter
         self.metered = metered
         self.exchange = exchange
+        #: The upstream the call goes to (its pool of connections).
+        self.origin = origin
         self.path_qs = path_qs
         self.headers = headers
         self.t0 = t0
@@ -555,7 +572,7 @@ class MeteredCall:
         state.idle.clear()
         assert state.pool is not None
         self.t_sent = time.perf_counter()
-        conn = state.pool.idle_connection(state.origins[self.exchange.provider])
+        conn = state.pool.idle_connection(self.origin)
         if conn is not None:
             self._send(conn)
         else:
@@ -612,7 +629,7 @@ class MeteredCall:
     async def _connect_and_send(self) -> None:
         assert self.state.pool is not None
         try:
-            conn = await self.state.pool.connection(self.state.origins[self.exchange.provider])
+            conn = await self.state.pool.connection(self.origin)
         except (TimeoutError, UpstreamError) as exc:
             self.task = None
             self.response_failed(exc)
@@ -757,12 +774,34 @@ def _send_error(down: Downstream, status: int, kind: str, message: str) -> None:
     down.send_whole(status, "", [JSON_TYPE], error_body(kind, message))
 
 
-def _upstream_url(base: URL, raw_path: str, provider: str) -> URL | None:
-    rest = raw_path[len(provider) + 1 :]  # keep the client's encoding and query as sent
+def _upstream_url(base: URL, raw_path: str, route_prefix: str) -> URL | None:
+    """The upstream URL for ``raw_path`` (the client's encoding and query kept as sent), or None when
+    the path is not under ``/{route_prefix}/`` as sent or could climb out of the upstream's base path."""
+    prefix = f"/{route_prefix}/"
+    if not raw_path.startswith(prefix):  # routed on the decoded path: "/%6fpenai/..." is not ours
+        return None
+    rest = raw_path[len(prefix) - 1 :]
+    if _climbs_out(rest.partition("?")[0]):
+        return None
     url = URL(str(base).rstrip("/") + rest, encoded=True)
     if url.host != base.host or url.port != base.port or url.scheme != base.scheme:
         return None
     return url
+
+
+def _climbs_out(path: str) -> bool:
+    """True when ``path``, decoded and with its dot segments resolved as a server may resolve them
+    (``%2e``, ``%2f`` and backslashes included), would leave its root, and so reach an upstream path
+    outside the configured base. Dot segments that stay inside (``x`` then ``..``) are fine."""
+    depth = 0
+    for segment in unquote(path).replace("\\", "/").split("/"):
+        if segment == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif segment not in ("", "."):
+            depth += 1
+    return False
 
 
 async def _send_upstream(
@@ -866,13 +905,27 @@ async def _passthrough(
         upstream.close()
         return _json_error(502, "upstream_protocol_error", "the upstream switched protocols unasked (101)")
     try:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        # llhttp lets control bytes through in a reason phrase; aiohttp refuses to write them (a 500).
+        reason = upstream.reason if upstream.reason and upstream.reason.isprintable() else None
+        response = web.StreamResponse(status=upstream.status, reason=reason)
         headers_out = _client_headers(upstream.headers, keep_length=True)
         _overhead_header(state, headers_out, t0)
         response.headers.extend(headers_out)
         await response.prepare(request)
-        async for chunk in upstream.content.iter_any():
-            await response.write(chunk)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            # The head is out: the only honest answer left is a cut (a clean end would pass a truncated
+            # body off as whole). One line, no traceback: an upstream can fail this way on every call.
+            log.warning(
+                "passthrough %s %s: the upstream failed mid-body (%s); the client's answer is cut off",
+                request.method, url.path, type(exc).__name__,
+            )  # fmt: skip
+            upstream.close()
+            if request.transport is not None:
+                request.transport.abort()
+            return response
         await response.write_eof()
         return response
     finally:

@@ -34,10 +34,9 @@ import httptools
 from aiohttp import web
 from multidict import MultiDict
 
-from llmtally.providers import ADAPTERS, Endpoint
+from llmtally.platforms import Route
 from llmtally.proxy.aiohttp_guard import GuardedServer
 from llmtally.proxy.app import JSON_TYPE, STATE_KEY, MeteredCall, ProxyState, error_body, new_metered_call
-from llmtally.record import Provider
 
 log = logging.getLogger("llmtally.proxy")
 
@@ -51,6 +50,13 @@ KEEPALIVE_S = 75.0
 JOIN_BELOW = 64 * 1024
 
 _NO_QUERY: MultiDict[str] = MultiDict()
+
+
+class _Silent:
+    """Callbacks for a parser that only checks bytes (none: llhttp skips what is not defined)."""
+
+
+_SILENT = _Silent()
 
 
 def proxy_runner(app: web.Application) -> web.AppRunner:
@@ -139,8 +145,7 @@ class FastPathServer:
 class _Call:
     """A metered call whose head is parsed; its body may still be arriving."""
 
-    provider: Provider
-    endpoint: Endpoint
+    route: Route
     raw_path: str
     headers: list[tuple[str, str]]
     query: MultiDict[str]
@@ -180,6 +185,9 @@ class _Connection(asyncio.Protocol):
         #: Body bytes the answer's Content-Length still promises (None: chunked or whole).
         self.unsent: int | None = None
         self.held_head: bytes | None = None
+        #: llhttp fed a head that is still arriving (``probed`` bytes of it), to refuse garbage early.
+        self.head_probe: httptools.HttpRequestParser | None = None
+        self.probed = 0
         # Filled by the parser's callbacks while a head is parsed.
         self._url = b""
         self._headers: list[tuple[str, str]] = []
@@ -230,14 +238,17 @@ class _Connection(asyncio.Protocol):
             # must not be rescanned from its start at every byte.
             head_end = received.find(b"\r\n\r\n", self.scanned)
             if head_end < 0:
-                if len(received) > MAX_HEAD or _bare_lf(received, self.scanned):
-                    self._hand_off()  # aiohttp answers: 400 for a bare LF, its limits for the size
+                if len(received) > MAX_HEAD or _bare_lf(received, self.scanned) or self._not_a_head():
+                    # aiohttp answers: 400 for a bare LF or bytes no request starts with (a body
+                    # longer than its Content-Length), its limits for the size.
+                    self._hand_off()
                     return
                 if self.request_timer is None:
                     self._start_request_timer(self.server.head_timeout)
                 self.scanned = max(0, len(received) - 3)
                 return
             self.scanned = 0
+            self.head_probe = None
             call = self._parse_head(bytes(received[: head_end + 4])) if head_end < MAX_HEAD else None
             if call is None:
                 self._hand_off()
@@ -256,7 +267,7 @@ class _Connection(asyncio.Protocol):
         self.answer_started = self.chunked = False
         self.unsent = self.held_head = None
         metered = new_metered_call(
-            self.server.state, self, call.provider, call.endpoint, call.raw_path, call.headers, body,
+            self.server.state, self, call.route, call.raw_path, call.headers, body,
             call.query, time.perf_counter(),
         )  # fmt: skip
         if metered is None:  # answered at once
@@ -265,6 +276,20 @@ class _Connection(asyncio.Protocol):
         self.metered = metered
         metered.on_done = self._call_done
         metered.begin()
+
+    def _not_a_head(self) -> bool:
+        """Whether the partial head in ``received`` is already invalid, so that waiting for its end
+        would only wait for the head timer. llhttp is fed just the bytes it has not seen."""
+        if self.head_probe is None:
+            self.head_probe = httptools.HttpRequestParser(_SILENT)
+            self.probed = 0
+        received = self.received
+        try:
+            self.head_probe.feed_data(bytes(received[self.probed :]))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return True
+        self.probed = len(received)
+        return False
 
     def _parse_head(self, head: bytes) -> _Call | None:
         """The call this head starts, or None when it is not a metered call for the lean path."""
@@ -300,19 +325,21 @@ class _Connection(asyncio.Protocol):
             return None  # aiohttp answers 400: a request target is ASCII
         raw_path = self._url.decode("ascii")
         path, _, query = raw_path.partition("?")
-        provider, slash, tail = path[1:].partition("/")
+        prefix, slash, tail = path[1:].partition("/")
         if not slash or not path.startswith("/") or "%" in path or "#" in raw_path:
             return None
-        adapter = ADAPTERS.get(cast(Provider, provider))
-        endpoint = adapter.route(tail) if adapter is not None else None
-        if endpoint is None:
+        platform = self.server.state.platforms.get(prefix)
+        if platform is None:
+            return None
+        params = MultiDict(parse_qsl(query, keep_blank_values=True)) if query else _NO_QUERY
+        route = platform.route("POST", tail, params)
+        if route is None or route.endpoint is None:  # aiohttp answers (a refusal, or a passthrough)
             return None
         return _Call(
-            provider=cast(Provider, provider),
-            endpoint=endpoint,
+            route=route,
             raw_path=raw_path,
             headers=self._headers,
-            query=MultiDict(parse_qsl(query, keep_blank_values=True)) if query else _NO_QUERY,
+            query=params,
             keep_alive=parser.should_keep_alive(),
             end=len(head) + length,
             head_size=len(head),

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from llmtally.exchange import Exchange
 from llmtally.providers import MeteredRequest, ProviderAdapter, StreamParser
-from llmtally.providers.encoding import Decoder
+from llmtally.providers.encoding import Decoder, UndecodableBody
 
 log = logging.getLogger("llmtally.proxy")
 
@@ -152,7 +152,11 @@ class MeteringCopy:
         return chunks
 
     def _failed(self, exc: Exception) -> None:
-        log.exception("metering parser failed; forwarding unchanged from here", exc_info=exc)
-        self._exchange.error = f"metering failed: {type(exc).__name__}"
+        if isinstance(exc, UndecodableBody):  # the upstream's bytes, not our bug: no traceback
+            log.warning("request %s: %s; not metered", self._exchange.request_id, exc)
+            self._exchange.error = str(exc)
+        else:
+            log.exception("metering parser failed; forwarding unchanged from here", exc_info=exc)
+            self._exchange.error = f"metering failed: {type(exc).__name__}"
         self.parser = None
         self._drop_chunks()

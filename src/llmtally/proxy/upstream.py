@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -37,6 +38,8 @@ from llmtally.config import HeadLimits, UpstreamsConfig
 from llmtally.proxy.egress import Egress, EgressProxy, connect_failure, connect_through
 from llmtally.proxy.outbox import Outbox
 
+#: Bytes a reason phrase may not hold (RFC 9112 §4: HTAB, SP, VCHAR and obs-text only).
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 #: Body bytes buffered ahead of the reader before the upstream socket stops being read.
 HIGH_WATER = 256 * 1024
 #: How long an idle pooled connection is kept (aiohttp's default; providers close idle ones later).
@@ -400,7 +403,11 @@ class UpstreamConnection(asyncio.Protocol):
         assert response is not None
         headers: CIMultiDict[str] = CIMultiDict(self.header_pairs)
         response.status = status
-        response.reason = self.reason.decode("latin-1")
+        # llhttp lets control bytes (NUL...) through in a reason phrase; passed on, they break the
+        # client's status line (aiohttp refuses to write it: a traceback). The status code's own
+        # phrase is used instead.
+        reason = self.reason
+        response.reason = "" if _CONTROL.search(reason) else reason.decode("latin-1")
         response.headers = CIMultiDictProxy(headers)
         self.delimited = (
             "content-length" in headers

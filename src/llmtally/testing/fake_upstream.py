@@ -145,6 +145,16 @@ class FakeUpstream:
         r.add_post(r"/{version:v1beta|v1}/models/{model}:embedContent", self._gemini_embed)
         r.add_post(r"/{version:v1beta|v1}/models/{model}:batchEmbedContents", self._gemini_batch_embed)
         r.add_get("/v1/models", self._openai_models)
+        # Vertex AI (the proxy's /vertex upstream): Gemini and Claude.
+        vertex = r"/{version:v1|v1beta1}/projects/{project}/locations/{location}/publishers"
+        r.add_post(vertex + "/google/models/{model}:generateContent", self._vertex_generate)
+        r.add_post(vertex + "/google/models/{model}:streamGenerateContent", self._vertex_stream)
+        r.add_post(vertex + "/google/models/{model}:countTokens", self._vertex_count)
+        r.add_post(vertex + "/anthropic/models/{model}:rawPredict", self._vertex_claude)
+        r.add_post(vertex + "/anthropic/models/{model}:streamRawPredict", self._vertex_claude)
+        # Azure OpenAI (the proxy's /azure-openai upstream): classic and v1 URLs.
+        r.add_post("/openai/deployments/{deployment}/chat/completions", self._azure_chat)
+        r.add_post("/openai/v1/chat/completions", self._azure_chat)
         r.add_route("*", "/echo/{tail:.*}", self._echo)
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -494,6 +504,31 @@ class FakeUpstream:
         self.seen = Seen(request.method, request.path_qs, dict(request.headers), b"")
         return web.json_response({"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
 
+    async def _vertex_generate(self, request: web.Request) -> web.StreamResponse:
+        from llmtally.testing.fake_vertex import vertex_generate
+
+        return await vertex_generate(self, request, stream=False)
+
+    async def _vertex_stream(self, request: web.Request) -> web.StreamResponse:
+        from llmtally.testing.fake_vertex import vertex_generate
+
+        return await vertex_generate(self, request, stream=True)
+
+    async def _vertex_count(self, request: web.Request) -> web.Response:
+        from llmtally.testing.fake_vertex import vertex_count
+
+        return await vertex_count(self, request)
+
+    async def _vertex_claude(self, request: web.Request) -> web.StreamResponse:
+        from llmtally.testing.fake_vertex import vertex_claude
+
+        return await vertex_claude(self, request)
+
+    async def _azure_chat(self, request: web.Request) -> web.StreamResponse:
+        from llmtally.testing.fake_azure import azure_chat
+
+        return await azure_chat(self, request)
+
     async def _echo(self, request: web.Request) -> web.Response:
         body = await request.read()
         self.seen = Seen(request.method, request.raw_path, dict(request.headers), body)
@@ -519,7 +554,12 @@ class FakeUpstream:
         payload, error = await self._begin(request, ("x-api-key", "Authorization"))
         if error:
             return error
-        model = _snapshot(str(payload.get("model", "")))
+        return await self.anthropic_answer(request, payload, _snapshot(str(payload.get("model", ""))))
+
+    async def anthropic_answer(
+        self, request: web.Request, payload: dict[str, Any], model: str
+    ) -> web.StreamResponse:
+        """A Messages API answer from ``model`` (also Claude on Vertex and Bedrock)."""
         with_usage = "nousage" not in model
         pieces = _pieces(self.config)
         thinking = bool(payload.get("thinking"))

@@ -20,9 +20,16 @@ from llmtally.proxy.fastpath import proxy_runner
 
 
 def config_for_upstream(base_url: str, config: Config | None = None, **metering: Any) -> Config:
-    """``config`` with all three upstreams pointed at ``base_url`` (and metering overrides)."""
+    """``config`` with every upstream pointed at ``base_url`` (and metering overrides)."""
     config = config or Config()
-    upstreams = dataclasses.replace(config.upstreams, openai=base_url, anthropic=base_url, gemini=base_url)
+    upstreams = dataclasses.replace(
+        config.upstreams,
+        openai=base_url,
+        anthropic=base_url,
+        gemini=base_url,
+        azure_openai=base_url,
+        vertex=base_url,
+    )
     meter = dataclasses.replace(config.metering, **metering) if metering else config.metering
     return dataclasses.replace(config, upstreams=upstreams, metering=meter)
 

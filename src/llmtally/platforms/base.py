@@ -1,0 +1,50 @@
+"""What every platform offers the proxy: a request target in, a :class:`Route` out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from yarl import URL
+
+from llmtally.providers.base import Endpoint
+from llmtally.record import Provider
+
+PlatformName = Literal["direct", "azure", "vertex", "bedrock"]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a request goes and who reads it: made by a platform, used by the transport."""
+
+    platform: PlatformName
+    #: The platform's path prefix (``openai``, ``azure-openai``, …): the upstream path is what follows it.
+    prefix: str
+    #: The API dialect whose parser reads the bodies (``openai`` for Azure, ``anthropic`` for Claude
+    #: on Vertex or Bedrock, …).
+    dialect: Provider
+    #: The metered operation, or None: forwarded, not metered.
+    endpoint: Endpoint | None
+    #: The upstream the request's path (after the platform's prefix) is appended to.
+    upstream: URL
+    #: The model the URL names (an Azure deployment's model, a Bedrock model id), for pricing.
+    model: str | None = None
+    #: Names a client calls models by in the body (Azure deployments) → the model each one is.
+    models: Mapping[str, str] = field(default_factory=dict)
+    #: The upstream can add usage to a stream when asked (``stream_options.include_usage``); where it
+    #: cannot (early Azure api-versions), nothing is injected and the stream's usage is estimated.
+    stream_usage: bool = True
+
+
+class Platform(Protocol):
+    """One route prefix of the proxy (``/openai``, ``/azure-openai``, ``/vertex``, ``/bedrock``)."""
+
+    name: PlatformName
+    #: The first path segment of its requests, without slashes.
+    prefix: str
+
+    def route(self, method: str, tail: str, query: Mapping[str, str]) -> Route | None:
+        """The route of ``method /{prefix}/{tail}?{query}`` (``tail`` decoded, without its query), or
+        None when the path names no upstream this platform may reach (answered 400)."""
+        ...
