@@ -195,10 +195,16 @@ async def supervise(
         journal = _journal(config, port, pipeline, meter, lambda: link.live_pids() if link else set())
         try:
             journal.acquire()
+            await journal.scan(replay_now=False)  # the runners deliver it first, before new traffic
         except JournalInUse as exc:
             placeholder.close()
             raise StartupError(str(exc)) from None
-        await journal.scan(replay_now=False)  # the runners deliver it first, before new traffic
+        except OSError as exc:  # e.g. an unusable spill dir: traffic and records still flow, unjournaled
+            log.error(
+                "journal off: %s: %s (a SIGKILL now loses the records still on their way)",
+                type(exc).__name__, exc,
+            )  # fmt: skip
+            journal = None
     pipeline.start()
     reloader = PriceReloader(config, config_path, meter.use_prices, meter.prices)
     if config.pricing.auto_update:
