@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
 from llmtally.providers.base import MeteredRequest, ResponseSummary
-from llmtally.record import Provider
+from llmtally.record import PlatformName, Provider
 
 if TYPE_CHECKING:
     from llmtally.counters import TokenCount
@@ -48,6 +48,8 @@ class Exchange:
     deferred: bool = False
     #: Count the request's input tokens for ``estimated_input_tokens`` even when the provider reports usage.
     count_input: bool = False
+    #: The route it was billed through (direct, Azure, Vertex, Bedrock): picks the price data.
+    platform: PlatformName = "direct"
 
 
 class Meter(Protocol):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from llmtally.counters import TokenCount, TokenCounter, build_counters
 from llmtally.exchange import Exchange
+from llmtally.platforms import price_data_provider
 from llmtally.pricing import PriceBook
 from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter, ResponseSummary
 from llmtally.providers.encoding import UndecodableBody, decode_body
@@ -110,12 +111,20 @@ def build_record(
     service_tier = summary.service_tier or request.service_tier
     geo = summary.inference_geo or request.inference_geo
     quote = prices.quote(
-        exchange.provider, model, usage, exchange.started_at, request.model, service_tier, geo
+        exchange.provider,
+        model,
+        usage,
+        exchange.started_at,
+        request.model,
+        service_tier,
+        geo,
+        price_data_provider(exchange.platform, exchange.provider),
     )
     return UsageRecord(
         timestamp=_rfc3339(exchange.started_at),
         request_id=exchange.request_id,
         provider=exchange.provider,
+        platform=exchange.platform,
         endpoint=request.endpoint.name,
         request_model=request.model,
         model=model,
@@ -165,6 +174,7 @@ def safe_build_record(
             timestamp=_rfc3339(exchange.started_at),
             request_id=exchange.request_id,
             provider=exchange.provider,
+            platform=exchange.platform,
             endpoint=exchange.request.endpoint.name,
             request_model=exchange.request.model,
             model=exchange.request.model,

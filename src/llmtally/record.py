@@ -12,6 +12,9 @@ from decimal import Decimal
 from typing import Literal
 
 Provider = Literal["openai", "anthropic", "gemini"]
+#: The route a call was billed through; ``provider`` stays the API dialect (``openai`` for Azure,
+#: ``gemini`` for Vertex Gemini, ``anthropic`` for Claude on Vertex or Bedrock).
+PlatformName = Literal["direct", "azure", "vertex", "bedrock"]
 #: ``provider``: the provider reported the numbers (billing truth); ``estimated``: counted locally;
 #: ``none``: nothing to count (e.g. an error response with no usage).
 UsageSource = Literal["provider", "estimated", "none"]
@@ -89,6 +92,7 @@ class UsageRecord:
     #: The call was answered by llmtally's built-in fake upstream (``serve --fake-upstream``), not a
     #: provider: its usage and cost are made up.
     fake_upstream: bool = False
+    platform: PlatformName = "direct"
 
     def to_dict(self) -> dict[str, object]:
         """The record as the JSON log line's object (costs stay Decimal; the sink encodes them)."""
@@ -99,6 +103,7 @@ class UsageRecord:
             "timestamp": self.timestamp,
             "request_id": self.request_id,
             "provider": self.provider,
+            "platform": self.platform,
             "endpoint": self.endpoint,
             "request_model": self.request_model,
             "model": self.model,

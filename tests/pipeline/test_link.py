@@ -54,6 +54,7 @@ def _exchange(n: int = 0) -> Exchange:
         error="something to say",
         upstream_request_id="up-1",
         count_input=True,
+        platform="azure",
     )
 
 
@@ -61,6 +62,13 @@ def test_wire_form_round_trips_every_field() -> None:
     exchange = _exchange()
     back = exchange_from_wire(pickle.loads(pickle.dumps(exchange_to_wire(exchange))))
     assert back == exchange  # the request payload is parsed again from the same body
+
+
+def test_a_wire_tuple_from_before_platforms_reads_as_direct() -> None:
+    # Journal segments outlive an upgrade: a frame written without the platform is a direct call.
+    old = exchange_to_wire(_exchange())[:-1]
+    back = exchange_from_wire(old)
+    assert back.platform == "direct" and back.request_id == "id-0" and back.count_input is True
 
 
 def test_wire_form_keeps_an_unparsable_request_as_it_was() -> None:

@@ -83,3 +83,19 @@ def test_plot_and_bad_arguments(tmp_path: Path) -> None:
     assert bad.returncode == 2 and b"--by colour" in bad.stderr
     missing = run(str(tmp_path / "nope.jsonl"))
     assert missing.returncode == 2 and b"nope.jsonl" in missing.stderr
+
+
+def test_by_platform_counts_records_written_before_platforms_as_direct(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    rows = records(3)
+    rows[0] = {**rows[0], "platform": "vertex", "total_cost": Decimal("0.5")}
+    rows[1] = {**rows[1], "platform": "azure", "provider": "openai", "total_cost": Decimal("0.25")}
+    del rows[2]["platform"]  # an older record
+    rows[2] = {**rows[2], "total_cost": Decimal("0.125")}
+    path.write_bytes(render_records(rows))
+    out = orjson.loads(run(str(path), "--by", "platform", "--by", "provider", "--json").stdout)
+    assert {tuple(g["group"].values()): g["total_cost"] for g in out["groups"]} == {
+        ("vertex", "anthropic"): 0.5,
+        ("azure", "openai"): 0.25,
+        ("direct", "anthropic"): 0.125,
+    }

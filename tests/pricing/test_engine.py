@@ -15,7 +15,7 @@ from llmtally.config import ModelPrice, PriceTier, PricingConfig, RateOverride
 from llmtally.pricing import PriceBook, cost, lookup_names
 from llmtally.pricing.engine import tier_context
 from llmtally.pricing.rates import sheet_from_genai
-from llmtally.record import TokenUsage
+from llmtally.record import Provider, TokenUsage
 
 BOOK = PriceBook(PricingConfig())
 M = Decimal(1_000_000)
@@ -214,3 +214,50 @@ def test_lookup_names_fall_back_to_base_models() -> None:
     assert lookup_names("claude-3-5-sonnet@20240620")[-1] == ("claude-3-5-sonnet", "base_model")
     assert lookup_names("models/gemini-1.5-pro-002")[-1] == ("gemini-1.5-pro", "base_model")
     assert lookup_names("ft:gpt-4o-mini-2024-07-18:org::x")[-1] == ("gpt-4o-mini", "fine_tune_base")
+
+
+# The same call priced through each platform's price data (genai-prices' provider for that route).
+CLAUDE_CALL = TokenUsage(12_050, 400, 10_000, 2_000)
+
+
+def test_bedrock_prices_come_from_aws_data_with_its_regional_premium() -> None:
+    # Bedrock's in-region (us./eu. profiles, bare ids) Claude Sonnet 4.5: 10 % over the list price;
+    # global. profiles: the list price. $3.3 / $0.33 / $4.125 / $16.5 per 1M regional.
+    model = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+    regional = BOOK.quote("anthropic", model, CLAUDE_CALL, price_provider="aws")
+    assert regional.priced_as == "regional.anthropic.claude-sonnet-4-5-20250929-v1:0"
+    assert regional.cost is not None
+    assert regional.cost.input_cost == usd(
+        50 * Decimal("3.3") + 10_000 * Decimal("0.33") + 2_000 * Decimal("4.125")
+    )
+    assert regional.cost.output_cost == usd(400 * Decimal("16.5"))
+    worldwide = BOOK.quote("anthropic", "global.anthropic.claude-sonnet-4-5-20250929-v1:0", CLAUDE_CALL,
+                           price_provider="aws")  # fmt: skip
+    assert worldwide.cost is not None and worldwide.cost.output_cost == usd(400 * 15)
+
+
+@pytest.mark.parametrize(
+    ("provider", "model", "price_provider", "priced_as"),
+    [
+        ("anthropic", "claude-sonnet-4-5@20250929", "google", "claude-sonnet-4-5"),  # Claude on Vertex
+        ("gemini", "gemini-2.5-flash", "google", "gemini-2.5-flash"),
+        ("openai", "gpt-4o-2024-08-06", "azure", "gpt-4o"),  # Azure falls back to OpenAI's list
+    ],
+)
+def test_each_platform_prices_with_its_own_provider_data(
+    provider: Provider, model: str, price_provider: str, priced_as: str
+) -> None:
+    quote = BOOK.quote(provider, model, CLAUDE_CALL, price_provider=price_provider)
+    assert quote.priced_as == priced_as and quote.price_source.startswith("genai-prices")
+    found = get_snapshot().find_provider_model(model, None, price_provider, None)
+    expected = found[1].get_prices(datetime.now(UTC), None)
+    assert quote.cost is not None
+    genai = expected.calc_price(GenaiUsage(input_tokens=12_050, output_tokens=400, cache_read_tokens=10_000,
+                                           cache_write_tokens=2_000))  # fmt: skip
+    assert quote.cost.total_cost == genai["total_price"]
+
+
+def test_a_model_the_platform_data_lacks_is_unpriced_not_priced_elsewhere() -> None:
+    # gpt-4o is not sold on Bedrock: no price rather than OpenAI's by accident.
+    quote = BOOK.quote("openai", "gpt-4o", CLAUDE_CALL, price_provider="aws")
+    assert quote.cost is None and quote.price_source == "unknown_model"

@@ -20,7 +20,8 @@ MESSAGES: Any = [{"role": "user", "content": "Say hello"}]
 CURRENT = "2024-10-21"  # GA, streams report usage when asked
 EARLY = "2024-06-01"  # GA before stream_options: the upstream refuses the option
 #: What a call to the prod-chat deployment records: gpt-4o's usage and cost, under the mapped model.
-PROD_CHAT = {**GPT4O, "request_model": "gpt-4o-2024-08-06"}
+#: Azure's price data falls back to OpenAI's list prices (Global deployments bill those).
+PROD_CHAT = {**GPT4O, "request_model": "gpt-4o-2024-08-06", "platform": "azure"}
 
 
 @pytest.fixture

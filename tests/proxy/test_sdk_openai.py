@@ -29,6 +29,7 @@ GPT4O = {
     "model": "gpt-4o-2024-08-06",
     "request_model": "gpt-4o",
     "status": 200,
+    "platform": "direct",
 }
 
 

@@ -26,6 +26,12 @@ USAGE_FLASH = {
     "usage_source": "provider",
     "model": "gemini-2.5-flash",
     "request_model": "gemini-2.5-flash",
+    "platform": "vertex",
+    # Google's Vertex prices for gemini-2.5-flash: $0.30 input, $0.03 cached, $2.50 output per 1M.
+    "input_cost": "0.00034704",  # 952 * 0.30 + 2048 * 0.03 = 347.04 µ$
+    "output_cost": "0.001875",  # 750 * 2.50 (thinking included)
+    "total_cost": "0.00222204",
+    "price_source": "genai-prices",
 }
 USAGE_CLAUDE = {
     "input_tokens": 12050,
@@ -35,6 +41,14 @@ USAGE_CLAUDE = {
     "usage_source": "provider",
     "model": "claude-sonnet-4-5-20250929",
     "request_model": "claude-sonnet-4-5@20250929",
+    "platform": "vertex",
+    # Google's Vertex prices for Claude Sonnet 4.5: $3 input, $0.30 cache read, $3.75 5-minute write,
+    # $6 1-hour write, $15 output per 1M; the fake writes 1500 (5m) + 500 (1h).
+    "input_cost": "0.011775",  # 50 * 3 + 10000 * 0.3 + 1500 * 3.75 + 500 * 6 = 11775 µ$
+    "output_cost": "0.006",
+    "total_cost": "0.017775",
+    "price_source": "genai-prices",
+    "priced_model": "claude-sonnet-4-5",
 }
 
 
@@ -69,6 +83,25 @@ async def test_gemini_generate_content(proxy: RunningProxy, upstream: FakeUpstre
     record = await only_record(proxy)
     assert_usage(record, provider="gemini", endpoint="generateContent", stream=False, **USAGE_FLASH)
     assert record["status"] == 200
+
+
+async def test_provisioned_throughput_is_recorded_at_the_on_demand_equivalent_with_a_note(
+    proxy: RunningProxy,
+) -> None:
+    dedicated = types.HttpOptions(
+        base_url=f"{proxy.url}/vertex", headers={"X-Vertex-AI-LLM-Request-Type": "dedicated"}
+    )
+    client = genai.Client(
+        vertexai=True, project=PROJECT, location=REGION, credentials=Credentials(token=TOKEN),
+        http_options=dedicated,
+    )  # fmt: skip
+    await client.aio.models.generate_content(model="gemini-2.5-flash", contents="hi")
+    record = await only_record(proxy)
+    assert_usage(record, **USAGE_FLASH)  # the tokens as ever, priced as on-demand
+    assert record["service_tier"] == "provisioned_throughput"
+    assert record["pricing_note"] == (
+        "provisioned_throughput: prepaid capacity, not billed per token; cost is the on-demand equivalent"
+    )
 
 
 async def test_gemini_stream_is_sse(proxy: RunningProxy, upstream: FakeUpstream) -> None:

@@ -30,8 +30,10 @@ OPERATIONS = {
     "embedContent": "embeddings",
     "batchEmbedContents": "embeddings",
 }
-#: gen_ai.provider.name values of the conventions.
+#: gen_ai.provider.name values of the conventions: the dialect's own API …
 PROVIDER_NAMES = {"openai": "openai", "anthropic": "anthropic", "gemini": "gcp.gemini"}
+#: … or the platform it went through (Claude on Vertex is gcp.vertex_ai, as Gemini there).
+PLATFORM_PROVIDER_NAMES = {"azure": "azure.ai.openai", "vertex": "gcp.vertex_ai", "bedrock": "aws.bedrock"}
 
 
 class OTelSink:
@@ -82,10 +84,10 @@ class OTelSink:
             self.observe(record)
 
     def observe(self, record: dict[str, Any]) -> None:
+        provider, platform = str(record.get("provider")), str(record.get("platform") or "direct")
         attrs: dict[str, Any] = {
-            "gen_ai.provider.name": PROVIDER_NAMES.get(
-                str(record.get("provider")), str(record.get("provider"))
-            ),
+            "gen_ai.provider.name": PLATFORM_PROVIDER_NAMES.get(platform)
+            or PROVIDER_NAMES.get(provider, provider),
             "gen_ai.operation.name": OPERATIONS.get(str(record.get("endpoint")), str(record.get("endpoint"))),
         }
         if record.get("request_model"):

@@ -1,6 +1,7 @@
 """Prometheus metrics, fed by the records themselves and served at ``GET /metrics``.
 
-Labels are provider, model (and endpoint/status for request counts); tag values become labels only
+Labels are provider (the API dialect), platform (the route: direct, azure, vertex, bedrock), model
+(and endpoint/status for request counts); tag values become labels only
 for the tag keys the config names, because every label value is a new time series. Money is summed
 in floats here (Prometheus has no decimals); the records keep exact values.
 """
@@ -76,17 +77,17 @@ class PrometheusSink:
         self.requests = Counter(
             "llmtally_requests",
             "Metered calls.",
-            ["provider", "model", "endpoint", "status", *tag_names],
+            ["provider", "platform", "model", "endpoint", "status", *tag_names],
             registry=r,
         )
         self.tokens = Counter(
             "llmtally_tokens",
             "Tokens by type (normalised).",
-            ["provider", "model", "token_type", *tag_names],
+            ["provider", "platform", "model", "token_type", *tag_names],
             registry=r,
         )
         self.cost = Counter(
-            "llmtally_cost_usd", "Cost in USD.", ["provider", "model", *tag_names], registry=r
+            "llmtally_cost_usd", "Cost in USD.", ["provider", "platform", "model", *tag_names], registry=r
         )
         self.unpriced = Counter(
             "llmtally_unpriced_requests",
@@ -125,18 +126,19 @@ class PrometheusSink:
 
     def observe(self, record: dict[str, Any]) -> None:
         provider = str(record.get("provider") or "")
+        platform = str(record.get("platform") or "direct")
         model = str(record.get("model") or record.get("request_model") or "")
         tags = record.get("tags") or {}
         tag_values = [str(tags.get(t, "")) for t in self._tags]
         endpoint, status = str(record.get("endpoint") or ""), str(record.get("status"))
-        self._child(self.requests, provider, model, endpoint, status, *tag_values).inc()
+        self._child(self.requests, provider, platform, model, endpoint, status, *tag_values).inc()
         for token_type in TOKEN_TYPES:
             value = record.get(f"{token_type}_tokens")
             if value:
-                self._child(self.tokens, provider, model, token_type, *tag_values).inc(value)
+                self._child(self.tokens, provider, platform, model, token_type, *tag_values).inc(value)
         total = record.get("total_cost")
         if total is not None:
-            self._child(self.cost, provider, model, *tag_values).inc(float(total))
+            self._child(self.cost, provider, platform, model, *tag_values).inc(float(total))
         elif record.get("price_source") == "unknown_model" and record.get("usage_source") != "none":
             self._child(self.unpriced, provider, model).inc()
         if record.get("latency_ms") is not None:

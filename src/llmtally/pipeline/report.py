@@ -148,9 +148,11 @@ def group_value(record: dict[str, Any], key: str) -> str:
         return stamp[:10] if key == "day" else stamp[:13] + ":00"
     if key == "model":
         return str(record.get("model") or record.get("request_model") or "")
+    if key == "platform":  # records written before platforms existed were all direct
+        return str(record.get("platform") or "direct")
     if key in ("provider", "endpoint", "usage_source", "price_source", "service_tier"):
         return str(record.get(key) or "")
-    raise ReportError(f"--by {key}: use provider, model, endpoint, day, hour or tag:<key>")
+    raise ReportError(f"--by {key}: use provider, platform, model, endpoint, day, hour or tag:<key>")
 
 
 def build_report(

@@ -6,13 +6,31 @@ A platform maps a request target to its dialect, model, upstream and auth, and u
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from yarl import URL
 
 from llmtally.config import Config
+from llmtally.platforms import azure, bedrock, direct, vertex
 from llmtally.platforms.azure import AzureOpenAIPlatform
 from llmtally.platforms.base import Platform, PlatformName, Route
 from llmtally.platforms.direct import DirectPlatform
 from llmtally.platforms.vertex import VertexPlatform
+from llmtally.record import Provider
+
+#: Platform → dialect → the genai-prices provider whose prices it bills (each platform's module says).
+PRICE_DATA: Mapping[PlatformName, Mapping[Provider, str]] = {
+    "direct": direct.PRICE_DATA,
+    "azure": azure.PRICE_DATA,
+    "vertex": vertex.PRICE_DATA,
+    "bedrock": bedrock.PRICE_DATA,
+}
+
+
+def price_data_provider(platform: PlatformName, dialect: Provider) -> str:
+    """The genai-prices provider id that prices ``dialect`` calls made through ``platform``."""
+    by_dialect = PRICE_DATA.get(platform) or direct.PRICE_DATA
+    return by_dialect.get(dialect) or direct.PRICE_DATA[dialect]
 
 
 def build_platforms(config: Config) -> dict[str, Platform]:
@@ -30,4 +48,4 @@ def build_platforms(config: Config) -> dict[str, Platform]:
     return {platform.prefix: platform for platform in platforms}
 
 
-__all__ = ["Platform", "PlatformName", "Route", "build_platforms"]
+__all__ = ["PRICE_DATA", "Platform", "PlatformName", "Route", "build_platforms", "price_data_provider"]

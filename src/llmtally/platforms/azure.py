@@ -21,7 +21,11 @@ from yarl import URL
 
 from llmtally.platforms.base import PlatformName, Route
 from llmtally.providers import ADAPTERS
+from llmtally.record import Provider
 
+#: genai-prices' provider for Azure OpenAI: its own models, falling back to OpenAI's list prices
+#: (Azure's Global deployments bill OpenAI's list prices).
+PRICE_DATA: Mapping[Provider, str] = {"openai": "azure"}
 #: The first api-version whose streams report usage when asked (``stream_options.include_usage``):
 #: 2024-06-01 (GA) and the previews before 2024-08-01 refuse the option with a 400.
 FIRST_STREAM_USAGE_VERSION = "2024-08-01"

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 from yarl import URL
 
 from llmtally.providers.base import Endpoint
+from llmtally.record import PlatformName as PlatformName
 from llmtally.record import Provider
-
-PlatformName = Literal["direct", "azure", "vertex", "bedrock"]
 
 
 @dataclass(frozen=True, slots=True)

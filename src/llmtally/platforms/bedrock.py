@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from llmtally.providers.base import ResponseSummary, StreamParser
+from llmtally.record import Provider
+
+#: genai-prices' provider for Bedrock: its model ids (``anthropic.claude-…-v1:0``, with the ``us.`` /
+#: ``eu.`` / ``global.`` inference-profile prefixes and ARNs) and the regional vs global rates.
+PRICE_DATA: Mapping[Provider, str] = {"anthropic": "aws"}
 
 
 class FrameError(ValueError):

@@ -11,6 +11,9 @@ from llmtally.providers import ADAPTERS
 from llmtally.providers.base import Endpoint
 from llmtally.record import Provider
 
+#: genai-prices' provider id for each dialect's own API.
+PRICE_DATA: Mapping[Provider, str] = {"openai": "openai", "anthropic": "anthropic", "gemini": "google"}
+
 
 class DirectPlatform:
     """A provider's API as the provider serves it: the prefix is the dialect's name."""

@@ -24,7 +24,10 @@ from yarl import URL
 
 from llmtally.platforms.base import PlatformName, Route
 from llmtally.providers import ADAPTERS
+from llmtally.record import Provider
 
+#: genai-prices' provider for Vertex AI: Google's, which lists Claude on Vertex too.
+PRICE_DATA: Mapping[Provider, str] = {"gemini": "google", "anthropic": "google"}
 LOCATION_PLACEHOLDER = "{location}"
 #: A Google Cloud region (``us-central1``, ``northamerica-northeast2``) or the global endpoint.
 _LOCATION = re.compile(r"global|[a-z]+(?:-[a-z]+)+\d{1,2}")

@@ -40,7 +40,21 @@ SOURCE_GENAI_PRICES = "genai-prices"
 SOURCE_UNKNOWN = "unknown_model"
 
 #: Service tiers that are the standard price (no variant needed).
-STANDARD_TIERS = frozenset({"default", "standard", "auto", "standard_only", "unspecified", "on_demand", ""})
+STANDARD_TIERS = frozenset(
+    {
+        "default",
+        "standard",
+        "auto",
+        "standard_only",
+        "unspecified",
+        "",
+        "on_demand",
+        "traffic_type_unspecified",
+    }
+)
+#: Tiers paid for in advance, not per token (Vertex provisioned throughput: per GSU and hour). The
+#: tokens are recorded and priced at on-demand rates, as what the call would have cost, with a note.
+PREPAID_TIERS = frozenset({"provisioned_throughput"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +133,7 @@ class PriceBook:
         if price_file:
             self._aliases = {**price_file.aliases, **self._aliases}
         self._snapshot = get_snapshot()
-        self._resolved: dict[tuple[Provider, str, str | None], _Resolution] = {}
+        self._resolved: dict[tuple[Provider, str, str | None, str | None], _Resolution] = {}
         self._sheets: dict[tuple[int, Any, str | None], tuple[RateSheet | None, bool]] = {}
         self._lock = threading.Lock()
         self._warned: set[tuple[Provider, str]] = set()
@@ -151,13 +165,18 @@ class PriceBook:
         request_model: str | None = None,
         service_tier: str | None = None,
         inference_geo: str | None = None,
+        price_provider: str | None = None,
     ) -> Quote:
-        """Price ``usage`` of ``model`` (the response's), falling back to ``request_model``. Never raises."""
+        """Price ``usage`` of ``model`` (the response's), falling back to ``request_model``. Never raises.
+
+        ``price_provider``: the genai-prices provider id of the route the call was billed through
+        (``azure``, ``aws``, ``google`` …; default: the dialect's own API). Overrides and price files
+        are by model name, whatever the route."""
         if not model:
             model, request_model = request_model, None
         if not model:
             return Quote(None, SOURCE_UNKNOWN, self.version)
-        resolution = self._resolve(provider, model, request_model)
+        resolution = self._resolve(provider, model, request_model, price_provider)
         if resolution.source == SOURCE_UNKNOWN:
             self._unknown(provider, model)
             return Quote(None, SOURCE_UNKNOWN, self.version)
@@ -172,7 +191,11 @@ class PriceBook:
             return Quote(None, SOURCE_UNKNOWN, self.version)
         source = resolution.source if resolution.rule == "exact" else f"{resolution.source}:{resolution.rule}"
         notes = []
-        if not tier_priced:
+        if (service_tier or "").lower() in PREPAID_TIERS:
+            notes.append(
+                f"{service_tier}: prepaid capacity, not billed per token; cost is the on-demand equivalent"
+            )
+        elif not tier_priced:
             notes.append(
                 f"service tier {service_tier!r} has no price data for {resolution.name}: standard rates used"
             )
@@ -193,11 +216,13 @@ class PriceBook:
 
     # ---- resolution (once per model) ----
 
-    def _resolve(self, provider: Provider, model: str, request_model: str | None) -> _Resolution:
-        key = (provider, model, request_model)
+    def _resolve(
+        self, provider: Provider, model: str, request_model: str | None, price_provider: str | None
+    ) -> _Resolution:
+        key = (provider, model, request_model, price_provider)
         found = self._resolved.get(key)
         if found is None:
-            found = self._resolve_uncached(provider, model, request_model)
+            found = self._resolve_uncached(provider, model, request_model, price_provider)
             with self._lock:
                 self._resolved[key] = found
         return found
@@ -220,13 +245,15 @@ class PriceBook:
         out += [(f"{provider}/{n}", r) for n, r in out if "/" not in n]
         return out
 
-    def _resolve_uncached(self, provider: Provider, model: str, request_model: str | None) -> _Resolution:
+    def _resolve_uncached(
+        self, provider: Provider, model: str, request_model: str | None, price_provider: str | None
+    ) -> _Resolution:
         names = self._candidates(provider, model, request_model)
         for source, table in ((SOURCE_CONFIG, self._overrides), (SOURCE_FILE, self._file_models)):
             for name, rule in names:
                 if name in table:
                     return _Resolution(source, rule, name, table[name])
-        genai_provider = GENAI_PROVIDER_IDS[provider]
+        genai_provider = price_provider or GENAI_PROVIDER_IDS[provider]
         for name, rule in names:
             if "/" in name:
                 continue
@@ -243,7 +270,7 @@ class PriceBook:
         self, resolution: _Resolution, when: datetime, tier: str | None
     ) -> tuple[RateSheet | None, bool]:
         tier = (tier or "").lower() or None
-        if tier in STANDARD_TIERS:
+        if tier in STANDARD_TIERS or tier in PREPAID_TIERS:
             tier = None
         if resolution.source != SOURCE_GENAI_PRICES:
             key: tuple[int, Any, str | None] = (id(resolution.target), None, tier)

@@ -171,9 +171,10 @@ class _GeminiState:
         usage = read_usage(summary, lambda: usage_from_gemini(meta, self._embedding))
         if usage is not None and isinstance(meta, dict):
             summary.usage = usage  # cumulative: the last one wins
-            tier = meta.get("serviceTier")
+            # Vertex says how the call was served in trafficType (ON_DEMAND, PROVISIONED_THROUGHPUT, …).
+            tier = meta.get("serviceTier") or meta.get("trafficType")
             if isinstance(tier, str):
-                summary.service_tier = tier
+                summary.service_tier = tier.lower() if tier.isupper() else tier
         for candidate in as_list(obj.get("candidates")):
             if not isinstance(candidate, dict):
                 continue

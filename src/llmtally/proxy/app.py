@@ -452,6 +452,7 @@ def new_metered_call(
     exchange = Exchange(
         request_id=new_request_id(),
         provider=route.dialect,
+        platform=route.platform,
         request=metered,
         started_at=datetime.now(UTC),
         tags=tags,

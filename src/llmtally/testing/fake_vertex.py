@@ -2,8 +2,8 @@
 (``trafficType``) and Claude's ``rawPredict`` / ``streamRawPredict``.
 
 As Vertex does: a bearer token (never an API key header), the model in the URL, Claude bodies with an
-``anthropic_version`` and no ``model``. A Gemini model whose name holds
-``provisioned`` answers as Provisioned Throughput traffic.
+``anthropic_version`` and no ``model``. A Gemini call with ``X-Vertex-AI-LLM-Request-Type: dedicated``
+(Vertex's header for "Provisioned Throughput only") answers as Provisioned Throughput traffic.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ def _error(status: int, message: str, state: str) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
-def _vertex_chunk(fake: FakeUpstream, model: str, text: str, finish: bool, candidates: int) -> dict[str, Any]:
+def _vertex_chunk(
+    fake: FakeUpstream, model: str, text: str, finish: bool, candidates: int, provisioned: bool
+) -> dict[str, Any]:
     chunk = fake._gemini_chunk(model, text, finish, candidates)
     meta = chunk.get("usageMetadata")
     if isinstance(meta, dict):
-        meta["trafficType"] = "PROVISIONED_THROUGHPUT" if "provisioned" in model else "ON_DEMAND"
+        meta["trafficType"] = "PROVISIONED_THROUGHPUT" if provisioned else "ON_DEMAND"
     chunk["createTime"] = "2026-12-07T00:00:00.000000Z"
     return chunk
 
@@ -39,13 +41,15 @@ async def vertex_generate(fake: FakeUpstream, request: web.Request, stream: bool
     if request.headers.get("x-goog-api-key"):
         return _error(401, "API keys are not supported by this API.", "UNAUTHENTICATED")
     model = request.match_info["model"]
+    provisioned = request.headers.get("X-Vertex-AI-LLM-Request-Type", "").lower() == "dedicated"
     pieces = ["Hello", " from", " Vertex!"]
     total = fake.config.usage.gemini_candidates
     if not stream:
-        body = _vertex_chunk(fake, model, "".join(pieces), True, total)
+        body = _vertex_chunk(fake, model, "".join(pieces), True, total, provisioned)
         return web.Response(body=orjson.dumps(body), content_type="application/json", charset="UTF-8")
     counts = [total * (i + 1) // len(pieces) for i in range(len(pieces))]
-    chunks = [_vertex_chunk(fake, model, p, i == len(pieces) - 1, counts[i]) for i, p in enumerate(pieces)]
+    last = len(pieces) - 1
+    chunks = [_vertex_chunk(fake, model, p, i == last, counts[i], provisioned) for i, p in enumerate(pieces)]
     if request.query.get("alt") == "sse":
         return await fake._sse(
             request, (b"data: " + orjson.dumps(c) + b"\r\n\r\n" for c in chunks), "text/event-stream"
