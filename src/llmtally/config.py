@@ -89,6 +89,9 @@ class UpstreamsConfig:
     #: Google Vertex AI, served under ``/vertex``; ``{location}`` is filled from the request path's
     #: ``locations/{l}`` (a region name, or ``global`` for the global host). Empty: off.
     vertex: str = "https://{location}-aiplatform.googleapis.com"
+    #: Amazon Bedrock's runtime (``https://bedrock-runtime.<region>.amazonaws.com``), served under
+    #: ``/bedrock`` (empty: that route is off).
+    bedrock: str = ""
     connect_timeout_s: float = 10.0
     #: Longest wait from sending a request to its response's head (a model may think a while): 504.
     first_byte_timeout_s: float = 600.0
@@ -103,6 +106,16 @@ class UpstreamsConfig:
     #: Answer every call with llmtally's built-in fake upstream, started in-process (``serve
     #: --fake-upstream``): no key, no network; every record then carries ``fake_upstream: true``.
     fake: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BedrockConfig:
+    #: ``resign``: drop the client's SigV4 signature (made for the proxy's host) and sign again for
+    #: the upstream with the AWS default credential chain; ``passthrough``: forward auth untouched
+    #: (Bedrock API keys, ``Authorization: Bearer …``).
+    signing: Literal["resign", "passthrough"] = "resign"
+    #: The region to sign for (empty: read from the upstream's host name).
+    region: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +332,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstreams: UpstreamsConfig = field(default_factory=UpstreamsConfig)
     azure_openai: AzureOpenAIConfig = field(default_factory=AzureOpenAIConfig)
+    bedrock: BedrockConfig = field(default_factory=BedrockConfig)
     metering: MeteringConfig = field(default_factory=MeteringConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
@@ -526,7 +540,7 @@ def _coerce(tp: Any, value: Any, source: str, path: tuple[str, ...]) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {_describe(value)}")
-        optional = path[-1] in ("azure_openai", "vertex")  # a route that is off when empty
+        optional = path[-1] in ("azure_openai", "vertex", "bedrock")  # a route that is off when empty
         if path[0] == "upstreams" and (path[-1] in ("openai", "anthropic", "gemini") or (optional and value)):
             _check_url(value.replace("{location}", "us-central1"), where)  # a template, with a region
         if path == ("upstreams", "ca_file") and value:

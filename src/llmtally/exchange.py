@@ -50,6 +50,9 @@ class Exchange:
     count_input: bool = False
     #: The route it was billed through (direct, Azure, Vertex, Bedrock): picks the price data.
     platform: PlatformName = "direct"
+    #: The model to price by instead of the response's, when the route names it more exactly (a
+    #: Bedrock inference profile); None: the response's, else the request's.
+    price_model: str | None = None
 
 
 class Meter(Protocol):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from llmtally.counters import TokenCount, TokenCounter, build_counters
 from llmtally.exchange import Exchange
-from llmtally.platforms import price_data_provider
+from llmtally.platforms import price_data_provider, stream_parser
 from llmtally.pricing import PriceBook
 from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter, ResponseSummary
 from llmtally.providers.encoding import UndecodableBody, decode_body
@@ -50,7 +50,7 @@ def _estimate_output(counter: TokenCounter, model: str, summary: ResponseSummary
 
 def _parse_stream(exchange: Exchange, adapter: ProviderAdapter, body: bytes) -> ResponseSummary:
     """A whole stream through the provider's incremental parser (what the proxy would have done)."""
-    parser = adapter.stream_parser(exchange.request)
+    parser = stream_parser(adapter, exchange.request)
     try:
         parser.feed(body)
         summary = parser.finish()
@@ -112,7 +112,7 @@ def build_record(
     geo = summary.inference_geo or request.inference_geo
     quote = prices.quote(
         exchange.provider,
-        model,
+        exchange.price_model or model,
         usage,
         exchange.started_at,
         request.model,

@@ -88,11 +88,18 @@ def _probe(host: str, port: int, what: str) -> None:
 
 
 def with_fake_upstream(config: Config, url: str) -> Config:
-    """``config`` with every provider's upstream at ``url`` and the record flag on."""
+    """``config`` with every provider's upstream at ``url`` and the record flag on (Bedrock re-signed
+    with the fake's own AWS identity)."""
+    import importlib.util
+
+    from llmtally.testing.fake_bedrock import REGION
+
+    bedrock = url if importlib.util.find_spec("botocore") is not None else ""  # the `bedrock` extra
     upstreams = replace(
-        config.upstreams, openai=url, anthropic=url, gemini=url, azure_openai=url, vertex=url, fake=True
-    )
-    return replace(config, upstreams=upstreams)
+        config.upstreams,
+        openai=url, anthropic=url, gemini=url, azure_openai=url, vertex=url, bedrock=bedrock, fake=True,
+    )  # fmt: skip
+    return replace(config, upstreams=upstreams, bedrock=replace(config.bedrock, region=REGION))
 
 
 def _announce_fake(url: str) -> None:
@@ -110,9 +117,14 @@ def _announce_fake(url: str) -> None:
 async def serve_configured(config: Config, config_path: str | None = None) -> None:
     """The single-process form when ``[server] workers`` is 0, else the supervised workers; with the
     fake upstream started first when ``[upstreams] fake`` is set."""
+    from llmtally.platforms import PlatformConfigError, build_platforms
     from llmtally.proxy.server import serve
-    from llmtally.supervisor import supervise
+    from llmtally.supervisor import StartupError, supervise
 
+    try:  # here, once: not in each worker, which would die and be restarted for ever
+        build_platforms(config)
+    except PlatformConfigError as exc:
+        raise StartupError(str(exc)) from None
     main = supervise if config.server.workers else serve
     if not config.upstreams.fake:
         await main(config, config_path=config_path)

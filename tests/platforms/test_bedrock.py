@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from botocore.eventstream import EventStreamBuffer
 from hypothesis import given
 from hypothesis import strategies as st
+from yarl import URL
 
+from llmtally.config import BedrockConfig, Config, UpstreamsConfig
+from llmtally.platforms import PlatformConfigError, build_platforms
 from llmtally.platforms.bedrock import (
+    BedrockPlatform,
     EventMessage,
     EventStreamReader,
     FrameError,
     InvokeStreamParser,
     invoke_event_as_sse,
+    region_of,
 )
 from llmtally.providers import ADAPTERS, Endpoint, MeteredRequest
 from llmtally.record import TokenUsage
@@ -103,3 +110,96 @@ def test_an_exception_mid_stream_is_the_dialects_error() -> None:
     summary = parser.finish()
     assert summary.error is not None and "throttlingException" in summary.error
     assert not summary.complete
+
+
+# The route ------------------------------------------------------------------------------------------
+
+BEDROCK_CONFIG = Config(
+    upstreams=UpstreamsConfig(bedrock="https://bedrock-runtime.eu-west-1.amazonaws.com"),
+    bedrock=BedrockConfig(signing="passthrough"),
+)
+
+
+def _bedrock() -> BedrockPlatform:
+    platform = build_platforms(BEDROCK_CONFIG)["bedrock"]
+    assert isinstance(platform, BedrockPlatform)
+    return platform
+
+
+@pytest.mark.parametrize(
+    ("tail", "model", "framing"),
+    [
+        ("model/anthropic.claude-sonnet-4-5-20250929-v1:0/invoke", "anthropic.claude-sonnet-4-5-20250929-v1:0", None),
+        ("model/eu.anthropic.claude-3-5-sonnet-20240620-v1:0/invoke-with-response-stream",
+         "eu.anthropic.claude-3-5-sonnet-20240620-v1:0", "aws-eventstream"),
+        ("model/arn:aws:bedrock:eu-west-1:123456789012:inference-profile/global.anthropic.claude-opus-4-5-v1:0/invoke",
+         "global.anthropic.claude-opus-4-5-v1:0", None),
+        ("model/arn:aws:bedrock:eu-west-1::foundation-model/anthropic.claude-3-haiku-20240307-v1:0/invoke",
+         "anthropic.claude-3-haiku-20240307-v1:0", None),
+    ],
+)  # fmt: skip
+def test_claude_invocations_are_metered_by_the_anthropic_dialect(
+    tail: str, model: str, framing: str | None
+) -> None:
+    route = _bedrock().route("POST", tail, {})
+    assert route.endpoint is not None and route.dialect == "anthropic" and route.platform == "bedrock"
+    assert (route.model, route.framing, route.price_by_route_model) == (model, framing, True)
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        "model/amazon.nova-pro-v1:0/invoke",  # not Claude: its body is not the Anthropic dialect
+        "model/arn:aws:bedrock:eu-west-1:123456789012:application-inference-profile/a1b2c3/invoke",
+        "model/anthropic.claude-sonnet-4-5-20250929-v1:0/converse",  # Converse: not metered yet
+        "model/anthropic.claude-sonnet-4-5-20250929-v1:0/count-tokens",
+        "guardrail/g1/version/1/apply",
+    ],
+)
+def test_everything_else_is_forwarded_unmetered(tail: str) -> None:
+    route = _bedrock().route("POST", tail, {})
+    assert route.endpoint is None and str(route.upstream) == "https://bedrock-runtime.eu-west-1.amazonaws.com"
+
+
+def test_the_region_comes_from_the_host_or_the_config() -> None:
+    assert region_of(URL("https://bedrock-runtime.eu-west-1.amazonaws.com")) == "eu-west-1"
+    assert region_of(URL("https://bedrock-runtime-fips.us-gov-west-1.amazonaws.com")) == "us-gov-west-1"
+    assert region_of(URL("http://127.0.0.1:9000")) is None
+    local = Config(upstreams=UpstreamsConfig(bedrock="http://127.0.0.1:9000"), bedrock=BedrockConfig())
+    with pytest.raises(PlatformConfigError, match=r"\[bedrock\] region: cannot tell the region"):
+        build_platforms(local)
+
+
+def test_re_signing_without_credentials_refuses_to_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                 "AWS_CONTAINER_CREDENTIALS_FULL_URI"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    resign = Config(upstreams=BEDROCK_CONFIG.upstreams, bedrock=BedrockConfig(signing="resign"))
+    with pytest.raises(PlatformConfigError, match='signing = "resign" needs AWS credentials'):
+        build_platforms(resign)
+
+
+def test_serve_says_why_it_cannot_re_sign_and_exits_1(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        LLMTALLY_UPSTREAMS_BEDROCK="https://bedrock-runtime.us-east-1.amazonaws.com",
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_EC2_METADATA_DISABLED="true",
+    )  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "llmtally", "serve", "--port", "0"],
+        env=env, capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert b'cannot serve: [bedrock] signing = "resign" needs AWS credentials' in done.stderr
+    assert b"Traceback" not in done.stderr

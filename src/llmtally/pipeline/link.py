@@ -76,18 +76,18 @@ def exchange_to_wire(ex: Exchange) -> tuple[Any, ...]:
         ex.summary, ex.response_body, ex.response_chunks, ex.response_encoding, ex.response_stream,
         ex.status,
         ex.latency_ms, ex.ttfb_ms, ex.client_disconnected, ex.tags, ex.error, ex.upstream_request_id,
-        ex.count_input, ex.platform,
+        ex.count_input, ex.platform, ex.price_model,
     )  # fmt: skip
 
 
 #: Fields added to the wire tuple since it was first journaled, with the value an older frame means.
-_ADDED_FIELDS: tuple[Any, ...] = ("direct",)  # platform
-_FIELDS = 30
+_ADDED_FIELDS: tuple[Any, ...] = ("direct", None)  # platform, price_model
+_FIELDS = 31
 
 
 def exchange_from_wire(t: tuple[Any, ...]) -> Exchange:
     if len(t) < _FIELDS:  # written by an older version (a journal segment left across an upgrade)
-        t = t + _ADDED_FIELDS[len(t) - _FIELDS :]
+        t = t + _ADDED_FIELDS[len(_ADDED_FIELDS) - (_FIELDS - len(t)) :]
     (
         request_id, provider, started_us,
         e_provider, e_name, e_url_model, e_always_stream,
@@ -95,7 +95,7 @@ def exchange_from_wire(t: tuple[Any, ...]) -> Exchange:
         service_tier, inference_geo, request_error,
         summary, response_body, response_chunks, response_encoding, response_stream, status,
         latency_ms, ttfb_ms, client_disconnected, tags, error, upstream_request_id,
-        count_input, platform,
+        count_input, platform, price_model,
     ) = t  # fmt: skip
     request = MeteredRequest(
         endpoint=Endpoint(e_provider, e_name, e_url_model, e_always_stream),
@@ -128,6 +128,7 @@ def exchange_from_wire(t: tuple[Any, ...]) -> Exchange:
         upstream_request_id=upstream_request_id,
         count_input=count_input,
         platform=platform,
+        price_model=price_model,
     )
 
 

@@ -16,6 +16,7 @@ from llmtally.platforms.azure import AzureOpenAIPlatform
 from llmtally.platforms.base import Platform, PlatformName, Route
 from llmtally.platforms.direct import DirectPlatform
 from llmtally.platforms.vertex import VertexPlatform
+from llmtally.providers.base import MeteredRequest, ProviderAdapter, StreamParser
 from llmtally.record import Provider
 
 #: Platform → dialect → the genai-prices provider whose prices it bills (each platform's module says).
@@ -45,7 +46,63 @@ def build_platforms(config: Config) -> dict[str, Platform]:
         platforms.append(AzureOpenAIPlatform(URL(upstreams.azure_openai), config.azure_openai.deployments))
     if upstreams.vertex:
         platforms.append(VertexPlatform(upstreams.vertex))
+    if upstreams.bedrock:
+        platforms.append(_bedrock(config))
     return {platform.prefix: platform for platform in platforms}
 
 
-__all__ = ["PRICE_DATA", "Platform", "PlatformName", "Route", "build_platforms", "price_data_provider"]
+class PlatformConfigError(ValueError):
+    """A platform cannot work as configured (the message says what to set)."""
+
+
+def _bedrock(config: Config) -> bedrock.BedrockPlatform:
+    upstream = URL(config.upstreams.bedrock)
+    if config.bedrock.signing == "passthrough":
+        return bedrock.BedrockPlatform(upstream, None)
+    region = config.bedrock.region or bedrock.region_of(upstream)
+    if not region:
+        raise PlatformConfigError(
+            f"[bedrock] region: cannot tell the region to sign for from {upstream.host!r}; set it"
+        )
+    from llmtally.platforms.sigv4 import Resigner, SigningError
+
+    try:
+        credentials = None
+        if config.upstreams.fake:  # the built-in fake checks signatures made with its own identity
+            from botocore.credentials import Credentials
+
+            from llmtally.testing.fake_bedrock import ACCESS_KEY, SECRET_KEY
+
+            credentials = Credentials(ACCESS_KEY, SECRET_KEY)
+        resigner = Resigner(region, credentials)
+    except SigningError as exc:
+        raise PlatformConfigError(f"[bedrock] {exc}") from None
+    except ImportError:
+        raise PlatformConfigError("[bedrock] needs botocore: pip install 'llmtally[bedrock]'") from None
+
+    def sign(method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> list[tuple[str, str]]:
+        return resigner.sign(method, url, headers, body).headers
+
+    return bedrock.BedrockPlatform(upstream, sign)
+
+
+#: Platform framings around a dialect's stream (``MeteredRequest.stream_format``).
+_FRAMINGS = {bedrock.EVENT_STREAM: bedrock.stream_parser}
+
+
+def stream_parser(adapter: ProviderAdapter, request: MeteredRequest) -> StreamParser:
+    """The parser for a streamed answer: the dialect's, behind the platform's framing if it has one."""
+    framed = _FRAMINGS.get(request.stream_format or "")
+    return framed(adapter, request) if framed is not None else adapter.stream_parser(request)
+
+
+__all__ = [
+    "PRICE_DATA",
+    "Platform",
+    "PlatformConfigError",
+    "PlatformName",
+    "Route",
+    "build_platforms",
+    "price_data_provider",
+    "stream_parser",
+]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,6 +34,14 @@ class Route:
     #: The upstream can add usage to a stream when asked (``stream_options.include_usage``); where it
     #: cannot (early Azure api-versions), nothing is injected and the stream's usage is estimated.
     stream_usage: bool = True
+    #: The platform's framing around the dialect's stream (``aws-eventstream``), when the URL says the
+    #: answer streams in it (Bedrock's ``invoke-with-response-stream``): the call is metered as a stream.
+    framing: str | None = None
+    #: Price by ``model`` (the URL's) rather than the response's: the URL names what is billed more
+    #: exactly (a Bedrock inference profile: ``us.`` and ``global.`` are priced apart).
+    price_by_route_model: bool = False
+    #: Signs the request for the upstream: ``sign(method, url, headers, body)`` → the headers to send.
+    sign: Callable[[str, str, list[tuple[str, str]], bytes], list[tuple[str, str]]] | None = None
 
 
 class Platform(Protocol):

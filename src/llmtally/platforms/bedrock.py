@@ -1,4 +1,9 @@
-"""Amazon Bedrock's framing: AWS event-stream messages around the dialect's own events.
+"""Amazon Bedrock under ``/bedrock``: its routes, and its framing (AWS event-stream messages around the
+dialect's own events).
+
+Metered: ``model/{modelId}/invoke`` and ``/invoke-with-response-stream`` for Claude models (bare ids,
+cross-region inference profiles ``us.`` / ``eu.`` / ``global.`` …, and foundation-model or inference-
+profile ARNs), read by the Anthropic parser and priced by the URL's model id with Bedrock's prices.
 
 ``InvokeModelWithResponseStream`` sends each of the model's events (Claude's ``message_start`` …
 ``message_stop``) base64-encoded in ``{"bytes": …}`` inside an event-stream ``chunk`` message. Messages
@@ -11,13 +16,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from yarl import URL
 
-from llmtally.providers.base import ResponseSummary, StreamParser
+from llmtally.platforms.base import PlatformName, Route
+from llmtally.providers import ADAPTERS
+from llmtally.providers.base import MeteredRequest, ProviderAdapter, ResponseSummary, StreamParser
 from llmtally.record import Provider
 
 #: genai-prices' provider for Bedrock: its model ids (``anthropic.claude-…-v1:0``, with the ``us.`` /
@@ -136,3 +145,83 @@ class InvokeStreamParser:
         if self.error is not None:
             summary.error = summary.error or self.error
         return summary
+
+
+# The route -----------------------------------------------------------------------------------------
+
+#: ``model/{modelId}/{operation}``: the id may be an ARN, with ``/`` in it (boto3 sends it as ``%2F``).
+_MODEL_CALL = re.compile(
+    r"model/(?P<model>.+)/(?P<op>invoke|invoke-with-response-stream|converse|converse-stream)"
+)
+#: A Claude model id, bare or behind a cross-region inference profile (``us.``, ``eu.``, ``global.`` …).
+_CLAUDE = re.compile(r"(?:[a-z-]+\.)?anthropic\.claude[^/]*")
+#: ``arn:aws:bedrock:<region>:<account>:<kind>/<id>``: the id of a foundation model or a (system)
+#: inference profile names the model; an application inference profile's id does not.
+_ARN = re.compile(r"arn:aws[a-z-]*:bedrock:[^:]*:[^:]*:(?P<kind>[a-z-]+)/(?P<id>.+)")
+_NAMED_BY_ARN = frozenset({"foundation-model", "inference-profile"})
+_REGION_IN_HOST = re.compile(r"bedrock-runtime(?:-fips)?\.(?P<region>[a-z0-9-]+)\.amazonaws\.com")
+#: The InvokeModel stream's framing (MeteredRequest.stream_format, read by the record builder).
+EVENT_STREAM = "aws-eventstream"
+MAX_ROUTES = 1024
+
+
+def model_of(model_id: str) -> str | None:
+    """The model a URL's model id names (for pricing), or None (an application inference profile)."""
+    arn = _ARN.fullmatch(model_id)
+    if arn is None:
+        return model_id
+    return arn["id"] if arn["kind"] in _NAMED_BY_ARN else None
+
+
+def region_of(upstream: URL) -> str | None:
+    found = _REGION_IN_HOST.fullmatch(upstream.host or "")
+    return found["region"] if found else None
+
+
+Signer = Callable[[str, str, list[tuple[str, str]], bytes], list[tuple[str, str]]]
+
+
+class BedrockPlatform:
+    """Amazon Bedrock's runtime under ``/bedrock``: InvokeModel (and its stream) for Claude, metered
+    by the Anthropic parser; every other operation forwarded unmetered (re-signed when signing is)."""
+
+    name: PlatformName = "bedrock"
+    prefix = "bedrock"
+
+    __slots__ = ("_passthrough", "_routes", "_sign", "upstream")
+
+    def __init__(self, upstream: URL, sign: Signer | None) -> None:
+        self.upstream = upstream
+        self._sign = sign
+        self._passthrough = Route("bedrock", self.prefix, "anthropic", None, upstream, sign=sign)
+        self._routes: dict[str, Route] = {}
+
+    def route(self, method: str, tail: str, query: Mapping[str, str]) -> Route:
+        if method != "POST":
+            return self._passthrough
+        route = self._routes.get(tail)  # before any regex: a service calls a few model ids
+        if route is None:
+            route = self._parse(tail)
+            if len(self._routes) >= MAX_ROUTES:
+                self._routes.clear()
+            self._routes[tail] = route
+        return route
+
+    def _parse(self, tail: str) -> Route:
+        call = _MODEL_CALL.fullmatch(tail)
+        if call is None or not call["op"].startswith("invoke"):
+            return self._passthrough  # Converse and the rest: forwarded, not metered (docs/platforms.md)
+        model = model_of(call["model"])
+        if model is None or not _CLAUDE.fullmatch(model):
+            return self._passthrough  # a model whose body dialect the URL does not say
+        endpoint = ADAPTERS["anthropic"].route("v1/messages")
+        streamed = call["op"] == "invoke-with-response-stream"
+        return Route(
+            "bedrock", self.prefix, "anthropic", endpoint, self.upstream, model=model,
+            framing=EVENT_STREAM if streamed else None, price_by_route_model=True, sign=self._sign,
+        )  # fmt: skip
+
+
+def stream_parser(adapter: ProviderAdapter, request: MeteredRequest) -> StreamParser:
+    """The dialect's stream parser, behind the event-stream framing."""
+    return InvokeStreamParser(adapter.stream_parser(request))

@@ -396,6 +396,8 @@ async def _proxy(platform: Platform, request: web.Request) -> web.StreamResponse
         if upstream_url is None:
             return _json_error(400, "bad_path", BAD_PATH)
         headers, _ = _upstream_headers(request.headers.items(), metered=False)
+        if route.sign is not None:
+            return await _signed_passthrough(state, request, route, upstream_url, headers, t0)
         return await _passthrough(state, request, upstream_url, CIMultiDict(headers), t0)
     server = state.config.server
     limit = server.max_request_body_mb * 1024 * 1024
@@ -442,13 +444,18 @@ def new_metered_call(
     headers, tags = _upstream_headers(client_headers, metered=True)
     inject = state.config.metering.inject_stream_usage and route.stream_usage
     metered = adapter.prepare(endpoint, body, query, inject)
-    if route.model is not None:  # named by the URL (an Azure deployment)
+    if route.model is not None:  # named by the URL (an Azure deployment, a Bedrock model id)
         metered.model = route.model
     elif metered.model is not None and metered.model in route.models:
         metered.model = route.models[metered.model]
+    if route.framing is not None:  # the URL says it streams, in the platform's framing
+        metered.stream, metered.stream_format = True, route.framing
     if metered.injected_usage:  # the stream is edited: it must arrive uncompressed
         headers = [(name, value) for name, value in headers if name.lower() != "accept-encoding"]
         headers.append(("Accept-Encoding", "identity"))
+    origin = state.origin_of(route.upstream)
+    if route.sign is not None:  # for the exact host, path and body that go upstream
+        headers = route.sign("POST", f"{origin.scheme}://{origin.host_header}{path_qs}", headers, body)
     exchange = Exchange(
         request_id=new_request_id(),
         provider=route.dialect,
@@ -459,10 +466,9 @@ def new_metered_call(
         # Counted later in the record worker (batched, off the event loop): a per-request hop to a
         # counting thread measured worse tail latency under load (docs/performance.md).
         count_input=state.config.metering.estimate_input,
+        price_model=route.model if route.price_by_route_model else None,
     )
-    return MeteredCall(
-        state, down, adapter, metered, exchange, state.origin_of(route.upstream), path_qs, headers, t0
-    )
+    return MeteredCall(state, down, adapter, metered, exchange, origin, path_qs, headers, t0)
 
 
 #: Upstream paths remembered per proxy process (the few paths clients call, each parsed once).
@@ -880,20 +886,57 @@ class _PacedBody:
             yield chunk
 
 
-async def _passthrough(
-    state: ProxyState, request: web.Request, url: URL, headers: CIMultiDict[str], t0: float
+async def _signed_passthrough(
+    state: ProxyState,
+    request: web.Request,
+    route: Route,
+    url: URL,
+    headers: list[tuple[str, str]],
+    t0: float,
 ) -> web.StreamResponse:
-    """Unmetered paths: stream the request body up and the response down, no record."""
+    """An unmetered call the platform signs (Bedrock re-signed): the signature covers the body, so it
+    is read first, within the same limits as a metered one."""
+    server = state.config.server
+    limit = server.max_request_body_mb * 1024 * 1024
+    if request.content_length is not None and request.content_length > limit:
+        response = _json_error(
+            413, "request_too_large", f"the request body is over max_request_body_mb ({limit} bytes)"
+        )
+        response.force_close()
+        return response
+    try:
+        async with asyncio.timeout(body_deadline_s(server, request.content_length or limit)):
+            body = await request.read()
+    except TimeoutError:
+        return _too_slow()
+    assert route.sign is not None
+    headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
+    signed = route.sign(request.method, str(url), headers, body)
+    return await _passthrough(state, request, url, CIMultiDict(signed), t0, body=body)
+
+
+async def _passthrough(
+    state: ProxyState,
+    request: web.Request,
+    url: URL,
+    headers: CIMultiDict[str],
+    t0: float,
+    body: bytes | None = None,
+) -> web.StreamResponse:
+    """Unmetered paths: stream the request body up and the response down, no record. ``body``: read
+    already (a signed call), sent as it is."""
     server = state.config.server
     paced: _PacedBody | None = None
     data: Any = None
-    if request.body_exists:
+    if body is not None:
+        data = body
+    elif request.body_exists:
         if server.min_body_rate_bytes_s > 0:
             paced = _PacedBody(request.content, server.body_grace_s, server.min_body_rate_bytes_s)
             data = paced.chunks()
         else:
             data = request.content
-    if request.headers.get("Content-Length"):
+    if body is None and request.headers.get("Content-Length"):
         headers["Content-Length"] = request.headers["Content-Length"]
     try:
         upstream = await _send_upstream(state, request, url, headers, data)

@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass
 
 from llmtally.exchange import Exchange
+from llmtally.platforms import stream_parser
 from llmtally.providers import MeteredRequest, ProviderAdapter, StreamParser
 from llmtally.providers.encoding import Decoder, UndecodableBody
 
@@ -137,7 +138,7 @@ class MeteringCopy:
 
     def _parse_here(self, chunk: bytes) -> None:
         """Parse the stream here from ``chunk`` on; what was kept goes first."""
-        parser = self._adapter.stream_parser(self._request)
+        parser = stream_parser(self._adapter, self._request)
         decode = Decoder(self._encoding)
         for kept in self._drop_chunks():
             parser.feed(decode(kept))

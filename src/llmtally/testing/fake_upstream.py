@@ -155,6 +155,10 @@ class FakeUpstream:
         # Azure OpenAI (the proxy's /azure-openai upstream): classic and v1 URLs.
         r.add_post("/openai/deployments/{deployment}/chat/completions", self._azure_chat)
         r.add_post("/openai/v1/chat/completions", self._azure_chat)
+        # Amazon Bedrock's runtime (the proxy's /bedrock upstream): InvokeModel for Claude, SigV4 checked.
+        r.add_post("/model/{model:.+}/invoke", self._bedrock_invoke)
+        r.add_post("/model/{model:.+}/invoke-with-response-stream", self._bedrock_stream)
+        r.add_post("/model/{model:.+}/{operation:converse|converse-stream}", self._bedrock_other)
         r.add_route("*", "/echo/{tail:.*}", self._echo)
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -529,6 +533,21 @@ class FakeUpstream:
 
         return await azure_chat(self, request)
 
+    async def _bedrock_invoke(self, request: web.Request) -> web.StreamResponse:
+        from llmtally.testing.fake_bedrock import bedrock_invoke
+
+        return await bedrock_invoke(self, request, stream=False)
+
+    async def _bedrock_stream(self, request: web.Request) -> web.StreamResponse:
+        from llmtally.testing.fake_bedrock import bedrock_invoke
+
+        return await bedrock_invoke(self, request, stream=True)
+
+    async def _bedrock_other(self, request: web.Request) -> web.Response:
+        from llmtally.testing.fake_bedrock import bedrock_other
+
+        return await bedrock_other(self, request)
+
     async def _echo(self, request: web.Request) -> web.Response:
         body = await request.read()
         self.seen = Seen(request.method, request.raw_path, dict(request.headers), body)
@@ -582,59 +601,44 @@ class FakeUpstream:
             return web.Response(body=_compact(body), content_type="application/json", headers=headers)
 
         def ev(kind: str, data: dict[str, Any]) -> bytes:
+            if kind == "ping":
+                return b'event: ping\ndata: {"type": "ping"}\n\n'
             return f"event: {kind}\n".encode() + b"data: " + _compact({"type": kind, **data}) + b"\n\n"
 
-        def events() -> Iterator[bytes]:
-            start_usage = self._anthropic_usage(1) if with_usage else None
-            yield ev(
-                "message_start",
-                {
-                    "message": {
-                        "id": "msg_fake0001",
-                        "type": "message",
-                        "role": "assistant",
-                        "model": model,
-                        "content": [],
-                        "stop_reason": None,
-                        "stop_sequence": None,
-                        "usage": start_usage,
-                    }
-                },
-            )
-            index = 0
-            if thinking:
-                yield ev(
-                    "content_block_start", {"index": 0, "content_block": {"type": "thinking", "thinking": ""}}
-                )
-                yield ev(
-                    "content_block_delta",
-                    {"index": 0, "delta": {"type": "thinking_delta", "thinking": "Hmm."}},
-                )
-                yield ev(
-                    "content_block_delta",
-                    {"index": 0, "delta": {"type": "signature_delta", "signature": "s"}},
-                )
-                yield ev("content_block_stop", {"index": 0})
-                index = 1
-            yield ev("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}})
-            yield b'event: ping\ndata: {"type": "ping"}\n\n'
-            for piece in pieces:
-                yield ev(
-                    "content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": piece}}
-                )
-            yield ev("content_block_stop", {"index": index})
-            delta_usage: dict[str, Any] | None = None
-            if with_usage:
-                # Cumulative, repeating the input and cache fields as the real API does.
-                full = self._anthropic_usage(self.config.usage.anthropic_output)
-                delta_usage = {k: full[k] for k in full if k not in ("cache_creation", "service_tier")}
-            yield ev(
-                "message_delta",
-                {"delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": delta_usage},
-            )
-            yield ev("message_stop", {})
+        events = (ev(kind, data) for kind, data in self.anthropic_events(payload, model))
+        return await self._sse(request, events, "text/event-stream; charset=utf-8", headers)
 
-        return await self._sse(request, events(), "text/event-stream; charset=utf-8", headers)
+    def anthropic_events(self, payload: dict[str, Any], model: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """A streamed Messages answer's events as (type, fields): SSE for the direct API and Vertex,
+        event-stream chunks for Bedrock."""
+        with_usage = "nousage" not in model
+        thinking = bool(payload.get("thinking"))
+        start_usage = self._anthropic_usage(1) if with_usage else None
+        message: dict[str, Any] = {
+            "id": "msg_fake0001", "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": start_usage,
+        }  # fmt: skip
+        yield "message_start", {"message": message}
+        index = 0
+        if thinking:
+            yield "content_block_start", {"index": 0, "content_block": {"type": "thinking", "thinking": ""}}
+            yield "content_block_delta", {"index": 0, "delta": {"type": "thinking_delta", "thinking": "Hmm."}}
+            yield "content_block_delta", {"index": 0, "delta": {"type": "signature_delta", "signature": "s"}}
+            yield "content_block_stop", {"index": 0}
+            index = 1
+        yield "content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}}
+        yield "ping", {}
+        for piece in _pieces(self.config):
+            yield "content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": piece}}
+        yield "content_block_stop", {"index": index}
+        delta_usage: dict[str, Any] | None = None
+        if with_usage:
+            # Cumulative, repeating the input and cache fields as the real API does.
+            full = self._anthropic_usage(self.config.usage.anthropic_output)
+            delta_usage = {k: full[k] for k in full if k not in ("cache_creation", "service_tier")}
+        delta = {"stop_reason": "end_turn", "stop_sequence": None}
+        yield "message_delta", {"delta": delta, "usage": delta_usage}
+        yield "message_stop", {}
 
     async def _openai_input_tokens(self, request: web.Request) -> web.Response:
         _, error = await self._begin(request, ("Authorization",))

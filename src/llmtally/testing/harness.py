@@ -29,6 +29,8 @@ def config_for_upstream(base_url: str, config: Config | None = None, **metering:
         gemini=base_url,
         azure_openai=base_url,
         vertex=base_url,
+        # Bedrock only when the test turns it on (re-signing needs credentials, which it gives).
+        bedrock=base_url if config.upstreams.bedrock else "",
     )
     meter = dataclasses.replace(config.metering, **metering) if metering else config.metering
     return dataclasses.replace(config, upstreams=upstreams, metering=meter)
