@@ -1,4 +1,5 @@
-"""Bedrock's event-stream framing: frames written as Bedrock writes them, read through botocore."""
+"""Bedrock's platform: its routes, and its event-stream framing (frames written as Bedrock writes them,
+read through botocore)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from llmtally.platforms.bedrock import (
     InvokeStreamParser,
     invoke_event_as_sse,
     region_of,
+    typed_stream_parser,
 )
 from llmtally.providers import ADAPTERS, Endpoint, MeteredRequest
+from llmtally.providers.converse import CONVERSE_STREAM
 from llmtally.record import TokenUsage
 from llmtally.testing import eventstream
 from tests.providers.test_streams import cut
@@ -151,7 +154,6 @@ def test_claude_invocations_are_metered_by_the_anthropic_dialect(
     [
         "model/amazon.nova-pro-v1:0/invoke",  # not Claude: its body is not the Anthropic dialect
         "model/arn:aws:bedrock:eu-west-1:123456789012:application-inference-profile/a1b2c3/invoke",
-        "model/anthropic.claude-sonnet-4-5-20250929-v1:0/converse",  # Converse: not metered yet
         "model/anthropic.claude-sonnet-4-5-20250929-v1:0/count-tokens",
         "guardrail/g1/version/1/apply",
     ],
@@ -159,6 +161,42 @@ def test_claude_invocations_are_metered_by_the_anthropic_dialect(
 def test_everything_else_is_forwarded_unmetered(tail: str) -> None:
     route = _bedrock().route("POST", tail, {})
     assert route.endpoint is None and str(route.upstream) == "https://bedrock-runtime.eu-west-1.amazonaws.com"
+
+
+@pytest.mark.parametrize(
+    ("op", "endpoint", "framing"),
+    [("converse", "converse", None), ("converse-stream", "converse-stream", "aws-eventstream-typed")],
+)
+def test_converse_is_metered_by_its_own_dialect_for_any_model(
+    op: str, endpoint: str, framing: str | None
+) -> None:
+    for model in ("us.anthropic.claude-sonnet-4-5-20250929-v1:0", "amazon.nova-pro-v1:0"):
+        route = _bedrock().route("POST", f"model/{model}/{op}", {})
+        assert route.dialect == "converse" and route.endpoint is not None and route.endpoint.name == endpoint
+        assert (route.model, route.framing, route.price_by_route_model) == (model, framing, True)
+
+
+def test_a_converse_stream_reaches_the_dialect_as_named_events() -> None:
+    frames = [
+        eventstream.event("messageStart", b'{"role":"assistant"}'),
+        eventstream.event("contentBlockDelta", b'{"contentBlockIndex":0,"delta":{"text":"Hi"}}'),
+        eventstream.event("messageStop", b'{"stopReason":"end_turn"}'),
+        eventstream.event(
+            "metadata",
+            b'{"usage":{"inputTokens":5,"outputTokens":2,"cacheReadInputTokens":100,"cacheWriteInputTokens":7},'
+            b'"metrics":{"latencyMs":1}}',
+        ),
+    ]
+    data = b"".join(frames)
+    request = ADAPTERS["converse"].prepare(CONVERSE_STREAM, b'{"messages":[]}', {}, False)
+    for points in ([], [1, 17, 40, 90, 200], list(range(0, len(data), 7))):
+        parser = typed_stream_parser(ADAPTERS["converse"], request)
+        for piece in cut(data, points):
+            parser.feed(piece)
+        summary = parser.finish()
+        assert summary.usage == TokenUsage(input_tokens=112, output_tokens=2, cache_read_tokens=100,
+                                           cache_write_tokens=7, reasoning_tokens=None)  # fmt: skip
+        assert summary.output_text == ["Hi"] and summary.complete and summary.error is None
 
 
 def test_the_region_comes_from_the_host_or_the_config() -> None:

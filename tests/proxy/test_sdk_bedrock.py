@@ -187,16 +187,76 @@ async def test_passthrough_forwards_a_bedrock_api_key_untouched(
 async def test_an_operation_llmtally_does_not_meter_is_re_signed_and_forwarded(
     bedrock_proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:
-    # Converse is not metered yet: forwarded unmetered, re-signed like every Bedrock call. The fake
-    # checks the signature, then answers that it has no Converse: not InvalidSignatureException.
+    # CountTokens is not metered: forwarded, re-signed like every Bedrock call. The fake checks the
+    # signature, then answers that it has no CountTokens: not InvalidSignatureException.
     client = runtime(f"{bedrock_proxy.url}/bedrock")
     with pytest.raises(ClientError) as answered:
         await asyncio.to_thread(
-            client.converse, modelId=US_SONNET, messages=[{"role": "user", "content": [{"text": "hi"}]}]
+            client.count_tokens,
+            modelId="anthropic.claude-sonnet-4-5-20250929-v1:0",
+            input={"converse": {"messages": [{"role": "user", "content": [{"text": "hi"}]}]}},
         )
     assert answered.value.response["Error"]["Code"] == "UnknownOperationException"
-    assert upstream.seen.path_qs == "/model/us.anthropic.claude-sonnet-4-5-20250929-v1%3A0/converse"
+    assert upstream.seen.path_qs == "/model/anthropic.claude-sonnet-4-5-20250929-v1%3A0/count-tokens"
     assert await bedrock_proxy.flush() == []
+
+
+CONVERSE_MESSAGES: Any = [{"role": "user", "content": [{"text": "hi"}]}]
+# Converse reports cache writes as one number (no 5-minute / 1-hour split): all at the 5-minute rate.
+CONVERSE_USAGE = {
+    **{
+        k: v
+        for k, v in US_USAGE.items()
+        if k not in ("model", "priced_model", "cache_write_1h_tokens", "endpoint")
+    },
+    "provider": "converse",
+    "model": US_SONNET,  # a Converse answer does not name its model: the URL's
+    "cache_write_1h_tokens": 0,
+    "input_cost": "0.011715",  # 50*3.3 + 10000*0.33 + 2000*4.125 = 11715 µ$
+    "total_cost": "0.018315",
+}
+
+
+async def test_boto3_converse_is_metered_by_the_converse_dialect(
+    bedrock_proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    def converse(base: str) -> dict[str, Any]:
+        answer = runtime(base).converse(modelId=US_SONNET, messages=CONVERSE_MESSAGES)
+        answer.pop("ResponseMetadata")
+        return dict(answer)
+
+    via = await asyncio.to_thread(converse, f"{bedrock_proxy.url}/bedrock")
+    direct = await asyncio.to_thread(converse, upstream.url)
+    assert via == direct and via["usage"]["inputTokens"] == 50
+    record = await only_record(bedrock_proxy)
+    assert_usage(record, endpoint="converse", stream=False, status=200, **CONVERSE_USAGE)
+
+
+async def test_boto3_converse_stream_reaches_the_client_as_frames_and_is_metered(
+    bedrock_proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    def converse_stream(base: str) -> list[dict[str, Any]]:
+        answer = runtime(base).converse_stream(modelId=US_SONNET, messages=CONVERSE_MESSAGES)
+        return list(answer["stream"])
+
+    via = await asyncio.to_thread(converse_stream, f"{bedrock_proxy.url}/bedrock")
+    direct = await asyncio.to_thread(converse_stream, upstream.url)
+    assert via == direct and "metadata" in via[-1]
+    record = await only_record(bedrock_proxy)
+    assert_usage(record, endpoint="converse-stream", stream=True, status=200, **CONVERSE_USAGE)
+
+
+async def test_converse_for_a_model_that_is_not_claude_is_metered_and_priced(
+    bedrock_proxy: RunningProxy,
+) -> None:
+    nova = "us.amazon.nova-pro-v1:0"
+    await asyncio.to_thread(
+        runtime(f"{bedrock_proxy.url}/bedrock").converse, modelId=nova, messages=CONVERSE_MESSAGES
+    )
+    record = await only_record(bedrock_proxy)
+    assert record["provider"] == "converse" and record["request_model"] == nova
+    assert record["input_tokens"] == 12050 and record["total_cost"] is not None
+    assert record["priced_model"] is not None and "nova-pro" in record["priced_model"]
 
 
 async def test_the_route_is_off_unless_configured(make_proxy: MakeProxy) -> None:

@@ -31,7 +31,7 @@ PRICE_DATA: Mapping[PlatformName, Mapping[Provider, str]] = {
 def price_data_provider(platform: PlatformName, dialect: Provider) -> str:
     """The genai-prices provider id that prices ``dialect`` calls made through ``platform``."""
     by_dialect = PRICE_DATA.get(platform) or direct.PRICE_DATA
-    return by_dialect.get(dialect) or direct.PRICE_DATA[dialect]
+    return by_dialect.get(dialect) or direct.PRICE_DATA.get(dialect) or bedrock.PRICE_DATA[dialect]
 
 
 def build_platforms(config: Config) -> dict[str, Platform]:
@@ -87,7 +87,10 @@ def _bedrock(config: Config) -> bedrock.BedrockPlatform:
 
 
 #: Platform framings around a dialect's stream (``MeteredRequest.stream_format``).
-_FRAMINGS = {bedrock.EVENT_STREAM: bedrock.stream_parser}
+_FRAMINGS = {
+    bedrock.EVENT_STREAM: bedrock.stream_parser,
+    bedrock.TYPED_EVENT_STREAM: bedrock.typed_stream_parser,
+}
 
 
 def stream_parser(adapter: ProviderAdapter, request: MeteredRequest) -> StreamParser:

@@ -3,7 +3,8 @@ dialect's own events).
 
 Metered: ``model/{modelId}/invoke`` and ``/invoke-with-response-stream`` for Claude models (bare ids,
 cross-region inference profiles ``us.`` / ``eu.`` / ``global.`` …, and foundation-model or inference-
-profile ARNs), read by the Anthropic parser and priced by the URL's model id with Bedrock's prices.
+profile ARNs), read by the Anthropic parser; ``/converse`` and ``/converse-stream`` for any model, read
+by the Converse parser. Priced by the URL's model id with Bedrock's prices.
 
 ``InvokeModelWithResponseStream`` sends each of the model's events (Claude's ``message_start`` …
 ``message_stop``) base64-encoded in ``{"bytes": …}`` inside an event-stream ``chunk`` message. Messages
@@ -27,11 +28,12 @@ from yarl import URL
 from llmtally.platforms.base import PlatformName, Route
 from llmtally.providers import ADAPTERS
 from llmtally.providers.base import MeteredRequest, ProviderAdapter, ResponseSummary, StreamParser
+from llmtally.providers.converse import CONVERSE, CONVERSE_STREAM
 from llmtally.record import Provider
 
 #: genai-prices' provider for Bedrock: its model ids (``anthropic.claude-…-v1:0``, with the ``us.`` /
 #: ``eu.`` / ``global.`` inference-profile prefixes and ARNs) and the regional vs global rates.
-PRICE_DATA: Mapping[Provider, str] = {"anthropic": "aws"}
+PRICE_DATA: Mapping[Provider, str] = {"anthropic": "aws", "converse": "aws"}
 
 
 class FrameError(ValueError):
@@ -111,6 +113,18 @@ def invoke_event_as_sse(message: EventMessage) -> bytes:
     return b"data: " + inner.replace(b"\n", b" ") + b"\n\n"
 
 
+def converse_event_as_sse(message: EventMessage) -> bytes:
+    """A ConverseStream message as an SSE event named by its type (``event: metadata``); an exception
+    as ``event: error``. The payload is the event's JSON, as sent."""
+    if message.message_type != "event":
+        failure = message.exception_type or message.message_type
+        return b'event: error\ndata: {"type":"' + _json_safe(failure) + b'"}\n\n'
+    kind = message.event_type
+    if not kind or not kind.isalpha():  # an event type is a name: nothing else goes into the SSE
+        return b""
+    return b"event: " + kind.encode() + b"\ndata: " + message.payload.replace(b"\n", b" ") + b"\n\n"
+
+
 def _json_safe(text: str) -> bytes:
     return orjson.dumps(text)[1:-1]
 
@@ -120,6 +134,8 @@ class InvokeStreamParser:
     """A dialect's :class:`StreamParser` behind Bedrock's event-stream framing."""
 
     dialect: StreamParser
+    #: What each message becomes for the dialect: InvokeModel's inner event, or a Converse event.
+    convert: Callable[[EventMessage], bytes] = invoke_event_as_sse
     reader: EventStreamReader = field(default_factory=EventStreamReader)
     error: str | None = None
     #: Bytes of the SSE the dialect was fed (tests compare it with the direct API's stream).
@@ -130,7 +146,7 @@ class InvokeStreamParser:
             return
         try:
             for message in self.reader.feed(chunk):
-                sse = invoke_event_as_sse(message)
+                sse = self.convert(message)
                 if sse:
                     if self.on_sse is not None:
                         self.on_sse(sse)
@@ -160,8 +176,10 @@ _CLAUDE = re.compile(r"(?:[a-z-]+\.)?anthropic\.claude[^/]*")
 _ARN = re.compile(r"arn:aws[a-z-]*:bedrock:[^:]*:[^:]*:(?P<kind>[a-z-]+)/(?P<id>.+)")
 _NAMED_BY_ARN = frozenset({"foundation-model", "inference-profile"})
 _REGION_IN_HOST = re.compile(r"bedrock-runtime(?:-fips)?\.(?P<region>[a-z0-9-]+)\.amazonaws\.com")
-#: The InvokeModel stream's framing (MeteredRequest.stream_format, read by the record builder).
+#: The streams' framings (MeteredRequest.stream_format, read by the record builder): InvokeModel's
+#: chunks around the model's own events, and ConverseStream's typed events.
 EVENT_STREAM = "aws-eventstream"
+TYPED_EVENT_STREAM = "aws-eventstream-typed"
 MAX_ROUTES = 1024
 
 
@@ -209,9 +227,16 @@ class BedrockPlatform:
 
     def _parse(self, tail: str) -> Route:
         call = _MODEL_CALL.fullmatch(tail)
-        if call is None or not call["op"].startswith("invoke"):
-            return self._passthrough  # Converse and the rest: forwarded, not metered (docs/platforms.md)
+        if call is None:
+            return self._passthrough  # count tokens, guardrails …: forwarded, not metered
         model = model_of(call["model"])
+        if call["op"].startswith("converse"):  # one dialect for every model
+            streamed = call["op"] == "converse-stream"
+            return Route(
+                "bedrock", self.prefix, "converse", CONVERSE_STREAM if streamed else CONVERSE, self.upstream,
+                model=model or call["model"], framing=TYPED_EVENT_STREAM if streamed else None,
+                price_by_route_model=True, sign=self._sign,
+            )  # fmt: skip
         if model is None or not _CLAUDE.fullmatch(model):
             return self._passthrough  # a model whose body dialect the URL does not say
         endpoint = ADAPTERS["anthropic"].route("v1/messages")
@@ -223,5 +248,10 @@ class BedrockPlatform:
 
 
 def stream_parser(adapter: ProviderAdapter, request: MeteredRequest) -> StreamParser:
-    """The dialect's stream parser, behind the event-stream framing."""
+    """The dialect's stream parser, behind InvokeModel's event-stream framing."""
     return InvokeStreamParser(adapter.stream_parser(request))
+
+
+def typed_stream_parser(adapter: ProviderAdapter, request: MeteredRequest) -> StreamParser:
+    """The dialect's stream parser, behind ConverseStream's typed events."""
+    return InvokeStreamParser(adapter.stream_parser(request), converse_event_as_sse)

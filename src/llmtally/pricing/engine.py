@@ -32,7 +32,9 @@ from llmtally.record import Cost, Provider, TokenUsage
 log = logging.getLogger("llmtally.pricing")
 
 #: genai-prices' provider ids.
-GENAI_PROVIDER_IDS: dict[Provider, str] = {"openai": "openai", "anthropic": "anthropic", "gemini": "google"}
+GENAI_PROVIDER_IDS: dict[Provider, str] = {
+    "openai": "openai", "anthropic": "anthropic", "gemini": "google", "converse": "aws",
+}  # fmt: skip
 
 SOURCE_CONFIG = "config"
 SOURCE_FILE = "prices_file"

@@ -11,6 +11,7 @@ from llmtally.providers.base import (
     StreamEditor,
     StreamParser,
 )
+from llmtally.providers.converse import ConverseAdapter
 from llmtally.providers.gemini import GeminiAdapter
 from llmtally.providers.openai import OpenAIAdapter
 from llmtally.record import Provider
@@ -19,6 +20,7 @@ ADAPTERS: dict[Provider, ProviderAdapter] = {
     "openai": OpenAIAdapter(),
     "anthropic": AnthropicAdapter(),
     "gemini": GeminiAdapter(),
+    "converse": ConverseAdapter(),
 }
 
 __all__ = [

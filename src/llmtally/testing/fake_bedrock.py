@@ -1,4 +1,5 @@
-"""Amazon Bedrock's runtime wire format, for the fake upstream: InvokeModel and its stream, for Claude.
+"""Amazon Bedrock's runtime wire format, for the fake upstream: InvokeModel and its stream for Claude,
+and Converse and ConverseStream for any model id.
 
 As Bedrock does:
 
@@ -120,7 +121,7 @@ async def bedrock_invoke(fake: FakeUpstream, request: web.Request, stream: bool)
 
 
 async def bedrock_other(fake: FakeUpstream, request: web.Request) -> web.Response:
-    """An operation the fake does not implement (Converse): the signature is still checked first."""
+    """An operation the fake does not implement (count tokens): the signature is still checked first."""
     fake.requests += 1
     body = await request.read()
     from llmtally.testing.fake_upstream import Seen
@@ -130,6 +131,63 @@ async def bedrock_other(fake: FakeUpstream, request: web.Request) -> web.Respons
     if refused is not None:
         return refused
     return _error(404, "UnknownOperationException", "The fake Bedrock does not implement this operation.")
+
+
+def converse_usage(fake: FakeUpstream) -> dict[str, int]:
+    """Converse's usage for the fake's Claude numbers: ``inputTokens`` without the cache reads and writes."""
+    u = fake.config.usage
+    write = u.anthropic_cache_write_5m + u.anthropic_cache_write_1h
+    usage = {
+        "inputTokens": u.anthropic_input,
+        "outputTokens": u.anthropic_output,
+        "cacheReadInputTokens": u.anthropic_cache_read,
+        "cacheWriteInputTokens": write,
+    }
+    usage["totalTokens"] = sum(usage.values())
+    return usage
+
+
+async def bedrock_converse(fake: FakeUpstream, request: web.Request, stream: bool) -> web.StreamResponse:
+    """Converse and ConverseStream, for any model id: text in ``output.message.content``, usage in
+    ``usage`` (streamed: the last event, ``metadata``)."""
+    fake.requests += 1
+    body = await request.read()
+    from llmtally.testing.fake_upstream import Seen, _pieces
+
+    fake.seen = Seen(request.method, request.raw_path, dict(request.headers), body)
+    refused = authorised(request, body)
+    if refused is not None:
+        return refused
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _error(
+            400, "ValidationException", "Malformed input request, please reformat your input and try again."
+        )
+    if not isinstance(payload, dict) or not isinstance(payload.get("messages"), list):
+        return _error(400, "ValidationException", "1 validation error detected: Value null at 'messages'")
+    pieces = _pieces(fake.config)
+    headers = {"x-amzn-RequestId": "5b8a1e0c-fake-4c1d-9a7e-llmtally0002"}
+    metrics = {"latencyMs": 412}
+    if not stream:
+        answer = {
+            "output": {"message": {"role": "assistant", "content": [{"text": "".join(pieces)}]}},
+            "stopReason": "end_turn",
+            "usage": converse_usage(fake),
+            "metrics": metrics,
+        }
+        return web.Response(body=orjson.dumps(answer), content_type="application/json", headers=headers)
+
+    def frames() -> Any:
+        yield eventstream.event("messageStart", orjson.dumps({"role": "assistant"}))
+        for piece in pieces:
+            delta = {"contentBlockIndex": 0, "delta": {"text": piece}}
+            yield eventstream.event("contentBlockDelta", orjson.dumps(delta))
+        yield eventstream.event("contentBlockStop", orjson.dumps({"contentBlockIndex": 0}))
+        yield eventstream.event("messageStop", orjson.dumps({"stopReason": "end_turn"}))
+        yield eventstream.event("metadata", orjson.dumps({"usage": converse_usage(fake), "metrics": metrics}))
+
+    return await fake._sse(request, frames(), "application/vnd.amazon.eventstream", headers)
 
 
 def _count_headers(usage: dict[str, Any] | None) -> dict[str, str]:

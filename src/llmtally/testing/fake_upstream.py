@@ -158,7 +158,9 @@ class FakeUpstream:
         # Amazon Bedrock's runtime (the proxy's /bedrock upstream): InvokeModel for Claude, SigV4 checked.
         r.add_post("/model/{model:.+}/invoke", self._bedrock_invoke)
         r.add_post("/model/{model:.+}/invoke-with-response-stream", self._bedrock_stream)
-        r.add_post("/model/{model:.+}/{operation:converse|converse-stream}", self._bedrock_other)
+        r.add_post("/model/{model:.+}/converse", self._bedrock_converse)
+        r.add_post("/model/{model:.+}/converse-stream", self._bedrock_converse_stream)
+        r.add_post("/model/{model:.+}/count-tokens", self._bedrock_other)
         r.add_route("*", "/echo/{tail:.*}", self._echo)
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -542,6 +544,16 @@ class FakeUpstream:
         from llmtally.testing.fake_bedrock import bedrock_invoke
 
         return await bedrock_invoke(self, request, stream=True)
+
+    async def _bedrock_converse(self, request: web.Request) -> web.StreamResponse:
+        from llmtally.testing.fake_bedrock import bedrock_converse
+
+        return await bedrock_converse(self, request, stream=False)
+
+    async def _bedrock_converse_stream(self, request: web.Request) -> web.StreamResponse:
+        from llmtally.testing.fake_bedrock import bedrock_converse
+
+        return await bedrock_converse(self, request, stream=True)
 
     async def _bedrock_other(self, request: web.Request) -> web.Response:
         from llmtally.testing.fake_bedrock import bedrock_other

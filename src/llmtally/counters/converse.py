@@ -1,0 +1,74 @@
+"""Local input estimates for Bedrock's Converse API: its messages, system and tool config, counted with
+the Anthropic counter's calibrated o200k estimate (Converse serves Claude most of all; for other
+vendors' models the estimate is rougher, and every count says it is an estimate)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from llmtally.counters.anthropic import PER_MESSAGE, AnthropicCounter
+from llmtally.counters.base import ChatInput, ExactCountRequest, TokenCount, text_of
+from llmtally.record import Provider
+
+#: Converse content blocks that carry bytes, not text (their size is not known locally).
+_MEDIA = ("image", "document", "video")
+
+
+class ConverseCounter(AnthropicCounter):
+    provider: Provider = "converse"
+
+    def known_model(self, model: str) -> bool:
+        return bool(model)  # any Bedrock model id: Converse is one format for all of them
+
+    def count_chat(self, model: str, chat: ChatInput) -> TokenCount:
+        texts: list[str] = []
+        fixed = 0
+        note = None
+        for block in chat.system if isinstance(chat.system, list) else ():
+            texts.extend(_block_texts(block))
+        for message in chat.messages:
+            if not isinstance(message, dict):
+                continue
+            fixed += PER_MESSAGE
+            for block in message.get("content") or ():
+                if isinstance(block, dict) and any(kind in block for kind in _MEDIA):
+                    note = "images, documents and videos are not counted locally"
+                texts.extend(_block_texts(block))
+        if chat.tools:
+            texts.extend(text_of(list(chat.tools)))
+        return self._estimate(model, texts, fixed, note)
+
+    def count_request(self, model: str, endpoint: str, payload: dict[str, Any]) -> TokenCount:
+        messages = payload.get("messages")
+        tools = get_tools(payload)
+        return self.count_chat(
+            model,
+            ChatInput(
+                messages=messages if isinstance(messages, list) else (),
+                tools=tools or None,
+                system=payload.get("system"),
+            ),
+        )
+
+    def exact_request(self, model: str, chat: ChatInput) -> ExactCountRequest:
+        from llmtally.counters.exact import ExactCountError
+
+        raise ExactCountError("Converse has no count endpoint llmtally calls: its counts are estimates")
+
+
+def get_tools(payload: dict[str, Any]) -> Sequence[Any]:
+    config = payload.get("toolConfig")
+    tools = config.get("tools") if isinstance(config, dict) else None
+    return tools if isinstance(tools, list) else ()
+
+
+def _block_texts(block: Any) -> list[str]:
+    if not isinstance(block, dict):
+        return []
+    if isinstance(block.get("text"), str):
+        return [block["text"]]
+    for key in ("toolUse", "toolResult", "reasoningContent"):
+        if key in block:
+            return text_of(block[key])
+    return []
