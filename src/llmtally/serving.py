@@ -106,8 +106,9 @@ def _announce_fake(url: str) -> None:
     bar = "=" * 78
     sys.stderr.write(
         f"{bar}\n"
-        f"llmtally: FAKE UPSTREAM at {url}: every provider (OpenAI, Anthropic, Gemini) is answered by\n"
-        "llmtally's built-in fake; no call leaves this machine, no key is needed, the answers and\n"
+        f"llmtally: FAKE UPSTREAM at {url}: every provider (OpenAI, Anthropic, Gemini) and\n"
+        "platform (Azure OpenAI, Vertex AI, Bedrock) is answered by llmtally's built-in fake; no\n"
+        "call leaves this machine, no key is needed, the answers and\n"
         'their usage are made up, and every record carries "fake_upstream": true.\n'
         f"{bar}\n"
     )
