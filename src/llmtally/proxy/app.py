@@ -399,21 +399,9 @@ async def _proxy(platform: Platform, request: web.Request) -> web.StreamResponse
         if route.sign is not None:
             return await _signed_passthrough(state, request, route, upstream_url, headers, t0)
         return await _passthrough(state, request, upstream_url, CIMultiDict(headers), t0)
-    server = state.config.server
-    limit = server.max_request_body_mb * 1024 * 1024
-    if request.content_length is not None and request.content_length > limit:
-        # Declared too large: answer now, not after reading (and buffering) the first limit's worth.
-        response = _json_error(
-            413, "request_too_large", f"the request body is over max_request_body_mb ({limit} bytes)"
-        )
-        response.force_close()
-        return response
-    try:
-        length = request.content_length or limit
-        async with asyncio.timeout(body_deadline_s(server, length)):
-            body = await request.read()
-    except TimeoutError:
-        return _too_slow()
+    body = await _read_body(state, request)
+    if isinstance(body, web.Response):
+        return body
     down = _AiohttpDownstream(request)
     await meter_call(state, down, route, request.raw_path, request.headers.items(), body, request.query, t0)
     assert down.response is not None
@@ -886,16 +874,9 @@ class _PacedBody:
             yield chunk
 
 
-async def _signed_passthrough(
-    state: ProxyState,
-    request: web.Request,
-    route: Route,
-    url: URL,
-    headers: list[tuple[str, str]],
-    t0: float,
-) -> web.StreamResponse:
-    """An unmetered call the platform signs (Bedrock re-signed): the signature covers the body, so it
-    is read first, within the same limits as a metered one."""
+async def _read_body(state: ProxyState, request: web.Request) -> bytes | web.Response:
+    """A request body read whole within ``max_request_body_mb`` and the body deadline, or the answer
+    (413 at once for a declared length over the limit, not after buffering the limit's worth; 408)."""
     server = state.config.server
     limit = server.max_request_body_mb * 1024 * 1024
     if request.content_length is not None and request.content_length > limit:
@@ -906,9 +887,24 @@ async def _signed_passthrough(
         return response
     try:
         async with asyncio.timeout(body_deadline_s(server, request.content_length or limit)):
-            body = await request.read()
+            return await request.read()
     except TimeoutError:
         return _too_slow()
+
+
+async def _signed_passthrough(
+    state: ProxyState,
+    request: web.Request,
+    route: Route,
+    url: URL,
+    headers: list[tuple[str, str]],
+    t0: float,
+) -> web.StreamResponse:
+    """An unmetered call the platform signs (Bedrock re-signed): the signature covers the body, so it
+    is read first, within the same limits as a metered one."""
+    body = await _read_body(state, request)
+    if isinstance(body, web.Response):
+        return body
     assert route.sign is not None
     headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
     signed = route.sign(request.method, str(url), headers, body)

@@ -71,13 +71,18 @@ def authorised(request: web.Request, body: bytes) -> web.Response | None:
     )
 
 
-async def bedrock_invoke(fake: FakeUpstream, request: web.Request, stream: bool) -> web.StreamResponse:
-    fake.requests += 1
-    body = await request.read()
+async def _begin(fake: FakeUpstream, request: web.Request) -> tuple[bytes, web.Response | None]:
+    """Count and keep the request, as the fake does for every call; its body and the 403, if any."""
     from llmtally.testing.fake_upstream import Seen
 
+    fake.requests += 1
+    body = await request.read()
     fake.seen = Seen(request.method, request.raw_path, dict(request.headers), body)
-    refused = authorised(request, body)
+    return body, authorised(request, body)
+
+
+async def bedrock_invoke(fake: FakeUpstream, request: web.Request, stream: bool) -> web.StreamResponse:
+    body, refused = await _begin(fake, request)
     if refused is not None:
         return refused
     model_id = request.match_info["model"]
@@ -122,12 +127,7 @@ async def bedrock_invoke(fake: FakeUpstream, request: web.Request, stream: bool)
 
 async def bedrock_other(fake: FakeUpstream, request: web.Request) -> web.Response:
     """An operation the fake does not implement (count tokens): the signature is still checked first."""
-    fake.requests += 1
-    body = await request.read()
-    from llmtally.testing.fake_upstream import Seen
-
-    fake.seen = Seen(request.method, request.raw_path, dict(request.headers), body)
-    refused = authorised(request, body)
+    _, refused = await _begin(fake, request)
     if refused is not None:
         return refused
     return _error(404, "UnknownOperationException", "The fake Bedrock does not implement this operation.")
@@ -150,12 +150,9 @@ def converse_usage(fake: FakeUpstream) -> dict[str, int]:
 async def bedrock_converse(fake: FakeUpstream, request: web.Request, stream: bool) -> web.StreamResponse:
     """Converse and ConverseStream, for any model id: text in ``output.message.content``, usage in
     ``usage`` (streamed: the last event, ``metadata``)."""
-    fake.requests += 1
-    body = await request.read()
-    from llmtally.testing.fake_upstream import Seen, _pieces
+    from llmtally.testing.fake_upstream import _pieces
 
-    fake.seen = Seen(request.method, request.raw_path, dict(request.headers), body)
-    refused = authorised(request, body)
+    body, refused = await _begin(fake, request)
     if refused is not None:
         return refused
     try:
