@@ -119,6 +119,7 @@ def build_record(
         service_tier,
         geo,
         price_data_provider(exchange.platform, exchange.provider),
+        summary.line_items,
     )
     return UsageRecord(
         timestamp=_rfc3339(exchange.started_at),
@@ -147,6 +148,7 @@ def build_record(
         service_tier=service_tier,
         inference_geo=geo if geo and geo.lower() != "global" else None,
         fake_upstream=fake_upstream,
+        line_items=quote.line_items,
     )
 
 

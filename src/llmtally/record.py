@@ -46,16 +46,39 @@ class TokenUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class LineItem:
+    """A billed unit beyond tokens (a web search, a grounded prompt …), priced; ``unit_price`` and
+    ``cost`` are None when no price is known (never taken as zero), and ``source`` says where the
+    price came from."""
+
+    item: str
+    quantity: int
+    unit: str
+    unit_price: Decimal | None
+    cost: Decimal | None
+    source: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "item": self.item, "quantity": self.quantity, "unit": self.unit,
+            "unit_price": self.unit_price, "cost": self.cost, "source": self.source,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class Cost:
-    """What a call cost, in ``currency``; ``input_cost`` includes cache read and write costs."""
+    """What a call cost, in ``currency``; ``input_cost`` includes cache read and write costs, and
+    ``total_cost`` the priced line items too."""
 
     input_cost: Decimal
     output_cost: Decimal
     currency: str = "USD"
+    line_items: tuple[LineItem, ...] = ()
 
     @property
     def total_cost(self) -> Decimal:
-        return self.input_cost + self.output_cost
+        items = sum((i.cost for i in self.line_items if i.cost is not None), Decimal(0))
+        return self.input_cost + self.output_cost + items
 
 
 @dataclass(slots=True)
@@ -94,6 +117,9 @@ class UsageRecord:
     #: provider: its usage and cost are made up.
     fake_upstream: bool = False
     platform: PlatformName = "direct"
+    #: Billed units beyond tokens (web searches, grounded prompts …); the priced ones are in
+    #: ``cost.total_cost``.
+    line_items: tuple[LineItem, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         """The record as the JSON log line's object (costs stay Decimal; the sink encodes them)."""
@@ -125,6 +151,7 @@ class UsageRecord:
             "output_cost": cost.output_cost if cost else None,
             "total_cost": cost.total_cost if cost else None,
             "currency": cost.currency if cost else "USD",
+            "line_items": [item.to_dict() for item in self.line_items],
             "price_source": self.price_source,
             "price_version": self.price_version,
             "priced_model": self.priced_model,

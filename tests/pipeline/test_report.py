@@ -99,3 +99,18 @@ def test_by_platform_counts_records_written_before_platforms_as_direct(tmp_path:
         ("azure", "openai"): 0.25,
         ("direct", "anthropic"): 0.125,
     }
+
+
+def test_by_item_splits_each_record_into_what_it_paid_for(tmp_path: Path) -> None:
+    from tests.pipeline.test_sink_outputs import WEB_SEARCHED
+
+    path = tmp_path / "r.jsonl"
+    rows = records(2)
+    rows[0] = {**rows[0], **WEB_SEARCHED}
+    path.write_bytes(render_records(rows))
+    out = orjson.loads(run(str(path), "--by", "item", "--json").stdout)
+    by_item = {g["group"]["item"]: g for g in out["groups"]}
+    assert by_item["tokens"]["total_cost"] == 0.0237 and by_item["tokens"]["input_tokens"] == 24100
+    assert by_item["web_search"]["total_cost"] == 0.02 and by_item["web_search"]["input_tokens"] == 0
+    assert by_item["code_execution"]["unpriced"] == 1
+    assert out["totals"]["total_cost"] == 0.0437 and out["totals"]["records"] == 2  # 0.03185 + 0.01185

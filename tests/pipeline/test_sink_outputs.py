@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmtally.config import Config, PrometheusSinkConfig, SinksConfig
@@ -115,6 +116,40 @@ async def test_protobuf_round_trip(tmp_path: Path) -> None:
     assert (m.total_cost.units, m.total_cost.nanos) == (0, 11_850_000)
     assert m.timestamp.ToJsonString() == "2026-11-24T10:01:00Z"
     assert dict(m.tags) == {"tenant": "acme"} and m.ttfb_ms == 300.25
+
+
+WEB_SEARCHED = {
+    "line_items": [
+        {"item": "web_search", "quantity": 2, "unit": "search", "unit_price": Decimal("0.01"),
+         "cost": Decimal("0.02"), "source": "genai-prices"},
+        {"item": "code_execution", "quantity": 1, "unit": "use", "unit_price": None, "cost": None,
+         "source": "unknown_model"},
+    ],
+    "total_cost": Decimal("0.03185"),
+}  # fmt: skip
+
+
+async def test_line_items_reach_protobuf_and_prometheus_with_an_item_label(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from llmtally.pipeline import render_records
+    from llmtally.pipeline.prometheus import PrometheusSink
+
+    record = {**records(1)[0], **WEB_SEARCHED}
+    line = orjson.loads(render_records([record]))  # money inside line items is a JSON number too
+    assert [(i["unit_price"], i["cost"]) for i in line["line_items"]] == [(0.01, 0.02), (None, None)]
+    path = tmp_path / "records.pb"
+    sink = ProtobufFileSink(str(path))
+    await sink.write([record])
+    (m,) = list(read_delimited(path))
+    assert [(i.item, i.quantity, i.unit, i.source) for i in m.line_items] == [
+        ("web_search", 2, "search", "genai-prices"), ("code_execution", 1, "use", "unknown_model")]  # fmt: skip
+    assert money_value(m.line_items[0].cost) == Decimal("0.02") and not m.line_items[1].HasField("cost")
+    metrics = PrometheusSink()
+    await metrics.write([record])
+    families = list(text_string_to_metric_families(metrics.render().decode()))
+    assert abs(sample("llmtally_cost_usd_total", {"item": "web_search"}, families) - 0.02) < 1e-12
+    assert abs(sample("llmtally_cost_usd_total", {"item": "tokens"}, families) - 0.01185) < 1e-12
 
 
 async def test_opentelemetry_genai_metrics_and_spans() -> None:

@@ -261,3 +261,38 @@ def test_a_model_the_platform_data_lacks_is_unpriced_not_priced_elsewhere() -> N
     # gpt-4o is not sold on Bedrock: no price rather than OpenAI's by accident.
     quote = BOOK.quote("openai", "gpt-4o", CLAUDE_CALL, price_provider="aws")
     assert quote.cost is None and quote.price_source == "unknown_model"
+
+
+@pytest.mark.parametrize(
+    ("provider", "model", "items", "expected"),
+    [
+        # genai-prices' web_searches_kcount: Claude $10, Gemini 2.5 Flash $35 (per grounded prompt),
+        # Gemini 3 Pro $14 (per query); storage_searches_kcount: OpenAI $2.50.
+        ("anthropic", "claude-sonnet-4-5", {"web_search": 3}, {"web_search": Decimal("0.03")}),
+        ("gemini", "gemini-2.5-flash", {"grounded_prompt": 1}, {"grounded_prompt": Decimal("0.035")}),
+        ("gemini", "gemini-3-pro-preview", {"web_search_query": 2}, {"web_search_query": Decimal("0.028")}),
+        ("openai", "gpt-4o", {"file_search": 4, "web_search": 1}, {"file_search": Decimal("0.01"), "web_search": Decimal("0.01")}),
+        ("anthropic", "claude-sonnet-4-5", {"web_fetch": 2}, {"web_fetch": Decimal(0)}),  # the fee table: no charge
+    ],
+)  # fmt: skip
+def test_line_items_are_priced_and_in_the_total(
+    provider: Provider, model: str, items: dict[str, int], expected: dict[str, Decimal]
+) -> None:
+    quote = BOOK.quote(provider, model, TokenUsage(100, 10), line_items=items)
+    assert quote.cost is not None
+    assert {i.item: i.cost for i in quote.line_items} == expected
+    tokens = quote.cost.input_cost + quote.cost.output_cost
+    assert quote.cost.total_cost == tokens + sum(expected.values())
+    assert all(i.source == "genai-prices" or i.source.startswith("fee_table:") for i in quote.line_items)
+
+
+def test_an_item_without_a_price_is_null_and_said_never_zero() -> None:
+    quote = BOOK.quote(
+        "anthropic", "claude-sonnet-4-5", TokenUsage(100, 10), line_items={"code_execution": 2}
+    )
+    (item,) = quote.line_items
+    assert item.cost is None and item.unit_price is None and item.source == "unknown_model"
+    assert quote.cost is not None and quote.cost.total_cost == quote.cost.input_cost + quote.cost.output_cost
+    assert quote.note == "no price for code_execution (2 use): not in the cost"
+    unknown_model = BOOK.quote("anthropic", "no-such-model", TokenUsage(1, 1), line_items={"web_search": 1})
+    assert unknown_model.cost is None and [i.quantity for i in unknown_model.line_items] == [1]

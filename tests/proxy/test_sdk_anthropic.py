@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import anthropic
@@ -10,7 +11,7 @@ import pytest
 from llmtally.testing import FakeUpstream
 from llmtally.testing.harness import RunningProxy
 from tests.conftest import API_KEY, MakeProxy
-from tests.proxy.helpers import assert_usage, only_record
+from tests.proxy.helpers import assert_usage, money, only_record
 
 MESSAGES: Any = [{"role": "user", "content": "Say hello"}]
 # claude-sonnet-5: $2 input, $0.20 cache read, $2.50 5-minute write, $4 1-hour write, $10 output per 1M.
@@ -118,3 +119,30 @@ async def test_upstream_error_is_recorded_and_returned(proxy: RunningProxy) -> N
     assert record["usage_source"] == "none"
     assert record["error"] == "upstream error: server_error"
     assert record["total_cost"] is None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_web_search_and_fetch_are_line_items_in_the_cost(
+    proxy: RunningProxy, upstream: FakeUpstream, stream: bool
+) -> None:
+    # The fake reports 2 web searches and 1 web fetch when the request offers those server tools.
+    via, _ = clients(proxy, upstream)
+    tools: Any = [
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
+        {"type": "web_fetch_20250910", "name": "web_fetch", "max_uses": 5},
+    ]
+    kwargs: Any = {"model": "claude-sonnet-4-5", "max_tokens": 2000, "messages": MESSAGES, "tools": tools}
+    if stream:
+        async with via.messages.stream(**kwargs) as events:
+            await events.get_final_message()
+    else:
+        await via.messages.create(**kwargs)
+    record = await only_record(proxy)
+    # genai-prices: web search $10 per 1,000 for Claude Sonnet 4.5; web fetch: no charge (fee table).
+    assert [(i["item"], i["quantity"], i["unit"], i["source"]) for i in record["line_items"]] == [
+        ("web_fetch", 1, "fetch", "fee_table:2026-12-01"),
+        ("web_search", 2, "search", "genai-prices"),
+    ]
+    assert [money(i["cost"]) for i in record["line_items"]] == [Decimal(0), Decimal("0.02")]
+    tokens = money(record["input_cost"]) + money(record["output_cost"])
+    assert money(record["total_cost"]) == tokens + Decimal("0.02") == Decimal("0.017775") + Decimal("0.02")

@@ -87,7 +87,10 @@ class PrometheusSink:
             registry=r,
         )
         self.cost = Counter(
-            "llmtally_cost_usd", "Cost in USD.", ["provider", "platform", "model", *tag_names], registry=r
+            "llmtally_cost_usd",
+            "Cost in USD, by what it bought: item tokens, or a line item (web_search …).",
+            ["provider", "platform", "model", "item", *tag_names],
+            registry=r,
         )
         self.unpriced = Counter(
             "llmtally_unpriced_requests",
@@ -138,7 +141,15 @@ class PrometheusSink:
                 self._child(self.tokens, provider, platform, model, token_type, *tag_values).inc(value)
         total = record.get("total_cost")
         if total is not None:
-            self._child(self.cost, provider, platform, model, *tag_values).inc(float(total))
+            items = [
+                i for i in record.get("line_items") or () if isinstance(i, dict) and i.get("cost") is not None
+            ]
+            tokens = float(total) - sum(float(i["cost"]) for i in items)
+            self._child(self.cost, provider, platform, model, "tokens", *tag_values).inc(max(tokens, 0.0))
+            for i in items:
+                self._child(self.cost, provider, platform, model, str(i.get("item")), *tag_values).inc(
+                    float(i["cost"])
+                )
         elif record.get("price_source") == "unknown_model" and record.get("usage_source") != "none":
             self._child(self.unpriced, provider, model).inc()
         if record.get("latency_ms") is not None:

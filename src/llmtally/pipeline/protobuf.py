@@ -53,6 +53,14 @@ def to_message(record: dict[str, Any]) -> pb.UsageRecord:
         if record.get(key) is not None:
             getattr(message, key).CopyFrom(money(record[key], currency))
     message.tags.update({str(k): str(v) for k, v in (record.get("tags") or {}).items()})
+    for item in record.get("line_items") or ():
+        line = message.line_items.add(
+            item=str(item.get("item")), quantity=int(item.get("quantity") or 0), unit=str(item.get("unit")),
+            source=str(item.get("source")),
+        )  # fmt: skip
+        for key in ("unit_price", "cost"):
+            if item.get(key) is not None:
+                getattr(line, key).CopyFrom(money(item[key], currency))
     return message
 
 

@@ -148,11 +148,13 @@ def group_value(record: dict[str, Any], key: str) -> str:
         return stamp[:10] if key == "day" else stamp[:13] + ":00"
     if key == "model":
         return str(record.get("model") or record.get("request_model") or "")
+    if key == "item":  # set on the parts of a record that item_parts() splits it into
+        return str(record.get("item") or "tokens")
     if key == "platform":  # records written before platforms existed were all direct
         return str(record.get("platform") or "direct")
     if key in ("provider", "endpoint", "usage_source", "price_source", "service_tier"):
         return str(record.get(key) or "")
-    raise ReportError(f"--by {key}: use provider, platform, model, endpoint, day, hour or tag:<key>")
+    raise ReportError(f"--by {key}: use provider, platform, model, item, endpoint, day, hour or tag:<key>")
 
 
 def build_report(
@@ -171,8 +173,30 @@ def build_report(
             if when is None or (since and when < since) or (until and when >= until):
                 continue
         totals.add(record)
-        groups.setdefault(tuple(group_value(record, k) for k in by), Totals()).add(record)
+        for part in item_parts(record) if "item" in by else (record,):
+            groups.setdefault(tuple(group_value(part, k) for k in by), Totals()).add(part)
     return totals, dict(sorted(groups.items(), key=lambda kv: (-kv[1].total_cost, kv[0])))
+
+
+def item_parts(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """A record as what it was billed for (``--by item``): its tokens (with their costs), and each line
+    item (its cost as ``total_cost``, no tokens). The parts' costs add up to the record's."""
+    items = [i for i in record.get("line_items") or () if isinstance(i, dict)]
+    if not items:
+        return [record]
+    tokens = dict(record, item="tokens")
+    if record.get("total_cost") is not None:
+        tokens["total_cost"] = _decimal(record.get("input_cost")) + _decimal(record.get("output_cost"))
+    parts = [tokens]
+    for item in items:
+        priced = item.get("cost") is not None
+        parts.append({
+            **{k: record.get(k) for k in ("provider", "platform", "model", "request_model", "endpoint",
+                                          "timestamp", "tags")},
+            "item": str(item.get("item")), "input_cost": 0, "output_cost": 0,
+            "total_cost": item.get("cost") if priced else None,
+        })  # fmt: skip
+    return parts
 
 
 def _money(value: Decimal) -> str:

@@ -38,6 +38,14 @@ def _decimals_as_json_numbers(
     for key, value in event_dict.items():
         if isinstance(value, Decimal):
             event_dict[key] = orjson.Fragment(decimal_text(value))
+    items = event_dict.get("line_items")
+    if items:  # their unit prices and costs are money too
+        event_dict["line_items"] = [
+            {k: orjson.Fragment(decimal_text(v)) if isinstance(v, Decimal) else v for k, v in item.items()}
+            if isinstance(item, dict)
+            else item
+            for item in items
+        ]
     return event_dict
 
 

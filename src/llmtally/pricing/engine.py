@@ -16,8 +16,10 @@ import logging
 import re
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import genai_prices
@@ -25,9 +27,10 @@ import orjson
 from genai_prices.data_snapshot import get_snapshot
 
 from llmtally.config import ModelPrice, PricingConfig
+from llmtally.pricing.fees import FEE_TABLE, ITEMS, THOUSAND
 from llmtally.pricing.files import PriceFile, load_price_file
 from llmtally.pricing.rates import RateSheet, cost, sheet_from_config, sheet_from_genai
-from llmtally.record import Cost, Provider, TokenUsage
+from llmtally.record import Cost, LineItem, Provider, TokenUsage
 
 log = logging.getLogger("llmtally.pricing")
 
@@ -70,6 +73,8 @@ class Quote:
     priced_as: str | None = None
     #: Why the price may differ from the bill (e.g. a service tier without price data).
     note: str | None = None
+    #: The call's billed units beyond tokens, priced where a price is known (in ``cost`` too).
+    line_items: tuple[LineItem, ...] = ()
 
 
 #: Dated snapshot and version suffixes: gpt-4o-2024-08-06, claude-sonnet-4-5-20250929,
@@ -168,6 +173,7 @@ class PriceBook:
         service_tier: str | None = None,
         inference_geo: str | None = None,
         price_provider: str | None = None,
+        line_items: Mapping[str, int] | None = None,
     ) -> Quote:
         """Price ``usage`` of ``model`` (the response's), falling back to ``request_model``. Never raises.
 
@@ -177,11 +183,11 @@ class PriceBook:
         if not model:
             model, request_model = request_model, None
         if not model:
-            return Quote(None, SOURCE_UNKNOWN, self.version)
+            return Quote(None, SOURCE_UNKNOWN, self.version, line_items=price_items(None, line_items))
         resolution = self._resolve(provider, model, request_model, price_provider)
         if resolution.source == SOURCE_UNKNOWN:
             self._unknown(provider, model)
-            return Quote(None, SOURCE_UNKNOWN, self.version)
+            return Quote(None, SOURCE_UNKNOWN, self.version, line_items=price_items(None, line_items))
         when = when or datetime.now(UTC)
         try:
             sheet, tier_priced = self._sheet(resolution, when, service_tier)
@@ -190,7 +196,7 @@ class PriceBook:
             sheet, tier_priced = None, True
         if sheet is None:
             self._unknown(provider, model)
-            return Quote(None, SOURCE_UNKNOWN, self.version)
+            return Quote(None, SOURCE_UNKNOWN, self.version, line_items=price_items(None, line_items))
         source = resolution.source if resolution.rule == "exact" else f"{resolution.source}:{resolution.rule}"
         notes = []
         if (service_tier or "").lower() in PREPAID_TIERS:
@@ -206,8 +212,13 @@ class PriceBook:
             notes.append(
                 f"inference_geo {inference_geo!r} surcharge is not in the price data: standard rates used"
             )
+        items = price_items(sheet, line_items)
+        notes += [
+            f"no price for {i.item} ({i.quantity} {i.unit}): not in the cost" for i in items if i.cost is None
+        ]
         note = "; ".join(notes) or None
-        return Quote(cost(sheet, usage), source, self.version, resolution.name, note)
+        priced = replace(cost(sheet, usage), line_items=items)
+        return Quote(priced, source, self.version, resolution.name, note, items)
 
     def _unknown(self, provider: Provider, model: str) -> None:
         self.unpriced[model] += 1
@@ -295,6 +306,28 @@ class PriceBook:
                 with self._lock:
                     self._sheets[key] = found
         return found
+
+
+def price_items(sheet: RateSheet | None, counts: Mapping[str, int] | None) -> tuple[LineItem, ...]:
+    """Each billed item at the model's price for it (genai-prices), else the fee table's, else none."""
+    if not counts:
+        return ()
+    out = []
+    for item, quantity in sorted(counts.items()):
+        kind = ITEMS.get(item)
+        unit = kind.unit if kind else "use"
+        per_1000 = sheet.fee(kind.genai_field) if sheet is not None and kind and kind.genai_field else None
+        if per_1000 is not None:
+            unit_price: Decimal | None = per_1000 / THOUSAND
+            source = SOURCE_GENAI_PRICES
+        elif item in FEE_TABLE:
+            fee = FEE_TABLE[item]
+            unit_price, source = fee.per_unit, f"fee_table:{fee.as_of}"
+        else:
+            unit_price, source = None, SOURCE_UNKNOWN
+        cost_of = quantity * unit_price if unit_price is not None else None
+        out.append(LineItem(item, quantity, unit, unit_price, cost_of, source))
+    return tuple(out)
 
 
 def _has_variant(model_info: Any, context: dict[str, str]) -> bool:

@@ -52,6 +52,11 @@ class RateSheet:
     base: Rates
     #: (threshold, rates), ascending: input above the threshold prices the whole request at the rates.
     tiers: tuple[tuple[int, Rates], ...] = ()
+    #: Per-use prices beyond tokens, by genai-prices field (``web_searches_kcount``: USD per 1,000).
+    fees: tuple[tuple[str, Decimal], ...] = ()
+
+    def fee(self, name: str) -> Decimal | None:
+        return next((price for key, price in self.fees if key == name), None)
 
     def rates_for(self, input_tokens: int) -> Rates:
         for above, rates in reversed(self.tiers):
@@ -115,7 +120,12 @@ def sheet_from_genai(model_price: Any) -> RateSheet | None:
             **{k: chosen[k] for k in RATE_KEYS if k not in ("input", "output")},
         )
 
-    return RateSheet(at(None), tuple((start, at(start)) for start in starts))
+    fees = tuple(
+        (name, value)
+        for name in ("web_searches_kcount", "storage_searches_kcount")
+        if isinstance(value := getattr(model_price, name, None), Decimal)
+    )
+    return RateSheet(at(None), tuple((start, at(start)) for start in starts), fees)
 
 
 def _is_tiered(value: Any) -> bool:

@@ -18,6 +18,7 @@ from llmtally.providers.base import (
     MeteredRequest,
     ResponseSummary,
     as_int,
+    count_of,
     get_path,
     parse_object,
     read_usage,
@@ -43,6 +44,18 @@ def usage_from_anthropic(usage: Any) -> TokenUsage | None:
         cache_write_1h_tokens=min(write_1h, cache_write) if cache_write else write_1h,
         reasoning_tokens=None,  # thinking is billed inside output_tokens and not reported apart
     )
+
+
+def line_items_from_anthropic(usage: Any) -> dict[str, int]:
+    """Server tools billed per use: ``usage.server_tool_use.web_search_requests`` / ``web_fetch_requests``."""
+    tools = get_path(usage, "server_tool_use")
+    if not isinstance(tools, dict):
+        return {}
+    counts = {
+        "web_search": count_of(tools.get("web_search_requests")),
+        "web_fetch": count_of(tools.get("web_fetch_requests")),
+    }
+    return {item: n for item, n in counts.items() if n}
 
 
 def _error(obj: Any) -> str | None:
@@ -95,6 +108,7 @@ class AnthropicAdapter:
             summary.model = obj["model"]
         usage = obj.get("usage")
         summary.usage = read_usage(summary, lambda: usage_from_anthropic(usage))
+        summary.line_items = line_items_from_anthropic(usage)
         tier = get_path(usage, "service_tier")
         summary.service_tier = tier if isinstance(tier, str) else None
         geo = get_path(usage, "inference_geo")
@@ -173,6 +187,7 @@ class _AnthropicStreamParser:
             if value is not None:
                 self._usage[key] = value
         self.summary.usage = read_usage(self.summary, lambda: usage_from_anthropic(self._usage))
+        self.summary.line_items = line_items_from_anthropic(self._usage)
         tier = self._usage.get("service_tier")
         if isinstance(tier, str):
             self.summary.service_tier = tier

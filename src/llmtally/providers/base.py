@@ -67,6 +67,9 @@ class ResponseSummary:
     usage_error: str | None = None
     #: The stream reached its documented end (final usage / terminal event).
     complete: bool = False
+    #: Billed units beyond tokens the response reports, item → count (``web_search``, ``web_fetch``,
+    #: ``file_search``, ``grounded_prompt``, ``web_search_query``): priced by the pricing engine.
+    line_items: dict[str, int] = field(default_factory=dict)
 
     def keep_text(self, text: str, kept: list[int]) -> None:
         """Remember output text up to MAX_KEPT_TEXT_CHARS (``kept`` is a 1-item running count)."""
@@ -177,6 +180,15 @@ def read_usage(summary: ResponseSummary, read: Callable[[], TokenUsage | None]) 
         if summary.usage_error is None:
             summary.usage_error = f"provider usage is not a token count ({exc})"
         return None
+
+
+def count_of(value: Any) -> int:
+    """A count a provider reports (web searches …): a whole number ≥ 0, else 0 (never raises)."""
+    return (
+        value
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_TOKEN_COUNT
+        else 0
+    )
 
 
 def as_list(value: Any) -> list[Any]:

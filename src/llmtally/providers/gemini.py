@@ -146,12 +146,24 @@ class GeminiAdapter:
         return Endpoint(provider="gemini", name=name, url_model=model, always_stream=stream)
 
 
+def grounding_items(model: str | None, queries: set[str], grounded: bool) -> dict[str, int]:
+    """Grounding with Google Search as Google bills it: Gemini 3 per search query the model ran,
+    earlier models per grounded prompt (a response with grounding metadata)."""
+    if not grounded:
+        return {}
+    if (model or "").removeprefix("models/").startswith("gemini-3"):
+        return {"web_search_query": len(queries)} if queries else {}
+    return {"grounded_prompt": 1}
+
+
 class _GeminiState:
-    __slots__ = ("_embedding", "_kept", "summary")
+    __slots__ = ("_embedding", "_grounded", "_kept", "_queries", "summary")
 
     def __init__(self, embedding: bool = False) -> None:
         self._embedding = embedding
         self._kept = [0]
+        self._queries: set[str] = set()
+        self._grounded = False
         self.summary = ResponseSummary()
 
     def on_object(self, obj: Any) -> None:
@@ -180,6 +192,13 @@ class _GeminiState:
                 continue
             if candidate.get("finishReason"):
                 summary.complete = True
+            grounding = candidate.get("groundingMetadata")
+            if isinstance(grounding, dict):
+                queries = [q for q in as_list(grounding.get("webSearchQueries")) if isinstance(q, str)]
+                if queries or grounding.get("groundingChunks"):
+                    self._grounded = True
+                    self._queries.update(queries)
+                    summary.line_items = grounding_items(summary.model, self._queries, self._grounded)
             for part in as_list(get_path(candidate, "content", "parts")):
                 if not isinstance(part, dict):
                     continue

@@ -117,6 +117,7 @@ class OpenAIAdapter:
         summary.model = _str_or_none(obj.get("model"))
         summary.service_tier = _str_or_none(obj.get("service_tier"))
         summary.usage = read_usage(summary, lambda: usage_from_openai(obj.get("usage")))
+        summary.line_items = line_items_from_responses(obj)
         if request.endpoint.name == "embeddings" and summary.usage is not None:
             summary.usage = TokenUsage(input_tokens=summary.usage.input_tokens)
         return summary
@@ -246,6 +247,8 @@ class _OpenAIStreamParser:
             usage = read_usage(self.summary, lambda: usage_from_openai(response.get("usage")))
             if usage is not None:
                 self.summary.usage = usage
+            if kind in ("response.completed", "response.incomplete", "response.failed"):
+                self.summary.line_items = line_items_from_responses(response)
         if kind in ("response.completed", "response.incomplete", "response.failed"):
             self.summary.complete = True
             if kind == "response.failed":
@@ -257,6 +260,20 @@ class _OpenAIStreamParser:
     def _keep(self, text: Any) -> None:
         if isinstance(text, str):
             self.summary.keep_text(text, self._kept)
+
+
+#: Responses API output items billed per call (beyond their tokens), by the item each is billed as.
+_BILLED_CALLS = {"web_search_call": "web_search", "file_search_call": "file_search"}
+
+
+def line_items_from_responses(response: Any) -> dict[str, int]:
+    """Hosted tool calls in a Responses ``output``: each ``web_search_call`` / ``file_search_call``."""
+    counts: dict[str, int] = {}
+    for item in as_list(get_path(response, "output")):
+        billed = _BILLED_CALLS.get(str(item.get("type"))) if isinstance(item, dict) else None
+        if billed is not None:
+            counts[billed] = counts.get(billed, 0) + 1
+    return counts
 
 
 class _InjectedUsageHider:

@@ -110,6 +110,20 @@ def _error_response(request: web.Request, status: int, kind: str, message: str) 
     return web.Response(body=_pretty(body), status=status, content_type="application/json")
 
 
+#: Server tool uses the fake reports for a request offering Anthropic's web search / web fetch tools.
+SERVER_TOOL_USES = {"web_search": ("web_search_requests", 2), "web_fetch": ("web_fetch_requests", 1)}
+
+
+def _with_server_tools(payload: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
+    used = {}
+    for tool in payload.get("tools") or ():
+        kind = str(tool.get("type", "")) if isinstance(tool, dict) else ""
+        for prefix, (field_name, count) in SERVER_TOOL_USES.items():
+            if kind.startswith(prefix + "_"):
+                used[field_name] = count
+    return {**usage, "server_tool_use": used} if used else usage
+
+
 def _snapshot(model: str) -> str:
     return SNAPSHOTS.get(model, model)
 
@@ -608,7 +622,11 @@ class FakeUpstream:
                 "content": content,
                 "stop_reason": "end_turn",
                 "stop_sequence": None,
-                "usage": self._anthropic_usage(self.config.usage.anthropic_output) if with_usage else None,
+                "usage": _with_server_tools(
+                    payload, self._anthropic_usage(self.config.usage.anthropic_output)
+                )
+                if with_usage
+                else None,
             }
             return web.Response(body=_compact(body), content_type="application/json", headers=headers)
 
@@ -646,7 +664,7 @@ class FakeUpstream:
         delta_usage: dict[str, Any] | None = None
         if with_usage:
             # Cumulative, repeating the input and cache fields as the real API does.
-            full = self._anthropic_usage(self.config.usage.anthropic_output)
+            full = _with_server_tools(payload, self._anthropic_usage(self.config.usage.anthropic_output))
             delta_usage = {k: full[k] for k in full if k not in ("cache_creation", "service_tier")}
         delta = {"stop_reason": "end_turn", "stop_sequence": None}
         yield "message_delta", {"delta": delta, "usage": delta_usage}
