@@ -119,7 +119,8 @@ def build_record(
         service_tier,
         geo,
         price_data_provider(exchange.platform, exchange.provider),
-        summary.line_items,
+        # A summary pickled before line items existed (a journal segment across an upgrade) has none.
+        getattr(summary, "line_items", None),
     )
     return UsageRecord(
         timestamp=_rfc3339(exchange.started_at),

@@ -117,3 +117,23 @@ async def test_a_client_knows_when_the_record_process_is_gone(tmp_path: Path) ->
     client.submit(_exchange(2))  # counted and logged, never raised into the proxy
     assert client.lost_records == 1
     await client.close()
+
+
+def test_a_summary_pickled_before_line_items_existed_still_gives_a_record() -> None:
+    from llmtally.config import CountersConfig, PricingConfig
+    from llmtally.counters import build_counters
+    from llmtally.metering import build_record
+    from llmtally.pricing import PriceBook
+
+    exchange = _exchange()
+    assert exchange.summary is not None
+    # What the version before line items pickled: its slots, without that one (pickle sets what it finds).
+    _, slots = exchange.summary.__getstate__()
+    del slots["line_items"]
+    old = ResponseSummary.__new__(ResponseSummary)
+    for name, value in slots.items():
+        setattr(old, name, value)
+    exchange.summary = pickle.loads(pickle.dumps(old))
+    counter = build_counters(CountersConfig())["openai"]
+    record = build_record(exchange, ADAPTERS["openai"], counter, PriceBook(PricingConfig()))
+    assert record.usage.input_tokens == 12 and record.line_items == () and record.cost is not None
