@@ -71,6 +71,12 @@ def test_price_overrides_are_decimal(tmp_path: Path) -> None:
         ('[pricing.models."m"]\ninput = 1\n', {}, "missing required key output"),
         ('[pricing.models."m"]\ninput = -1\noutput = 1\n', {}, "price must be a finite number >= 0"),
         ("[server\n", {}, "not valid TOML"),
+        (
+            "[azure_openai.deployment_types]\nprod = 'zonal'\n",
+            {},
+            "[azure_openai.deployment_types] prod: use one of global, data_zone, regional, got 'zonal'",
+        ),
+        ("[bedrock]\nsigning = 'sigv2'\n", {}, "must be one of 'resign', 'passthrough'"),
         ("", {"LLMTALLY_SERVER_PORT": "abc"}, "environment: LLMTALLY_SERVER_PORT: expected an integer"),
         ("", {"LLMTALLY_SERVER_PROT": "1"}, "LLMTALLY_SERVER_PROT names no configuration key"),
     ],

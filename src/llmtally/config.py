@@ -118,11 +118,17 @@ class BedrockConfig:
     region: str = ""
 
 
+AZURE_DEPLOYMENT_TYPES = ("global", "data_zone", "regional")
+
+
 @dataclass(frozen=True, slots=True)
 class AzureOpenAIConfig:
     #: Deployment name → the model it serves (``prod-chat = "gpt-4o-2024-08-06"``), for pricing
     #: when a response does not name its model.
     deployments: dict[str, str] = field(default_factory=dict)
+    #: Deployment name → its type, ``global`` (the default), ``data_zone`` or ``regional``: not on the
+    #: wire, and the price data has Global rates only, so other types are priced at those with a note.
+    deployment_types: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -543,6 +549,8 @@ def _coerce(tp: Any, value: Any, source: str, path: tuple[str, ...]) -> Any:
         optional = path[-1] in ("azure_openai", "vertex", "bedrock")  # a route that is off when empty
         if path[0] == "upstreams" and (path[-1] in ("openai", "anthropic", "gemini") or (optional and value)):
             _check_url(value.replace("{location}", "us-central1"), where)  # a template, with a region
+        if path[:2] == ("azure_openai", "deployment_types") and value not in AZURE_DEPLOYMENT_TYPES:
+            raise ConfigError(f"{where}: use one of {', '.join(AZURE_DEPLOYMENT_TYPES)}, got {value!r}")
         if path == ("upstreams", "ca_file") and value:
             _check_ca_file(value, where)
         if path[:2] == ("sinks", "webhook") and path[-1] == "url" and value:

@@ -53,6 +53,8 @@ class Exchange:
     #: The model to price by instead of the response's, when the route names it more exactly (a
     #: Bedrock inference profile); None: the response's, else the request's.
     price_model: str | None = None
+    #: What the route knows that makes the price differ from the bill (an Azure Data Zone deployment).
+    pricing_note: str | None = None
 
 
 class Meter(Protocol):

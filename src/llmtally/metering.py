@@ -138,7 +138,7 @@ def build_record(
         price_source=quote.price_source,
         price_version=quote.price_version,
         priced_model=quote.priced_as,
-        pricing_note=quote.note,
+        pricing_note="; ".join(n for n in (exchange.pricing_note, quote.note) if n) or None,
         latency_ms=round(exchange.latency_ms, 3),
         ttfb_ms=round(exchange.ttfb_ms, 3) if exchange.ttfb_ms is not None else None,
         client_disconnected=exchange.client_disconnected,

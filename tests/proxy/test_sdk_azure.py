@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from decimal import Decimal
 from typing import Any
 
 import openai
@@ -13,7 +14,7 @@ from llmtally.testing import FakeUpstream
 from llmtally.testing.fake_azure import DEPLOYMENTS
 from llmtally.testing.harness import RunningProxy, config_for_upstream, start_proxy
 from tests.conftest import API_KEY, MakeProxy
-from tests.proxy.helpers import assert_usage, only_record
+from tests.proxy.helpers import assert_usage, money, only_record
 from tests.proxy.test_sdk_openai import GPT4O
 
 MESSAGES: Any = [{"role": "user", "content": "Say hello"}]
@@ -134,3 +135,19 @@ async def test_passthrough_calls_reach_the_resource(
         await via.chat.completions.create(model="no-such-deployment", messages=MESSAGES)
     record = await only_record(azure_proxy)
     assert record["status"] == 404
+
+
+async def test_a_data_zone_deployment_is_priced_at_global_rates_and_says_so(make_proxy: MakeProxy) -> None:
+    deployments = AzureOpenAIConfig(
+        deployments=dict(DEPLOYMENTS), deployment_types={"prod-chat": "data_zone"}
+    )
+    proxy = await make_proxy(Config(azure_openai=deployments))
+    note = "Azure data_zone deployment: the price data has Global rates only, used here"
+    await classic(f"{proxy.url}/azure-openai").chat.completions.create(model="prod-chat", messages=MESSAGES)
+    record = await only_record(proxy)
+    assert record["pricing_note"] == note and money(record["total_cost"]) == Decimal(PROD_CHAT["total_cost"])
+    v1 = openai.AsyncOpenAI(api_key=API_KEY, base_url=f"{proxy.url}/azure-openai/openai/v1/", max_retries=0)
+    await v1.chat.completions.create(model="prod-chat", messages=MESSAGES)
+    assert (await only_record(proxy))["pricing_note"] == note
+    await v1.chat.completions.create(model="mini", messages=MESSAGES)  # a Global deployment: no note
+    assert (await only_record(proxy))["pricing_note"] is None

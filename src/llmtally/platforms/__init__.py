@@ -43,7 +43,12 @@ def build_platforms(config: Config) -> dict[str, Platform]:
         DirectPlatform("gemini", URL(upstreams.gemini)),
     ]
     if upstreams.azure_openai:
-        platforms.append(AzureOpenAIPlatform(URL(upstreams.azure_openai), config.azure_openai.deployments))
+        azure_openai = config.azure_openai
+        platforms.append(
+            AzureOpenAIPlatform(
+                URL(upstreams.azure_openai), azure_openai.deployments, azure_openai.deployment_types
+            )
+        )
     if upstreams.vertex:
         platforms.append(VertexPlatform(upstreams.vertex))
     if upstreams.bedrock:

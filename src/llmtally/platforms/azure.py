@@ -46,11 +46,18 @@ class AzureOpenAIPlatform:
     name: PlatformName = "azure"
     prefix = "azure-openai"
 
-    __slots__ = ("_deployments", "_passthrough", "_routes", "upstream")
+    __slots__ = ("_deployments", "_notes", "_passthrough", "_routes", "upstream")
 
-    def __init__(self, upstream: URL, deployments: Mapping[str, str]) -> None:
+    def __init__(
+        self, upstream: URL, deployments: Mapping[str, str], deployment_types: Mapping[str, str] | None = None
+    ) -> None:
         self.upstream = upstream
         self._deployments = dict(deployments)
+        self._notes = {
+            name: f"Azure {kind} deployment: the price data has Global rates only, used here"
+            for name, kind in (deployment_types or {}).items()
+            if kind != "global"
+        }
         self._passthrough = Route("azure", self.prefix, "openai", None, upstream)
         #: Routes by (path, api-version).
         self._routes: dict[tuple[str, str | None], Route] = {}
@@ -93,4 +100,9 @@ class AzureOpenAIPlatform:
             model=model,
             models=self._deployments,
             stream_usage=stream_usage,
+            pricing_notes={deployment: self._notes[deployment]}
+            if deployment in self._notes
+            else self._notes
+            if deployment is None
+            else {},
         )

@@ -40,6 +40,9 @@ class Route:
     #: Price by ``model`` (the URL's) rather than the response's: the URL names what is billed more
     #: exactly (a Bedrock inference profile: ``us.`` and ``global.`` are priced apart).
     price_by_route_model: bool = False
+    #: Why the price may differ from the bill, for calls naming a model the route knows more about (an
+    #: Azure deployment of a type the price data has no rates for): by the name the call used.
+    pricing_notes: Mapping[str, str] = field(default_factory=dict)
     #: Signs the request for the upstream: ``sign(method, url, headers, body)`` → the headers to send.
     sign: Callable[[str, str, list[tuple[str, str]], bytes], list[tuple[str, str]]] | None = None
 

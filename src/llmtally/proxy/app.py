@@ -432,10 +432,16 @@ def new_metered_call(
     headers, tags = _upstream_headers(client_headers, metered=True)
     inject = state.config.metering.inject_stream_usage and route.stream_usage
     metered = adapter.prepare(endpoint, body, query, inject)
+    named = metered.model  # as the call named it (a v1 Azure call's deployment)
     if route.model is not None:  # named by the URL (an Azure deployment, a Bedrock model id)
         metered.model = route.model
     elif metered.model is not None and metered.model in route.models:
         metered.model = route.models[metered.model]
+    pricing_note = None
+    if route.pricing_notes:
+        pricing_note = route.pricing_notes.get(named or "") or (
+            next(iter(route.pricing_notes.values())) if route.model is not None else None
+        )
     if route.framing is not None:  # the URL says it streams, in the platform's framing
         metered.stream, metered.stream_format = True, route.framing
     if metered.injected_usage:  # the stream is edited: it must arrive uncompressed
@@ -455,6 +461,7 @@ def new_metered_call(
         # counting thread measured worse tail latency under load (docs/performance.md).
         count_input=state.config.metering.estimate_input,
         price_model=route.model if route.price_by_route_model else None,
+        pricing_note=pricing_note,
     )
     return MeteredCall(state, down, adapter, metered, exchange, origin, path_qs, headers, t0)
 
