@@ -215,6 +215,8 @@ class PricingConfig:
     models: dict[str, ModelPrice] = field(default_factory=dict)
     #: ``"my-deployment" = "gpt-4o"``: price a name as another model.
     aliases: dict[str, str] = field(default_factory=dict)
+    #: Line item → USD per use (``web_search = "0.01"``): wins over genai-prices and the fee table.
+    fees: dict[str, Decimal] = field(default_factory=dict)
     #: A prices file (llmtally TOML or LiteLLM's model_prices_and_context_window.json); empty: none.
     file: str = ""
     #: Seconds between checks of the config and prices files for changes (0: only on SIGHUP).
@@ -534,7 +536,8 @@ def _coerce(tp: Any, value: Any, source: str, path: tuple[str, ...]) -> Any:
         return float(value)
     if tp is Decimal:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise ConfigError(f"{where}: expected a price in USD per 1M tokens, got {_describe(value)}")
+            unit = "per use" if path[:2] == ("pricing", "fees") else "per 1M tokens"
+            raise ConfigError(f"{where}: expected a price in USD {unit}, got {_describe(value)}")
         try:
             # str() first: Decimal(0.1) would carry the float's binary error into money.
             dec = Decimal(str(value))

@@ -296,3 +296,12 @@ def test_an_item_without_a_price_is_null_and_said_never_zero() -> None:
     assert quote.note == "no price for code_execution (2 use): not in the cost"
     unknown_model = BOOK.quote("anthropic", "no-such-model", TokenUsage(1, 1), line_items={"web_search": 1})
     assert unknown_model.cost is None and [i.quantity for i in unknown_model.line_items] == [1]
+
+
+def test_a_configured_fee_wins_and_changes_the_price_version() -> None:
+    book = PriceBook(PricingConfig(fees={"web_search": Decimal("0.012"), "code_execution": Decimal("0.05")}))
+    quote = book.quote("anthropic", "claude-sonnet-4-5", TokenUsage(100, 10),
+                       line_items={"web_search": 2, "code_execution": 1})  # fmt: skip
+    assert {i.item: (i.cost, i.source) for i in quote.line_items} == {
+        "web_search": (Decimal("0.024"), "config"), "code_execution": (Decimal("0.05"), "config")}  # fmt: skip
+    assert book.version != BOOK.version

@@ -132,6 +132,7 @@ class PriceBook:
 
     def __init__(self, config: PricingConfig, price_file: PriceFile | None = None) -> None:
         self._overrides = dict(config.models)
+        self._fees = dict(config.fees)
         self._aliases = dict(config.aliases)
         if price_file is None and config.file:
             price_file = load_price_file(config.file)  # raises PriceFileError
@@ -155,6 +156,7 @@ class PriceBook:
         material = {
             "overrides": {name: rates(p) for name, p in sorted(self._overrides.items())},
             "aliases": dict(sorted(self._aliases.items())),
+            "fees": {item: str(price) for item, price in sorted(self._fees.items())},
             "file": hashlib.sha256(self.price_file.content).hexdigest() if self.price_file else None,
             "genai_prices": genai_prices.__version__,
             "snapshot": self._snapshot.timestamp.isoformat()
@@ -183,11 +185,15 @@ class PriceBook:
         if not model:
             model, request_model = request_model, None
         if not model:
-            return Quote(None, SOURCE_UNKNOWN, self.version, line_items=price_items(None, line_items))
+            return Quote(
+                None, SOURCE_UNKNOWN, self.version, line_items=price_items(None, line_items, self._fees)
+            )
         resolution = self._resolve(provider, model, request_model, price_provider)
         if resolution.source == SOURCE_UNKNOWN:
             self._unknown(provider, model)
-            return Quote(None, SOURCE_UNKNOWN, self.version, line_items=price_items(None, line_items))
+            return Quote(
+                None, SOURCE_UNKNOWN, self.version, line_items=price_items(None, line_items, self._fees)
+            )
         when = when or datetime.now(UTC)
         try:
             sheet, tier_priced = self._sheet(resolution, when, service_tier)
@@ -196,7 +202,9 @@ class PriceBook:
             sheet, tier_priced = None, True
         if sheet is None:
             self._unknown(provider, model)
-            return Quote(None, SOURCE_UNKNOWN, self.version, line_items=price_items(None, line_items))
+            return Quote(
+                None, SOURCE_UNKNOWN, self.version, line_items=price_items(None, line_items, self._fees)
+            )
         source = resolution.source if resolution.rule == "exact" else f"{resolution.source}:{resolution.rule}"
         notes = []
         if (service_tier or "").lower() in PREPAID_TIERS:
@@ -212,7 +220,7 @@ class PriceBook:
             notes.append(
                 f"inference_geo {inference_geo!r} surcharge is not in the price data: standard rates used"
             )
-        items = price_items(sheet, line_items)
+        items = price_items(sheet, line_items, self._fees)
         notes += [
             f"no price for {i.item} ({i.quantity} {i.unit}): not in the cost" for i in items if i.cost is None
         ]
@@ -308,8 +316,11 @@ class PriceBook:
         return found
 
 
-def price_items(sheet: RateSheet | None, counts: Mapping[str, int] | None) -> tuple[LineItem, ...]:
-    """Each billed item at the model's price for it (genai-prices), else the fee table's, else none."""
+def price_items(
+    sheet: RateSheet | None, counts: Mapping[str, int] | None, fees: Mapping[str, Decimal] | None = None
+) -> tuple[LineItem, ...]:
+    """Each billed item at the configured fee (``[pricing.fees]``), else the model's price for it
+    (genai-prices), else the fee table's, else none."""
     if not counts:
         return ()
     out = []
@@ -317,9 +328,11 @@ def price_items(sheet: RateSheet | None, counts: Mapping[str, int] | None) -> tu
         kind = ITEMS.get(item)
         unit = kind.unit if kind else "use"
         per_1000 = sheet.fee(kind.genai_field) if sheet is not None and kind and kind.genai_field else None
-        if per_1000 is not None:
-            unit_price: Decimal | None = per_1000 / THOUSAND
-            source = SOURCE_GENAI_PRICES
+        unit_price: Decimal | None
+        if fees and item in fees:
+            unit_price, source = fees[item], SOURCE_CONFIG
+        elif per_1000 is not None:
+            unit_price, source = per_1000 / THOUSAND, SOURCE_GENAI_PRICES
         elif item in FEE_TABLE:
             fee = FEE_TABLE[item]
             unit_price, source = fee.per_unit, f"fee_table:{fee.as_of}"
