@@ -116,6 +116,9 @@ class BedrockConfig:
     signing: Literal["resign", "passthrough"] = "resign"
     #: The region to sign for (empty: read from the upstream's host name).
     region: str = ""
+    #: Application inference profile (its ARN, or the id at its end) → the model it routes to, for
+    #: pricing: the ARN does not say which model it is.
+    inference_profiles: dict[str, str] = field(default_factory=dict)
 
 
 AZURE_DEPLOYMENT_TYPES = ("global", "data_zone", "regional")

@@ -55,6 +55,8 @@ class Exchange:
     price_model: str | None = None
     #: What the route knows that makes the price differ from the bill (an Azure Data Zone deployment).
     pricing_note: str | None = None
+    #: The response headers the dialect reads usage from (``ProviderAdapter.usage_headers``), as sent.
+    usage_headers: dict[str, str] | None = None
 
 
 class Meter(Protocol):

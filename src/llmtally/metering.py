@@ -18,6 +18,7 @@ from llmtally.exchange import Exchange
 from llmtally.platforms import price_data_provider, stream_parser
 from llmtally.pricing import PriceBook
 from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter, ResponseSummary
+from llmtally.providers.base import read_usage
 from llmtally.providers.encoding import UndecodableBody, decode_body
 from llmtally.record import TokenUsage, UsageRecord, UsageSource
 
@@ -87,6 +88,12 @@ def build_record(
             summary = _parse_stream(exchange, adapter, exchange.response_body)
         else:
             summary = adapter.parse_response(request, exchange.response_body)
+    headers = exchange.usage_headers
+    if headers and exchange.status is not None and 200 <= exchange.status < 300:
+        # What the platform bills by (Bedrock's count headers) wins over the body's own counts.
+        from_headers = read_usage(summary, lambda: adapter.usage_from_headers(headers))
+        if from_headers is not None:
+            summary.usage = from_headers
     # Usage with a value that is not a token count is not trusted at all: estimated, and said so.
     reported = summary.usage if summary.usage_error is None else None
     usage_error = f"{summary.usage_error}: estimated instead" if summary.usage_error else None

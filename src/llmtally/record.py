@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Literal
 
 #: The API dialect a call spoke: the three providers' own, and Bedrock's Converse (any model).
-Provider = Literal["openai", "anthropic", "gemini", "converse"]
+Provider = Literal["openai", "anthropic", "gemini", "converse", "invoke"]
 #: The route a call was billed through; ``provider`` stays the API dialect (``openai`` for Azure,
 #: ``gemini`` for Vertex Gemini, ``anthropic`` for Claude on Vertex or Bedrock).
 PlatformName = Literal["direct", "azure", "vertex", "bedrock"]

@@ -66,9 +66,16 @@ def test_wire_form_round_trips_every_field() -> None:
 
 def test_a_wire_tuple_from_before_platforms_reads_as_direct() -> None:
     # Journal segments outlive an upgrade: a frame written without the platform is a direct call.
-    old = exchange_to_wire(_exchange())[:-3]
+    old = exchange_to_wire(_exchange())[:-4]
     back = exchange_from_wire(old)
     assert back.platform == "direct" and back.request_id == "id-0" and back.count_input is True
+    assert back.usage_headers is None
+
+
+def test_a_wire_tuple_from_before_usage_headers_keeps_its_platform() -> None:
+    old = exchange_to_wire(_exchange())[:-1]
+    back = exchange_from_wire(old)
+    assert back.platform == "azure" and back.usage_headers is None
 
 
 def test_wire_form_keeps_an_unparsable_request_as_it_was() -> None:

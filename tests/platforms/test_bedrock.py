@@ -152,8 +152,18 @@ def test_claude_invocations_are_metered_by_the_anthropic_dialect(
 @pytest.mark.parametrize(
     "tail",
     [
-        "model/amazon.nova-pro-v1:0/invoke",  # not Claude: its body is not the Anthropic dialect
+        "model/amazon.nova-pro-v1:0/invoke",  # not Claude: Bedrock's own counts, the invoke dialect
         "model/arn:aws:bedrock:eu-west-1:123456789012:application-inference-profile/a1b2c3/invoke",
+    ],
+)
+def test_other_invocations_are_metered_by_the_invoke_dialect(tail: str) -> None:
+    route = _bedrock().route("POST", tail, {})
+    assert route.endpoint is not None and route.dialect == "invoke" and route.price_by_route_model
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
         "model/anthropic.claude-sonnet-4-5-20250929-v1:0/count-tokens",
         "guardrail/g1/version/1/apply",
     ],

@@ -7,7 +7,7 @@ from llmtally.counters.anthropic import AnthropicCounter, Calibration
 from llmtally.counters.base import ChatInput, TokenCount, TokenCounter
 from llmtally.counters.bundled import TokenizerUnavailable
 from llmtally.counters.cache import TokenCache
-from llmtally.counters.converse import ConverseCounter
+from llmtally.counters.converse import ConverseCounter, InvokeCounter
 from llmtally.counters.gemini import GeminiCounter
 from llmtally.counters.openai import OpenAICounter
 from llmtally.record import Provider
@@ -25,6 +25,7 @@ def build_counters(
         "openai": OpenAICounter(cache),
         "anthropic": AnthropicCounter(cache),
         "converse": ConverseCounter(cache),
+        "invoke": InvokeCounter(cache),
         "gemini": GeminiCounter(
             config.gemini.tokenizer, load_on_demand=load_on_demand, cache=cache, strict=strict
         ),

@@ -72,3 +72,36 @@ def _block_texts(block: Any) -> list[str]:
         if key in block:
             return text_of(block[key])
     return []
+
+
+#: Request fields of InvokeModel bodies that hold the prompt, by vendor: Llama / Mistral / DeepSeek
+#: ``prompt``, Titan ``inputText``, Nova ``messages`` + ``system``, Cohere ``message`` + ``chat_history``.
+_INVOKE_PROMPT_FIELDS = ("prompt", "inputText", "messages", "system", "message", "chat_history", "preamble")
+
+
+class InvokeCounter(ConverseCounter):
+    """Local input estimates for InvokeModel's model-native bodies: every string of the fields that
+    hold the prompt, with the same calibrated o200k estimate (each count says it is one)."""
+
+    provider: Provider = "invoke"
+
+    def count_request(self, model: str, endpoint: str, payload: dict[str, Any]) -> TokenCount:
+        texts: list[str] = []
+        for key in _INVOKE_PROMPT_FIELDS:
+            if key in payload:
+                _strings(payload[key], texts)
+        return self._estimate(model, texts, 0, None)
+
+
+def _strings(value: Any, out: list[str]) -> None:
+    """Every string value (not key) inside a JSON value, in order; ``role`` values left out.
+    Iterative: a hostile body may nest as deep as the JSON parser allows."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, dict):
+            stack.extend(reversed([v for k, v in item.items() if k != "role"]))

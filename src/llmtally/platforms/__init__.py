@@ -63,7 +63,7 @@ class PlatformConfigError(ValueError):
 def _bedrock(config: Config) -> bedrock.BedrockPlatform:
     upstream = URL(config.upstreams.bedrock)
     if config.bedrock.signing == "passthrough":
-        return bedrock.BedrockPlatform(upstream, None)
+        return bedrock.BedrockPlatform(upstream, None, config.bedrock.inference_profiles)
     region = config.bedrock.region or bedrock.region_of(upstream)
     if not region:
         raise PlatformConfigError(
@@ -88,7 +88,7 @@ def _bedrock(config: Config) -> bedrock.BedrockPlatform:
     def sign(method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> list[tuple[str, str]]:
         return resigner.sign(method, url, headers, body).headers
 
-    return bedrock.BedrockPlatform(upstream, sign)
+    return bedrock.BedrockPlatform(upstream, sign, config.bedrock.inference_profiles)
 
 
 #: Platform framings around a dialect's stream (``MeteredRequest.stream_format``).

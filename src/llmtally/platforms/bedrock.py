@@ -3,8 +3,10 @@ dialect's own events).
 
 Metered: ``model/{modelId}/invoke`` and ``/invoke-with-response-stream`` for Claude models (bare ids,
 cross-region inference profiles ``us.`` / ``eu.`` / ``global.`` …, and foundation-model or inference-
-profile ARNs), read by the Anthropic parser; ``/converse`` and ``/converse-stream`` for any model, read
-by the Converse parser. Priced by the URL's model id with Bedrock's prices.
+profile ARNs), read by the Anthropic parser, and for every other model by the ``invoke`` dialect
+(Bedrock's count headers and invocation metrics); ``/converse`` and ``/converse-stream`` for any model,
+read by the Converse parser. Priced by the URL's model id (an application inference profile's by
+``[bedrock.inference_profiles]``) with Bedrock's prices.
 
 ``InvokeModelWithResponseStream`` sends each of the model's events (Claude's ``message_start`` …
 ``message_stop``) base64-encoded in ``{"bytes": …}`` inside an event-stream ``chunk`` message. Messages
@@ -29,11 +31,12 @@ from llmtally.platforms.base import PlatformName, Route
 from llmtally.providers import ADAPTERS
 from llmtally.providers.base import MeteredRequest, ProviderAdapter, ResponseSummary, StreamParser
 from llmtally.providers.converse import CONVERSE, CONVERSE_STREAM
+from llmtally.providers.invoke import INVOKE, INVOKE_STREAM
 from llmtally.record import Provider
 
 #: genai-prices' provider for Bedrock: its model ids (``anthropic.claude-…-v1:0``, with the ``us.`` /
 #: ``eu.`` / ``global.`` inference-profile prefixes and ARNs) and the regional vs global rates.
-PRICE_DATA: Mapping[Provider, str] = {"anthropic": "aws", "converse": "aws"}
+PRICE_DATA: Mapping[Provider, str] = {"anthropic": "aws", "converse": "aws", "invoke": "aws"}
 
 
 class FrameError(ValueError):
@@ -200,17 +203,21 @@ Signer = Callable[[str, str, list[tuple[str, str]], bytes], list[tuple[str, str]
 
 
 class BedrockPlatform:
-    """Amazon Bedrock's runtime under ``/bedrock``: InvokeModel (and its stream) for Claude, metered
-    by the Anthropic parser; every other operation forwarded unmetered (re-signed when signing is)."""
+    """Amazon Bedrock's runtime under ``/bedrock``: InvokeModel (and its stream), metered by the
+    Anthropic parser for Claude and by the ``invoke`` dialect (Bedrock's count headers and invocation
+    metrics) for every other model; Converse for any model; every other operation forwarded unmetered
+    (re-signed when signing is)."""
 
     name: PlatformName = "bedrock"
     prefix = "bedrock"
 
-    __slots__ = ("_passthrough", "_routes", "_sign", "upstream")
+    __slots__ = ("_passthrough", "_profiles", "_routes", "_sign", "upstream")
 
-    def __init__(self, upstream: URL, sign: Signer | None) -> None:
+    def __init__(self, upstream: URL, sign: Signer | None, profiles: Mapping[str, str] | None = None) -> None:
         self.upstream = upstream
         self._sign = sign
+        #: Application inference profile (ARN or id) → model, from ``[bedrock.inference_profiles]``.
+        self._profiles = dict(profiles or {})
         self._passthrough = Route("bedrock", self.prefix, "anthropic", None, upstream, sign=sign)
         self._routes: dict[str, Route] = {}
 
@@ -225,26 +232,47 @@ class BedrockPlatform:
             self._routes[tail] = route
         return route
 
+    def model_of(self, model_id: str) -> str | None:
+        """The model a URL's model id names: a configured application inference profile's, else
+        :func:`model_of`'s (None: an application inference profile nobody configured)."""
+        mapped = self._profiles.get(model_id)
+        if mapped is None:
+            arn = _ARN.fullmatch(model_id)
+            mapped = self._profiles.get(arn["id"]) if arn is not None else None
+        return mapped or model_of(model_id)
+
     def _parse(self, tail: str) -> Route:
         call = _MODEL_CALL.fullmatch(tail)
         if call is None:
             return self._passthrough  # count tokens, guardrails …: forwarded, not metered
-        model = model_of(call["model"])
-        if call["op"].startswith("converse"):  # one dialect for every model
-            streamed = call["op"] == "converse-stream"
+        model = self.model_of(call["model"])
+        notes = {} if model is not None else {"": _UNKNOWN_PROFILE.format(call["model"])}
+        op = call["op"]
+        if op.startswith("converse"):  # one dialect for every model
+            streamed = op == "converse-stream"
             return Route(
                 "bedrock", self.prefix, "converse", CONVERSE_STREAM if streamed else CONVERSE, self.upstream,
                 model=model or call["model"], framing=TYPED_EVENT_STREAM if streamed else None,
-                price_by_route_model=True, sign=self._sign,
+                price_by_route_model=True, pricing_notes=notes, sign=self._sign,
             )  # fmt: skip
-        if model is None or not _CLAUDE.fullmatch(model):
-            return self._passthrough  # a model whose body dialect the URL does not say
-        endpoint = ADAPTERS["anthropic"].route("v1/messages")
-        streamed = call["op"] == "invoke-with-response-stream"
+        streamed = op == "invoke-with-response-stream"
+        if model is not None and _CLAUDE.fullmatch(model):
+            endpoint = ADAPTERS["anthropic"].route("v1/messages")
+            return Route(
+                "bedrock", self.prefix, "anthropic", endpoint, self.upstream, model=model,
+                framing=EVENT_STREAM if streamed else None, price_by_route_model=True, sign=self._sign,
+            )  # fmt: skip
+        # Another vendor's body (or a profile whose model is unknown): Bedrock's own counts.
         return Route(
-            "bedrock", self.prefix, "anthropic", endpoint, self.upstream, model=model,
-            framing=EVENT_STREAM if streamed else None, price_by_route_model=True, sign=self._sign,
+            "bedrock", self.prefix, "invoke", INVOKE_STREAM if streamed else INVOKE, self.upstream,
+            model=model or call["model"], framing=EVENT_STREAM if streamed else None,
+            price_by_route_model=True, pricing_notes=notes, sign=self._sign,
         )  # fmt: skip
+
+
+_UNKNOWN_PROFILE = (
+    "application inference profile {} names no model: map it in [bedrock.inference_profiles] to price it"
+)
 
 
 def stream_parser(adapter: ProviderAdapter, request: MeteredRequest) -> StreamParser:

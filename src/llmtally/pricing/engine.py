@@ -36,7 +36,7 @@ log = logging.getLogger("llmtally.pricing")
 
 #: genai-prices' provider ids.
 GENAI_PROVIDER_IDS: dict[Provider, str] = {
-    "openai": "openai", "anthropic": "anthropic", "gemini": "google", "converse": "aws",
+    "openai": "openai", "anthropic": "anthropic", "gemini": "google", "converse": "aws", "invoke": "aws",
 }  # fmt: skip
 
 SOURCE_CONFIG = "config"

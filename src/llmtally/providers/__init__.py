@@ -13,6 +13,7 @@ from llmtally.providers.base import (
 )
 from llmtally.providers.converse import ConverseAdapter
 from llmtally.providers.gemini import GeminiAdapter
+from llmtally.providers.invoke import InvokeAdapter
 from llmtally.providers.openai import OpenAIAdapter
 from llmtally.record import Provider
 
@@ -21,6 +22,7 @@ ADAPTERS: dict[Provider, ProviderAdapter] = {
     "anthropic": AnthropicAdapter(),
     "gemini": GeminiAdapter(),
     "converse": ConverseAdapter(),
+    "invoke": InvokeAdapter(),
 }
 
 __all__ = [

@@ -68,6 +68,7 @@ def _error(obj: Any) -> str | None:
 class AnthropicAdapter:
     name: Provider = "anthropic"
     request_id_header: str | None = "request-id"
+    usage_headers: tuple[str, ...] = ()
 
     def route(self, subpath: str) -> Endpoint | None:
         return _MESSAGES if subpath.rstrip("/") == "v1/messages" else None
@@ -114,6 +115,9 @@ class AnthropicAdapter:
         geo = get_path(usage, "inference_geo")
         summary.inference_geo = geo if isinstance(geo, str) else None
         return summary
+
+    def usage_from_headers(self, headers: Mapping[str, str]) -> TokenUsage | None:
+        return None  # the body carries the usage
 
     def stream_parser(self, request: MeteredRequest) -> _AnthropicStreamParser:
         return _AnthropicStreamParser()

@@ -107,6 +107,9 @@ class ProviderAdapter(Protocol):
     name: Provider
     #: Response header carrying the provider's request id, if it sends one.
     request_id_header: str | None
+    #: Response headers that carry token counts (Bedrock's on InvokeModel), kept for
+    #: :meth:`usage_from_headers`; empty for dialects whose usage is in the body.
+    usage_headers: tuple[str, ...]
 
     def route(self, subpath: str) -> Endpoint | None:
         """Map the path after ``/<provider>/`` to a metered endpoint, or None to pass through."""
@@ -120,6 +123,11 @@ class ProviderAdapter(Protocol):
 
     def parse_response(self, request: MeteredRequest, body: bytes) -> ResponseSummary:
         """Parse a complete (non-streamed) response body; never raises."""
+        ...
+
+    def usage_from_headers(self, headers: Mapping[str, str]) -> TokenUsage | None:
+        """Usage from the response headers named in ``usage_headers`` (they win over the body's:
+        they are what the platform bills); None when there is none. May raise InvalidUsage."""
         ...
 
     def stream_parser(self, request: MeteredRequest) -> StreamParser:

@@ -55,6 +55,7 @@ def _tier(payload: Mapping[str, Any]) -> str | None:
 class ConverseAdapter:
     name: Provider = "converse"
     request_id_header: str | None = "x-amzn-RequestId"
+    usage_headers: tuple[str, ...] = ()
 
     def route(self, subpath: str) -> Endpoint | None:
         return None  # only the Bedrock platform routes here (the model is in its URL)
@@ -96,6 +97,9 @@ class ConverseAdapter:
         tier = get_path(obj, "serviceTier", "type")
         summary.service_tier = tier if isinstance(tier, str) else None
         return summary
+
+    def usage_from_headers(self, headers: Mapping[str, str]) -> TokenUsage | None:
+        return None  # the body carries the usage
 
     def stream_parser(self, request: MeteredRequest) -> ConverseStreamParser:
         return ConverseStreamParser()

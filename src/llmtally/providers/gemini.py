@@ -82,6 +82,7 @@ def _route(subpath: str) -> Endpoint | None:
 class GeminiAdapter:
     name: Provider = "gemini"
     request_id_header: str | None = None
+    usage_headers: tuple[str, ...] = ()
 
     def route(self, subpath: str) -> Endpoint | None:
         return _route(subpath)
@@ -121,6 +122,9 @@ class GeminiAdapter:
         state.on_object(obj)
         state.summary.complete = True
         return state.summary
+
+    def usage_from_headers(self, headers: Mapping[str, str]) -> TokenUsage | None:
+        return None  # the body carries the usage
 
     def stream_parser(self, request: MeteredRequest) -> _GeminiStreamParser:
         return _GeminiStreamParser(request.stream_format == "sse")

@@ -75,6 +75,7 @@ def error_from_body(obj: Any) -> str | None:
 class OpenAIAdapter:
     name: Provider = "openai"
     request_id_header: str | None = "x-request-id"
+    usage_headers: tuple[str, ...] = ()
 
     def route(self, subpath: str) -> Endpoint | None:
         return _ROUTES.get(subpath.rstrip("/"))
@@ -121,6 +122,9 @@ class OpenAIAdapter:
         if request.endpoint.name == "embeddings" and summary.usage is not None:
             summary.usage = TokenUsage(input_tokens=summary.usage.input_tokens)
         return summary
+
+    def usage_from_headers(self, headers: Mapping[str, str]) -> TokenUsage | None:
+        return None  # the body carries the usage
 
     def stream_parser(self, request: MeteredRequest) -> _OpenAIStreamParser:
         return _OpenAIStreamParser(request)

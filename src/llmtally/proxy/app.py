@@ -303,6 +303,11 @@ def header_text(value: str) -> str:
         return raw.decode("latin-1")
 
 
+def _kept_headers(headers: Mapping[str, str], names: tuple[str, ...]) -> dict[str, str] | None:
+    kept = {name: value for name in names if (value := headers.get(name)) is not None}
+    return kept or None
+
+
 def _client_headers(upstream: CIMultiDictProxy[str], keep_length: bool) -> list[tuple[str, str]]:
     connection_tokens = {t.strip().lower() for t in upstream.get("Connection", "").split(",")}
     out: list[tuple[str, str]] = []
@@ -654,6 +659,8 @@ class MeteredCall:
         exchange.status = upstream.status
         if self.adapter.request_id_header:
             exchange.upstream_request_id = upstream.headers.get(self.adapter.request_id_header)
+        if self.adapter.usage_headers:
+            exchange.usage_headers = _kept_headers(upstream.headers, self.adapter.usage_headers)
         if upstream.error is not None and not upstream.body_arrived:
             # The body failed in the read that brought its head: nothing went to the client yet, so
             # it gets a 502; the record keeps the upstream's status and says what failed.

@@ -12,6 +12,12 @@ As Bedrock does:
   ``X-Amzn-Bedrock-*-Token-Count`` headers; streamed, event-stream ``chunk`` messages holding each
   event base64-encoded, the last one with ``amazon-bedrock-invocationMetrics``.
 
+Other vendors' models on InvokeModel, each with its own body (Meta Llama ``prompt`` →
+``generation`` with ``prompt_token_count``; Amazon Nova ``messages`` → ``output.message`` with
+``usage``; Amazon Titan ``inputText`` → ``results``), the same count headers and, streamed, each chunk
+the vendor's event with the invocation metrics on the last. An application inference profile
+(``…:application-inference-profile/`` + :data:`APP_PROFILE_ID`) routes to Claude Sonnet 4.5.
+
 Faults on command, by model id: ``…claude-fake-throttled…`` streams two events, then a
 ``throttlingException`` message; ``…claude-fake-corrupt…`` sends its fourth message with a byte flipped
 (its CRC no longer holds).
@@ -36,6 +42,12 @@ SECRET_KEY = "fake/llmtally/secret/key/0123456789abcdef"
 REGION = "us-east-1"
 #: A Bedrock API key the fake accepts as a bearer (``signing = "passthrough"``).
 API_KEY = "ABSKZmFrZS1iZWRyb2NrLWFwaS1rZXk="
+#: The application inference profile the fake knows (its ARN ends with it): Claude Sonnet 4.5 behind it.
+APP_PROFILE_ID = "llmtallyfake01"
+APP_PROFILE_MODEL = "anthropic.claude-sonnet-4-5-20250929-v1:0"
+#: What the fake's other vendors' models report (input excludes nothing: no prompt cache).
+NATIVE_INPUT = 321
+NATIVE_OUTPUT = 45
 #: ``us.anthropic.claude-sonnet-4-5-20250929-v1:0`` → ``claude-sonnet-4-5-20250929``.
 _CLAUDE_ID = re.compile(r"(?:.*/)?(?:[a-z-]+\.)?anthropic\.(?P<name>claude[^:/]*?)(?:-v\d+)?(?::\d+)?")
 
@@ -86,9 +98,11 @@ async def bedrock_invoke(fake: FakeUpstream, request: web.Request, stream: bool)
     if refused is not None:
         return refused
     model_id = request.match_info["model"]
+    if model_id.endswith(f"application-inference-profile/{APP_PROFILE_ID}"):
+        model_id = APP_PROFILE_MODEL
     claude = _CLAUDE_ID.fullmatch(model_id)
     if claude is None:
-        return _error(400, "ValidationException", "The provided model identifier is invalid.")
+        return await _native_invoke(fake, request, body, model_id, stream)
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -220,3 +234,113 @@ def _frames(fake: FakeUpstream, payload: dict[str, Any], model: str) -> Any:
         if "fake-corrupt" in model and sent == 3:
             frame = frame[:20] + bytes([frame[20] ^ 0xFF]) + frame[21:]
         yield frame
+
+
+# Other vendors' models on InvokeModel ----------------------------------------------------------
+
+
+def _native_kind(model_id: str) -> str | None:
+    for kind in ("meta.llama", "amazon.nova", "amazon.titan-text"):
+        if kind in model_id:
+            return kind
+    return None
+
+
+def _metrics() -> dict[str, int]:
+    return {
+        "inputTokenCount": NATIVE_INPUT,
+        "outputTokenCount": NATIVE_OUTPUT,
+        "invocationLatency": 301,
+        "firstByteLatency": 90,
+    }
+
+
+async def _native_invoke(
+    fake: FakeUpstream, request: web.Request, body: bytes, model_id: str, stream: bool
+) -> web.StreamResponse:
+    from llmtally.testing.fake_upstream import _pieces
+
+    kind = _native_kind(model_id)
+    if kind is None:
+        return _error(400, "ValidationException", "The provided model identifier is invalid.")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        payload = None
+    needs = {"meta.llama": "prompt", "amazon.nova": "messages", "amazon.titan-text": "inputText"}[kind]
+    if not isinstance(payload, dict) or needs not in payload:
+        return _error(
+            400, "ValidationException", f"Malformed input request: #: required key [{needs}] not found"
+        )
+    pieces = _pieces(fake.config)
+    text = "".join(pieces)
+    headers = {"x-amzn-RequestId": "5b8a1e0c-fake-4c1d-9a7e-llmtally0003"}
+    if not stream:
+        answer: dict[str, Any]
+        if kind == "meta.llama":
+            answer = {
+                "generation": text,
+                "prompt_token_count": NATIVE_INPUT,
+                "generation_token_count": NATIVE_OUTPUT,
+                "stop_reason": "stop",
+            }
+        elif kind == "amazon.nova":
+            answer = {
+                "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
+                "stopReason": "end_turn",
+                "usage": {
+                    "inputTokens": NATIVE_INPUT,
+                    "outputTokens": NATIVE_OUTPUT,
+                    "totalTokens": NATIVE_INPUT + NATIVE_OUTPUT,
+                },
+            }
+        else:
+            answer = {
+                "inputTextTokenCount": NATIVE_INPUT,
+                "results": [{"tokenCount": NATIVE_OUTPUT, "outputText": text, "completionReason": "FINISH"}],
+            }
+        counts = {"input_tokens": NATIVE_INPUT, "output_tokens": NATIVE_OUTPUT}
+        if "nousage" not in model_id:
+            headers.update(_count_headers(counts))
+        return web.Response(body=orjson.dumps(answer), content_type="application/json", headers=headers)
+
+    def frames() -> Any:
+        events: list[dict[str, Any]]
+        if kind == "meta.llama":
+            events = [
+                {
+                    "generation": piece,
+                    "prompt_token_count": NATIVE_INPUT if i == 0 else None,
+                    "generation_token_count": i + 1,
+                    "stop_reason": None,
+                }
+                for i, piece in enumerate(pieces)
+            ]
+            events.append({"generation": "", "generation_token_count": NATIVE_OUTPUT, "stop_reason": "stop"})
+        elif kind == "amazon.nova":
+            events = [{"messageStart": {"role": "assistant"}}]
+            events += [{"contentBlockDelta": {"delta": {"text": p}, "contentBlockIndex": 0}} for p in pieces]
+            events += [
+                {"contentBlockStop": {"contentBlockIndex": 0}},
+                {"messageStop": {"stopReason": "end_turn"}},
+            ]
+            events.append(
+                {"metadata": {"usage": {"inputTokens": NATIVE_INPUT, "outputTokens": NATIVE_OUTPUT}}}
+            )
+        else:
+            events = [{"outputText": p, "index": 0, "totalOutputTextTokenCount": None} for p in pieces]
+            events[-1].update(
+                {"completionReason": "FINISH", "inputTextTokenCount": NATIVE_INPUT,
+                 "totalOutputTextTokenCount": NATIVE_OUTPUT}
+            )  # fmt: skip
+        if "nousage" not in model_id:
+            events[-1] = {**events[-1], "amazon-bedrock-invocationMetrics": _metrics()}
+        for event in events:
+            yield eventstream.invoke_chunk(event)
+
+    return await fake._sse(
+        request,
+        frames(),
+        "application/vnd.amazon.eventstream",
+        {**headers, "X-Amzn-Bedrock-Content-Type": "application/json"},
+    )
