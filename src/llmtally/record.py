@@ -120,6 +120,9 @@ class UsageRecord:
     #: Billed units beyond tokens (web searches, grounded prompts …); the priced ones are in
     #: ``cost.total_cost``.
     line_items: tuple[LineItem, ...] = ()
+    #: Spend-limit rules the call went past: the one that refused it (``error: "budget_exceeded"``,
+    #: status 429), or warn-only rules it was forwarded over (comma-separated); None otherwise.
+    budget_exceeded: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The record as the JSON log line's object (costs stay Decimal; the sink encodes them)."""
@@ -165,4 +168,5 @@ class UsageRecord:
             "tags": self.tags,
             "upstream_request_id": self.upstream_request_id,
             "error": self.error,
+            "budget_exceeded": self.budget_exceeded,
         }

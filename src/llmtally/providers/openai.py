@@ -14,10 +14,13 @@ import orjson
 from llmtally.providers.base import (
     Endpoint,
     MeteredRequest,
+    Refusal,
     ResponseSummary,
     as_int,
     as_list,
+    first_count,
     get_path,
+    json_refusal,
     parse_object,
     read_usage,
 )
@@ -122,6 +125,17 @@ class OpenAIAdapter:
         if request.endpoint.name == "embeddings" and summary.usage is not None:
             summary.usage = TokenUsage(input_tokens=summary.usage.input_tokens)
         return summary
+
+    def max_output_tokens(self, request: MeteredRequest) -> int | None:
+        if request.endpoint.name in ("embeddings", "moderations"):
+            return 0
+        return first_count(
+            request.payload, ("max_completion_tokens",), ("max_output_tokens",), ("max_tokens",)
+        )
+
+    def refusal(self, status: int, message: str) -> Refusal:
+        kind = "rate_limit_exceeded" if status == 429 else "server_error"
+        return json_refusal({"error": {"message": message, "type": kind, "param": None, "code": kind}})
 
     def usage_from_headers(self, headers: Mapping[str, str]) -> TokenUsage | None:
         return None  # the body carries the usage
