@@ -271,8 +271,7 @@ class LocalMeter:
         if config.budgets.rules:
             from llmtally.budgets import Budgets
 
-            pending = Path(pipeline.spill_dir) / f"budget-settlements-{config.server.port}.jsonl"
-            self.budgets = Budgets(config.budgets, lambda: self.prices, self.counters, pending)
+            self.budgets = Budgets(config.budgets, lambda: self.prices, self.counters)
 
     def use_prices(self, book: PriceBook) -> None:
         self.prices = book
@@ -284,10 +283,12 @@ class LocalMeter:
         elif config.budgets.rules:
             log.warning("[budgets] rules were added: they take effect after a restart")
 
-    def start(self) -> None:
-        """On the loop that runs the pipeline (before the first call)."""
+    def start(self, port: int | None = None) -> None:
+        """On the loop that runs the pipeline, before the first call; ``port``: the proxy's, once
+        bound (settlements still waiting for the store at a stop are saved per port, like the journal)."""
         if self.budgets is not None:
-            self.budgets.start()
+            port = self.config.server.port if port is None else port
+            self.budgets.start(Path(self.pipeline.spill_dir) / f"budget-settlements-{port}.jsonl")
 
     async def close(self) -> None:
         if self.budgets is not None:

@@ -209,7 +209,7 @@ async def supervise(
             )  # fmt: skip
             journal = None
     pipeline.start()
-    meter.start()
+    meter.start(port)
     reloader = PriceReloader(config, config_path, meter.use_prices, meter.prices, meter.use_config)
     if config.pricing.auto_update:
         start_auto_update(config.pricing.auto_update_interval_h)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import orjson
 
@@ -120,7 +120,6 @@ class Budgets:
         config: BudgetsConfig,
         prices: Callable[[], PriceBook],
         counters: dict[Provider, TokenCounter],
-        pending_file: Path | None = None,
     ) -> None:
         self.config = config
         self.rules: list[BudgetRule] = list(config.rules)
@@ -135,12 +134,14 @@ class Budgets:
         self._wake: asyncio.Event | None = None
         self._drain: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending_file = pending_file
+        self._pending_file: Path | None = None
 
     # Life ----------------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """On the loop that settles (the meter's); settlements saved by a previous run are queued."""
+    def start(self, pending_file: Path | None = None) -> None:
+        """On the loop that settles (the meter's); settlements a previous run saved in
+        ``pending_file`` are queued first, and those left at :meth:`close` are saved there."""
+        self._pending_file = pending_file
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._load_pending()
@@ -450,8 +451,7 @@ class _GateServerProtocol(asyncio.Protocol):
         self.buffer = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not its subclasses
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
@@ -534,8 +534,7 @@ class RemoteGate:
         gate = cls(config)
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_unix_connection(lambda: _GateClientProtocol(gate), path)
-        assert isinstance(transport, asyncio.Transport)
-        gate._transport = transport
+        gate._transport = transport  # uvloop's transports are not asyncio.Transport subclasses
         return gate
 
     def check(self, ask: BudgetAsk) -> Admission | asyncio.Future[Admission]:

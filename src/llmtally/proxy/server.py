@@ -46,7 +46,6 @@ async def serve(
     pipeline = build_pipeline(config)
     meter = LocalMeter(config, pipeline)
     pipeline.start()
-    meter.start()
     app = create_app(config, meter, local_gate(meter))
     reloader = PriceReloader(config, config_path, meter.use_prices, meter.prices, meter.use_config)
     if config.pricing.auto_update:
@@ -56,6 +55,7 @@ async def serve(
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
     await site.start()
     port = _bound_port(runner) or config.server.port
+    meter.start(port)
     log.info("llmtally listening on http://%s:%d", config.server.host, port)
     admin_runner = None
     if config.server.admin_port:
