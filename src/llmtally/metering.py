@@ -289,6 +289,12 @@ class LocalMeter:
         if self.budgets is not None:
             port = self.config.server.port if port is None else port
             self.budgets.start(Path(self.pipeline.spill_dir) / f"budget-settlements-{port}.jsonl")
+            from llmtally.budgets.gate import BudgetCollector
+            from llmtally.pipeline.build import prometheus_of
+
+            sink = prometheus_of(self.pipeline)
+            if sink is not None:
+                sink.registry.register(BudgetCollector(self.budgets))
 
     async def close(self) -> None:
         if self.budgets is not None:

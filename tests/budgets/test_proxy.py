@@ -252,6 +252,13 @@ async def test_the_admin_api_serves_budgets_and_each_call_by_its_request_id(make
                 assert missing.status == 404
             async with session.get(f"http://127.0.0.1:{port}/budgets") as got:
                 budgets = await got.json()
+            metrics = ""
+            for _ in range(50):  # the first scrape starts a read of the store; a later one shows it
+                async with session.get(f"{proxy.url}/metrics") as got:
+                    metrics = await got.text()
+                if "llmtally_budget_spent_usd{" in metrics:
+                    break
+                await asyncio.sleep(0.05)
     finally:
         await runner.cleanup()
     assert call["request_id"] == request_id and str(call["total_cost"]) == "0.00472"
@@ -261,6 +268,9 @@ async def test_the_admin_api_serves_budgets_and_each_call_by_its_request_id(make
         "spent_nano_usd": 4720000, "reserved_nano_usd": 0,
     }  # fmt: skip
     assert budgets["budgets"][0]["period_end"].endswith("T00:00:00Z")
+    assert 'llmtally_budget_spent_usd{key="tenant=acme",rule="per-tenant"} 0.00472' in metrics
+    assert 'llmtally_budget_limit_usd{key="tenant=acme",rule="per-tenant"} 1.0' in metrics
+    assert "llmtally_budget_unchecked_total 0.0" in metrics
 
 
 async def test_redis_down_allow_forwards_and_settles_everything_when_it_is_back(
