@@ -271,10 +271,12 @@ class LocalMeter:
         if config.budgets.rules:
             from llmtally.budgets import Budgets
 
-            self.budgets = Budgets(config.budgets, lambda: self.prices, self.counters)
+            self.budgets = Budgets(config.budgets, lambda: self.prices)
 
     def use_prices(self, book: PriceBook) -> None:
         self.prices = book
+        if self.budgets is not None:
+            self.budgets.prices_changed()
 
     def use_config(self, config: Config) -> None:
         """A reloaded config's budget rules (prices come through :meth:`use_prices`)."""
@@ -289,7 +291,7 @@ class LocalMeter:
         if self.budgets is not None:
             port = self.config.server.port if port is None else port
             self.budgets.start(Path(self.pipeline.spill_dir) / f"budget-settlements-{port}.jsonl")
-            from llmtally.budgets.gate import BudgetCollector
+            from llmtally.budgets.metrics import BudgetCollector
             from llmtally.pipeline.build import prometheus_of
 
             sink = prometheus_of(self.pipeline)

@@ -54,6 +54,8 @@ log = logging.getLogger("llmtally.server")
 
 #: A worker must be listening this soon after it starts.
 WORKER_START_TIMEOUT_S = 60.0
+#: The GIL switch interval of the record process when it answers budget checks (docs/performance.md).
+GATE_SWITCH_INTERVAL_S = 0.0002
 #: Wait this long before restarting a worker that died, so a crash loop does not spin.
 RESTART_DELAY_S = 1.0
 
@@ -91,7 +93,13 @@ class Workers:
 
     async def start(self, index: int) -> None:
         spec = WorkerSpec(
-            self.config, index, self.port, self.link_path, self.admin_path, self.journal_dir, self.run,
+            self.config,
+            index,
+            self.port,
+            self.link_path,
+            self.admin_path,
+            self.journal_dir,
+            self.run,
             self.gate_path,
         )
         process = await asyncio.create_subprocess_exec(
@@ -224,6 +232,10 @@ async def supervise(
         str(runtime / "gate.sock") if meter.budgets is not None else None,
     )
     gate = GateServer(meter.budgets) if meter.budgets is not None else None
+    if gate is not None and config.budgets.store == "memory":
+        # This loop answers the workers' checks while the record thread builds records: at the
+        # default 5 ms GIL switch interval a check could wait that long behind a batch of records.
+        sys.setswitchinterval(GATE_SWITCH_INTERVAL_S)
     all_ready = asyncio.Event()
 
     def on_ready(message: WorkerReady) -> None:

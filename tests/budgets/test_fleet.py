@@ -1,6 +1,6 @@
 """The fleet: three separate ``llmtally serve`` processes share one budget in one real Redis.
 
-300 concurrent calls (streamed and not, some cut by their client) against a $1 budget, Redis killed
+300 concurrent calls (streamed and not, some cut by their client) against a $0.50 budget, Redis killed
 with SIGKILL a third of the way in and restarted later. Afterwards the counter holds exactly the sum
 of every record's cost, nothing is left reserved, settled spend is within the documented bound, and
 every refused call got a 429 in its provider's own error shape.
@@ -26,12 +26,20 @@ import redis.asyncio as redis
 
 from llmtally.budgets.rules import to_nano
 from llmtally.testing import FakeUpstream, FakeUpstreamConfig
+from llmtally.testing.fake_upstream import FakeUsage
 from llmtally.testing.redis_server import RedisServer
 
 CALLS = 300
-LIMIT = Decimal("1.00")
-#: The dearest call here (Claude Sonnet 4.5 at the fake's usage): what one unchecked call can add.
-DEAREST = Decimal("0.017775")
+LIMIT = Decimal("0.50")
+#: Usage a real model could give these requests (within their max_tokens), so that every reservation
+#: is a true bound, as the documented bound assumes.
+USAGE = FakeUsage(
+    openai_prompt=20, openai_cached=0, openai_completion=300, openai_reasoning=0,
+    anthropic_input=20, anthropic_cache_write_5m=0, anthropic_cache_write_1h=0, anthropic_cache_read=0,
+    anthropic_output=400, gemini_prompt=20, gemini_cached=0, gemini_candidates=250, gemini_thoughts=500,
+)  # fmt: skip
+#: The dearest call here (Claude Sonnet 4.5, 20 in and 400 out): what one unchecked call can add.
+DEAREST = Decimal("0.00606")
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
 
@@ -95,7 +103,14 @@ def _provider_shaped(provider: str, body: dict[str, Any]) -> bool:
 async def test_three_proxies_share_one_budget_through_a_redis_outage(tmp_path: Path) -> None:
     redis_server = RedisServer(persistent=True)
     redis_server.start()
-    upstream = FakeUpstream(FakeUpstreamConfig(chunks=4, chunk_interval_s=0.005))
+    try:
+        await _run_fleet(tmp_path, redis_server)
+    finally:
+        redis_server.stop()
+
+
+async def _run_fleet(tmp_path: Path, redis_server: RedisServer) -> None:
+    upstream = FakeUpstream(FakeUpstreamConfig(usage=USAGE, chunks=4, chunk_interval_s=0.005))
     url = await upstream.start()
     config = tmp_path / "config.toml"
     config.write_text(
@@ -104,16 +119,19 @@ async def test_three_proxies_share_one_budget_through_a_redis_outage(tmp_path: P
         '[[budgets.rules]]\nname = "per-tenant"\nmatch = { tag = "tenant" }\n'
         f'limit_usd = "{LIMIT}"\nperiod = "month"\naction = "block"\n'
     )
-    proxies = [await _serve(config, i, tmp_path) for i in range(3)]
+    proxies: list[tuple[asyncio.subprocess.Process, str, str, Path]] = []
     outcomes: list[tuple[int, str, bool]] = []  # status, provider, provider-shaped refusal
     done = 0
     rng = random.Random(7)
     try:
+        for i in range(3):
+            proxies.append(await _serve(config, i, tmp_path))
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             gate = asyncio.Semaphore(30)
 
             async def call(i: int) -> None:
                 nonlocal done
+                await asyncio.sleep(i * 0.01)  # spread over 3 s: the outage is a part of the run
                 path, body, headers, provider = _request(i % 4)
                 cut = i % 4 != 0 and rng.random() < 0.15
                 base = proxies[i % 3][1]
@@ -157,12 +175,13 @@ async def test_three_proxies_share_one_budget_through_a_redis_outage(tmp_path: P
     records = [orjson.loads(line) for _, _, _, path in proxies for line in path.read_bytes().splitlines()]
     client = redis.Redis.from_url(redis_server.url)
     try:
-        keys = [k async for k in client.scan_iter(match="{llmtally}:budget:*") if not k.endswith((b"|r", b"|x"))]
+        keys = [
+            k async for k in client.scan_iter(match="{llmtally}:budget:*") if not k.endswith((b"|r", b"|x"))
+        ]
         assert len(keys) == 1, keys
         spent, reserved = (int(v or 0) for v in await client.hmget(keys[0], ["spent", "reserved"]))
     finally:
         await client.aclose()
-        redis_server.stop()
 
     assert len(outcomes) == CALLS and len(records) == CALLS  # one record per call, none lost
     refused = [o for o in outcomes if o[0] == 429]

@@ -285,7 +285,7 @@ async def test_redis_down_allow_forwards_and_settles_everything_when_it_is_back(
         await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     await proxy.flush()
     budgets = proxy.meter.budgets
-    assert budgets is not None and budgets.stats.unchecked == 3 and not budgets.store_ok
+    assert budgets is not None and budgets.stats.unchecked_calls == 3 and not budgets.store_ok
     redis_server.start()
     report = await settled(proxy, 4, timeout_s=10)
     assert report["budgets"][0]["spent_usd"] == "0.01888"  # 4 × 0.00472: none lost, none twice

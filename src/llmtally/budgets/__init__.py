@@ -1,17 +1,8 @@
 """Spend limits (``[budgets]``): rules, a store shared by the fleet (Redis) or one pod (memory), and
 the gate every metered call passes before it goes upstream. See docs/budgets.md."""
 
-from llmtally.budgets.gate import (
-    GO,
-    REFUSED,
-    Admission,
-    BudgetAsk,
-    Budgets,
-    GateServer,
-    LocalGate,
-    RemoteGate,
-    ask_for,
-)
+from llmtally.budgets.gate import GO, REFUSED, Admission, BudgetAsk, Budgets, LocalGate, ask_for
+from llmtally.budgets.remote import DirectGate, GateServer, RemoteGate
 from llmtally.budgets.rules import BudgetKey, CallFacts, keys_for, to_nano
 from llmtally.budgets.store import MemoryStore, RedisStore
 
@@ -23,6 +14,7 @@ __all__ = [
     "BudgetKey",
     "Budgets",
     "CallFacts",
+    "DirectGate",
     "GateServer",
     "LocalGate",
     "MemoryStore",

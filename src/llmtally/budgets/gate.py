@@ -1,14 +1,19 @@
 """The budget gate: every metered call asks it before going upstream; every record settles with it.
 
-:class:`Budgets` decides (rules, a cost bound, the store) and settles; it lives where records are
-built (the main process under ``llmtally serve``: one per pod, whatever the worker count). A proxy
-worker reaches it through a :class:`RemoteGate` on a Unix socket (a lean framed protocol: one
-``send`` per check, no HTTP), a single-process proxy through a :class:`LocalGate`.
+:class:`Budgets` lives where records are built (the main process under ``llmtally serve``: one per
+pod, whatever the worker count): it holds the rules, prices each call's bound and settles every
+record with the store. A call is checked
 
-The bound reserved per call (docs/budgets.md): the input counted locally (or the body's byte length,
-which no tokenizer's count exceeds, when the counter is not loaded or the body is large) at the
-input price, plus the request's output maximum (``max_tokens`` …, else ``default_output_tokens``) at
-the output price.
+- with a Redis store, by the proxy worker itself (:class:`~llmtally.budgets.remote.DirectGate`):
+  one round trip to Redis per call, with the rules and unit prices the main process hands it;
+- with the memory store, by the main process (:class:`~llmtally.budgets.remote.RemoteGate`), which
+  holds the counters all of the pod's workers share;
+- in a single-process proxy, in that process (:class:`LocalGate`).
+
+The bound reserved per call (docs/budgets.md): the request body's length in bytes as its input
+tokens (no tokenizer makes more tokens than bytes) at the input price, plus the request's output
+maximum (``max_tokens`` …, else ``default_output_tokens``) at the output price; prices as for 1M
+tokens of each, so a long-context tier is never under-priced.
 """
 
 from __future__ import annotations
@@ -18,25 +23,23 @@ import collections
 import contextlib
 import logging
 import os
-import pickle
-import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
 
 from llmtally.budgets.rules import BudgetKey, CallFacts, from_nano, keys_for, to_nano
-from llmtally.budgets.store import BudgetStore, KeyState, open_store
+from llmtally.budgets.store import BudgetStore, KeyState, Reserved, open_store
 from llmtally.config import BudgetRule, BudgetsConfig
-from llmtally.providers.base import Endpoint, MeteredRequest
+from llmtally.providers.base import MeteredRequest
 from llmtally.record import TokenUsage
 
 if TYPE_CHECKING:
-    from llmtally.counters import TokenCounter
     from llmtally.pricing import PriceBook
     from llmtally.record import Provider, UsageRecord
 
@@ -44,28 +47,30 @@ log = logging.getLogger("llmtally.budgets")
 
 #: The error a refused call's record carries.
 REFUSED = "budget_exceeded"
-#: Bodies past this are bounded by their byte length, not counted (a count would hold the gate's loop).
-COUNT_AT_MOST_BYTES = 256 * 1024
 #: Store errors are logged at most this often.
 LOG_EVERY_S = 60.0
+#: Settlements sent to the store together (one round trip), after waiting this long for company.
+SETTLE_BATCH = 256
+SETTLE_AFTER_S = 0.01
 #: Settlements waiting for the store are kept up to this many (past it: the oldest are logged lost).
 MAX_PENDING = 200_000
+MILLION = Decimal(1_000_000)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
 class BudgetAsk:
-    """What the proxy knows of a call before it goes upstream (small: it crosses a socket)."""
+    """What the proxy knows of a call before it goes upstream (small: it may cross a socket)."""
 
     request_id: str
     provider: Provider
     platform: str
     model: str | None
-    endpoint: Endpoint
+    endpoint: str
     tags: dict[str, str]
     started_us: int
-    body: bytes
-    stream: bool
+    #: The request body's length: the bound of its input tokens.
+    input_bytes: int
     #: The request's own output maximum (``ProviderAdapter.max_output_tokens``).
     max_output: int | None
     service_tier: str | None = None
@@ -74,6 +79,30 @@ class BudgetAsk:
     @property
     def started_at(self) -> datetime:
         return _EPOCH + timedelta(microseconds=self.started_us)
+
+    @property
+    def facts(self) -> CallFacts:
+        return CallFacts(self.provider, self.platform, self.model, self.endpoint, self.tags)
+
+    @property
+    def price_key(self) -> PriceKey:
+        return (self.provider, self.platform, self.model, self.service_tier, self.inference_geo)
+
+
+#: What a call's unit prices depend on: dialect, route, model, service tier, region.
+PriceKey = tuple[str, str, str | None, str | None, str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class UnitPrice:
+    """USD per 1M input and output tokens, as the price book quotes 1M of each (the top tier)."""
+
+    input: Decimal
+    output: Decimal
+
+    def bound(self, input_tokens: int, output_tokens: int) -> int:
+        """Nano-dollars, rounded up."""
+        return to_nano((self.input * input_tokens + self.output * output_tokens) / MILLION)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,40 +130,149 @@ def store_down(config: BudgetsConfig, reason: str) -> Admission:
     return Admission(unchecked=True)
 
 
+class BudgetEvents(Protocol):
+    """What a check counts: kept by :class:`BudgetStats`, or told to the main process by a worker."""
+
+    def refused(self, rule: str) -> None: ...
+    def warned(self, rule: str) -> None: ...
+    def unchecked(self) -> None: ...
+    def store_error(self) -> None: ...
+
+
 @dataclass(slots=True)
 class BudgetStats:
-    refused: collections.Counter[str]
-    warned: collections.Counter[str]
-    unchecked: int = 0
+    """This pod's counts since it started (its workers' included): /budgets and /metrics."""
+
+    refused_calls: collections.Counter[str] = field(default_factory=collections.Counter)
+    warned_calls: collections.Counter[str] = field(default_factory=collections.Counter)
+    unchecked_calls: int = 0
     store_errors: int = 0
     settled: int = 0
     settle_retries: int = 0
     settlements_lost: int = 0
 
+    def refused(self, rule: str) -> None:
+        self.refused_calls[rule] += 1
+
+    def warned(self, rule: str) -> None:
+        self.warned_calls[rule] += 1
+
+    def unchecked(self) -> None:
+        self.unchecked_calls += 1
+
+    def store_error(self) -> None:
+        self.store_errors += 1
+
+
+class StoreHealth:
+    """Whether the store answered last time; failures logged at most once a minute."""
+
+    def __init__(self, config: BudgetsConfig, events: BudgetEvents, queued: Callable[[], int]) -> None:
+        self.config = config
+        self.events = events
+        self.ok = True
+        self._queued = queued
+        self._logged_at = 0.0
+        self.on_back: Callable[[], None] | None = None
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        self.events.store_error()
+        was_ok, self.ok = self.ok, False
+        now = time.monotonic()
+        if was_ok or now - self._logged_at >= LOG_EVERY_S:
+            self._logged_at = now
+            log.error(
+                "budget store %s failed (%s: %s): calls %s; %d settlements queued",
+                what, type(exc).__name__, exc,
+                "forwarded unchecked" if self.config.on_store_error == "allow" else "refused with 503",
+                self._queued(),
+            )  # fmt: skip
+
+    def back(self) -> None:
+        if not self.ok:
+            self.ok = True
+            log.warning("budget store is back; %d settlements queued", self._queued())
+            if self.on_back is not None:
+                self.on_back()
+
+
+async def check_call(
+    store: BudgetStore,
+    rules: list[BudgetRule],
+    config: BudgetsConfig,
+    ask: BudgetAsk,
+    price: UnitPrice | None,
+    events: BudgetEvents,
+    health: StoreHealth,
+) -> Admission:
+    """Reserve the call's bound on every budget it counts against, or say which refuses it."""
+    keys = keys_for(rules, ask.facts, ask.started_at)
+    if not keys:
+        return GO
+    amount = bound_of(ask, price, config)
+    now_ms = int(time.time() * 1000)
+    try:
+        # No timer task per call: the Redis client's socket and pool timeouts bound the wait
+        # (store_timeout_s), and a memory store answers at once (LocalGate relies on it).
+        reserved = await store.reserve(
+            ask.request_id, keys, amount, now_ms, int(config.reservation_ttl_s * 1000)
+        )
+    except Exception as exc:  # the store is down or slow: the call is not held up by it
+        health.failed("check", exc)
+        admission = store_down(config, f"{store.name} store: {type(exc).__name__}")
+        if admission.unchecked:
+            events.unchecked()
+        return admission
+    health.back()
+    return admit(reserved, keys, amount, events)
+
+
+def admit(reserved: Reserved, keys: list[BudgetKey], amount: int, events: BudgetEvents) -> Admission:
+    """The admission a reservation's outcome gives."""
+    if reserved.refused is not None:
+        key = keys[reserved.refused]
+        events.refused(key.rule.name)
+        return Admission(
+            "refuse", (key.rule.name,), refusal_message(key, amount, reserved.spent, reserved.reserved),
+            key.seconds_left(datetime.now(UTC)),
+        )  # fmt: skip
+    warned = tuple(keys[i].rule.name for i in reserved.warned)
+    for name in warned:
+        events.warned(name)
+    return Admission(rules=warned) if warned else GO
+
+
+def bound_of(ask: BudgetAsk, price: UnitPrice | None, config: BudgetsConfig) -> int:
+    """The call's reservation in nano-dollars ($0 when unpriced, as its record will be)."""
+    output = ask.max_output if ask.max_output is not None else config.default_output_tokens
+    return price.bound(ask.input_bytes, output) if price is not None else 0
+
 
 class Budgets:
-    """Rules, the store, the bound and the settlement queue of one meter."""
+    """Rules, the store, unit prices and the settlement queue of one meter."""
 
-    def __init__(
-        self,
-        config: BudgetsConfig,
-        prices: Callable[[], PriceBook],
-        counters: dict[Provider, TokenCounter],
-    ) -> None:
+    def __init__(self, config: BudgetsConfig, prices: Callable[[], PriceBook]) -> None:
         self.config = config
         self.rules: list[BudgetRule] = list(config.rules)
         self.store: BudgetStore = open_store(config.store, config.store_timeout_s)
         self._prices = prices
-        self._counters = counters
-        self.stats = BudgetStats(collections.Counter(), collections.Counter())
-        self.store_ok = True
-        self._logged_at = 0.0
+        self._unit_prices: dict[PriceKey, UnitPrice | None] = {}
+        self._priced_by: object = None
+        self.stats = BudgetStats()
         #: (request id, facts, started at, cost in nano-dollars), oldest first.
         self._pending: collections.deque[tuple[str, CallFacts, datetime, int]] = collections.deque()
+        self.health = StoreHealth(config, self.stats, lambda: len(self._pending))
+        self.health.on_back = self._kick
         self._wake: asyncio.Event | None = None
         self._drain: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending_file: Path | None = None
+        #: Told of new rules or prices (the workers' gates, through the gate socket).
+        self.on_change: list[Callable[[], None]] = []
+
+    @property
+    def store_ok(self) -> bool:
+        return self.health.ok
 
     # Life ----------------------------------------------------------------------------------------
 
@@ -146,13 +284,13 @@ class Budgets:
         self._wake = asyncio.Event()
         self._load_pending()
         self._drain = self._loop.create_task(self._drain_pending(), name="llmtally-budget-settle")
+        self._kick()
 
     async def close(self, within_s: float = 5.0) -> None:
         """Settle what is queued (up to ``within_s``), save the rest for the next start."""
         deadline = time.monotonic() + within_s
-        while self._pending and self.store_ok and time.monotonic() < deadline:
-            if self._wake is not None:
-                self._wake.set()
+        while self._pending and self.health.ok and time.monotonic() < deadline:
+            self._kick()
             await asyncio.sleep(0.02)
         if self._drain is not None:
             self._drain.cancel()
@@ -167,64 +305,51 @@ class Budgets:
             log.warning("[budgets] store changed: it takes effect after a restart")
         self.config = config
         self.rules = list(config.rules)
+        self.health.config = config
+        self._changed()
+
+    def prices_changed(self) -> None:
+        self._unit_prices.clear()
+        self._changed()
+
+    def _changed(self) -> None:
+        for tell in self.on_change:
+            tell()
 
     # Check ---------------------------------------------------------------------------------------
 
     async def check(self, ask: BudgetAsk) -> Admission:
-        when = ask.started_at
-        keys = keys_for(self.rules, CallFacts(ask.provider, ask.platform, ask.model, ask.endpoint.name,
-                                              ask.tags), when)  # fmt: skip
-        if not keys:
-            return GO
-        amount = self.bound(ask)
-        now_ms = int(time.time() * 1000)
-        reserving = self.store.reserve(
-            ask.request_id, keys, amount, now_ms, int(self.config.reservation_ttl_s * 1000)
+        return await check_call(
+            self.store, self.rules, self.config, ask, self.unit_price(ask.price_key), self.stats, self.health
         )
-        try:
-            if self.store.name == "memory":  # answers at once: no timer, no task (LocalGate relies on it)
-                reserved = await reserving
-            else:
-                reserved = await asyncio.wait_for(reserving, self.config.store_timeout_s)
-        except Exception as exc:  # the store is down or slow: the call is not held up by it
-            self._store_failed("check", exc)
-            admission = store_down(self.config, f"{self.store.name} store: {type(exc).__name__}")
-            if admission.unchecked:
-                self.stats.unchecked += 1
-            return admission
-        self._store_back()
-        if reserved.refused is not None:
-            key = keys[reserved.refused]
-            self.stats.refused[key.rule.name] += 1
-            return Admission(
-                "refuse", (key.rule.name,), refusal_message(key, amount, reserved.spent, reserved.reserved),
-                key.seconds_left(datetime.now(UTC)),
-            )  # fmt: skip
-        warned = tuple(keys[i].rule.name for i in reserved.warned)
-        for name in warned:
-            self.stats.warned[name] += 1
-        return Admission(rules=warned) if warned else GO
 
-    def bound(self, ask: BudgetAsk) -> int:
-        """The most this call can cost, as far as its request tells, in nano-dollars."""
-        model = ask.model or ""
-        counter = self._counters.get(ask.provider)
-        tokens = len(ask.body)  # no tokenizer makes more tokens than bytes
-        if counter is not None and len(ask.body) <= COUNT_AT_MOST_BYTES and counter.ready(model):
-            try:
-                payload = orjson.loads(ask.body) if ask.body else {}
-                if isinstance(payload, dict):
-                    tokens = counter.count_request(model, ask.endpoint.name, payload).input_tokens
-            except Exception:  # an unparseable body is forwarded as is; bounded by its length
-                pass
-        output = ask.max_output if ask.max_output is not None else self.config.default_output_tokens
+    def unit_price(self, key: PriceKey) -> UnitPrice | None:
+        """What 1M input and 1M output tokens cost on this route, cached per price book."""
+        book = self._prices()
+        if book is not self._priced_by:
+            self._unit_prices.clear()
+            self._priced_by = book
+        if key in self._unit_prices:
+            return self._unit_prices[key]
         from llmtally.platforms import price_data_provider
 
-        quote = self._prices().quote(
-            ask.provider, model, TokenUsage(input_tokens=tokens, output_tokens=output), ask.started_at,
-            None, ask.service_tier, ask.inference_geo, price_data_provider(ask.platform, ask.provider),  # type: ignore[arg-type]
+        provider, platform, model, tier, geo = key
+        quote = book.quote(
+            provider, model, TokenUsage(input_tokens=1_000_000, output_tokens=1_000_000),  # type: ignore[arg-type]
+            datetime.now(UTC), None, tier, geo, price_data_provider(platform, provider),  # type: ignore[arg-type]
         )  # fmt: skip
-        return to_nano(quote.cost.total_cost) if quote.cost is not None else 0
+        price = UnitPrice(quote.cost.input_cost, quote.cost.output_cost) if quote.cost is not None else None
+        if len(self._unit_prices) > 4096:
+            self._unit_prices.clear()
+        self._unit_prices[key] = price
+        return price
+
+    def count(self, kind: str, rule: str) -> None:
+        """An event a worker's own gate saw (``refused``, ``warned``, ``unchecked``, ``store_error``)."""
+        if kind in ("refused", "warned"):
+            getattr(self.stats, kind)(rule)
+        elif kind in ("unchecked", "store_error"):
+            getattr(self.stats, kind)()
 
     # Settle --------------------------------------------------------------------------------------
 
@@ -253,6 +378,9 @@ class Budgets:
             self.stats.settlements_lost += 1
             log.error("budget settlement of %s lost: %d waiting for the store", lost[0], MAX_PENDING)
         self._pending.append(item)
+        self._kick()
+
+    def _kick(self) -> None:
         if self._wake is not None:
             self._wake.set()
 
@@ -260,56 +388,37 @@ class Budgets:
         assert self._wake is not None
         while True:
             await self._wake.wait()
+            # Let the settlements of the next few milliseconds join: one round trip for all of them.
+            await asyncio.sleep(SETTLE_AFTER_S)
             self._wake.clear()
             while self._pending:
-                batch = [self._pending[i] for i in range(min(64, len(self._pending)))]
-                results = await asyncio.gather(*(self._settle(item) for item in batch))
-                done = 0
-                for ok in results:  # in order: what failed stays queued, first
-                    if not ok:
-                        break
-                    done += 1
-                for _ in range(done):
-                    self._pending.popleft()
-                if done < len(batch):
+                batch = [self._pending[i] for i in range(min(SETTLE_BATCH, len(self._pending)))]
+                if not await self._settle(batch):
                     self.stats.settle_retries += 1
                     await asyncio.sleep(1.0)  # the store is down: try again in a second
+                    continue
+                for _ in batch:
+                    self._pending.popleft()
 
-    async def _settle(self, item: tuple[str, CallFacts, datetime, int]) -> bool:
-        request_id, facts, started_at, cost = item
-        keys = keys_for(self.rules, facts, started_at)
-        if not keys:
+    async def _settle(self, batch: list[tuple[str, CallFacts, datetime, int]]) -> bool:
+        """Settle a batch, oldest first; False (all kept queued) when the store failed."""
+        calls = []
+        for request_id, facts, started_at, cost in batch:
+            keys = keys_for(self.rules, facts, started_at)
+            if keys:
+                calls.append((request_id, keys, cost))
+        if not calls:
             return True
         try:
-            await asyncio.wait_for(self.store.settle(request_id, keys, cost), self.config.store_timeout_s * 4)
-        except Exception as exc:
-            self._store_failed("settle", exc)
+            await asyncio.wait_for(self.store.settle_many(calls), self.config.store_timeout_s * 4)
+        except Exception as exc:  # settling again later is harmless: idempotent by request id
+            self.health.failed("settle", exc)
             return False
-        self._store_back()
-        self.stats.settled += 1
+        self.health.back()
+        self.stats.settled += len(calls)
         return True
 
-    # Outages -------------------------------------------------------------------------------------
-
-    def _store_failed(self, what: str, exc: BaseException) -> None:
-        self.stats.store_errors += 1
-        was_ok, self.store_ok = self.store_ok, False
-        now = time.monotonic()
-        if was_ok or now - self._logged_at >= LOG_EVERY_S:
-            self._logged_at = now
-            log.error(
-                "budget store %s failed (%s: %s): calls %s; %d settlements queued",
-                what, type(exc).__name__, exc,
-                "forwarded unchecked" if self.config.on_store_error == "allow" else "refused with 503",
-                len(self._pending),
-            )  # fmt: skip
-
-    def _store_back(self) -> None:
-        if not self.store_ok:
-            self.store_ok = True
-            log.warning("budget store is back; %d settlements queued", len(self._pending))
-            if self._wake is not None:
-                self._wake.set()
+    # Saved settlements ---------------------------------------------------------------------------
 
     def _save_pending(self) -> None:
         if not self._pending or self._pending_file is None:
@@ -353,11 +462,11 @@ class Budgets:
         try:
             states: list[KeyState] | None = await asyncio.wait_for(self.store.states(), 5.0)
         except Exception as exc:
-            self._store_failed("read", exc)
+            self.health.failed("read", exc)
             states = None
         return {
             "store": self.store.name,
-            "store_ok": self.store_ok,
+            "store_ok": self.health.ok,
             "on_store_error": self.config.on_store_error,
             "rules": [
                 {
@@ -385,9 +494,9 @@ class Budgets:
                 }
                 for s in sorted(states, key=lambda s: (s.rule, s.value, s.period_end))
             ],
-            "refused_calls": dict(self.stats.refused),
-            "warned_calls": dict(self.stats.warned),
-            "unchecked_calls": self.stats.unchecked,
+            "refused_calls": dict(self.stats.refused_calls),
+            "warned_calls": dict(self.stats.warned_calls),
+            "unchecked_calls": self.stats.unchecked_calls,
             "store_errors": self.stats.store_errors,
             "settlements_pending": len(self._pending),
             "settlements_lost": self.stats.settlements_lost,
@@ -410,16 +519,20 @@ def refusal_message(key: BudgetKey, amount: int, spent: int, reserved: int) -> s
     )
 
 
-def ask_for(request_id: str, provider: Provider, platform: str, request: MeteredRequest,
-            tags: dict[str, str], started_at: datetime, max_output: int | None) -> BudgetAsk:  # fmt: skip
+def ask_for(
+    request_id: str,
+    provider: Provider,
+    platform: str,
+    request: MeteredRequest,
+    tags: dict[str, str],
+    started_at: datetime,
+    max_output: int | None,
+) -> BudgetAsk:
     return BudgetAsk(
-        request_id, provider, platform, request.model, request.endpoint, tags,
-        (started_at - _EPOCH) // timedelta(microseconds=1), request.body, request.stream, max_output,
+        request_id, provider, platform, request.model, request.endpoint.name, tags,
+        (started_at - _EPOCH) // timedelta(microseconds=1), len(request.body), max_output,
         request.service_tier, request.inference_geo,
     )  # fmt: skip
-
-
-# Reaching the gate ------------------------------------------------------------------------------
 
 
 class LocalGate:
@@ -439,212 +552,3 @@ class LocalGate:
             return done.value  # type: ignore[no-any-return]
         coro.close()  # pragma: no cover - a memory store that waited
         raise RuntimeError("the memory budget store waited")
-
-
-_FRAME = struct.Struct(">IQ")  # payload length, call id
-
-
-class _GateServerProtocol(asyncio.Protocol):
-    def __init__(self, budgets: Budgets) -> None:
-        self.budgets = budgets
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not its subclasses
-
-    def data_received(self, data: bytes) -> None:
-        buffer = self.buffer
-        buffer += data
-        while len(buffer) >= _FRAME.size:
-            length, call = _FRAME.unpack_from(buffer)
-            end = _FRAME.size + length
-            if len(buffer) < end:
-                break
-            ask = pickle.loads(buffer[_FRAME.size : end])  # a worker of this same meter: trusted
-            del buffer[:end]
-            task = asyncio.ensure_future(self._answer(call, ask))
-            del task
-
-    async def _answer(self, call: int, ask: BudgetAsk) -> None:
-        try:
-            admission = await self.budgets.check(ask)
-        except Exception as exc:  # a bug must not leave a worker's call waiting
-            log.exception("budget check failed")
-            admission = store_down(self.budgets.config, f"check failed: {type(exc).__name__}")
-        if self.transport is not None and not self.transport.is_closing():
-            data = pickle.dumps(admission, protocol=pickle.HIGHEST_PROTOCOL)
-            self.transport.write(_FRAME.pack(len(data), call) + data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-
-
-class GateServer:
-    """The main process's end of the workers' gate socket."""
-
-    def __init__(self, budgets: Budgets) -> None:
-        self.budgets = budgets
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self, path: str) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: _GateServerProtocol(self.budgets), path)
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-
-class _GateClientProtocol(asyncio.Protocol):
-    def __init__(self, gate: RemoteGate) -> None:
-        self.gate = gate
-        self.buffer = bytearray()
-
-    def data_received(self, data: bytes) -> None:
-        buffer = self.buffer
-        buffer += data
-        while len(buffer) >= _FRAME.size:
-            length, call = _FRAME.unpack_from(buffer)
-            end = _FRAME.size + length
-            if len(buffer) < end:
-                break
-            admission = pickle.loads(buffer[_FRAME.size : end])
-            del buffer[:end]
-            self.gate.answered(call, admission)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.gate.lost()
-
-
-class RemoteGate:
-    """A proxy worker's end: checks travel to the main process's :class:`Budgets`."""
-
-    def __init__(self, config: BudgetsConfig) -> None:
-        self.config = config
-        self._transport: asyncio.Transport | None = None
-        self._waiting: dict[int, tuple[asyncio.Future[Admission], asyncio.TimerHandle]] = {}
-        self._ids = 0
-        #: How long a check may take, gate hop included, before the call counts as a store error.
-        self._timeout_s = config.store_timeout_s + 1.0
-
-    @classmethod
-    async def connect(cls, path: str, config: BudgetsConfig) -> RemoteGate:
-        gate = cls(config)
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_unix_connection(lambda: _GateClientProtocol(gate), path)
-        gate._transport = transport  # uvloop's transports are not asyncio.Transport subclasses
-        return gate
-
-    def check(self, ask: BudgetAsk) -> Admission | asyncio.Future[Admission]:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return store_down(self.config, "the record process is not reachable")
-        loop = asyncio.get_running_loop()
-        self._ids += 1
-        call = self._ids
-        future: asyncio.Future[Admission] = loop.create_future()
-        timer = loop.call_later(self._timeout_s, self._expire, call)
-        self._waiting[call] = (future, timer)
-        data = pickle.dumps(ask, protocol=pickle.HIGHEST_PROTOCOL)
-        transport.write(_FRAME.pack(len(data), call) + data)
-        return future
-
-    def answered(self, call: int, admission: Admission) -> None:
-        waiting = self._waiting.pop(call, None)
-        if waiting is None:
-            return  # it timed out already
-        future, timer = waiting
-        timer.cancel()
-        if not future.done():
-            future.set_result(admission)
-
-    def _expire(self, call: int) -> None:
-        waiting = self._waiting.pop(call, None)
-        if waiting is not None and not waiting[0].done():
-            waiting[0].set_result(store_down(self.config, "the budget check timed out"))
-
-    def lost(self) -> None:
-        self._transport = None
-        for future, timer in self._waiting.values():
-            timer.cancel()
-            if not future.done():
-                future.set_result(store_down(self.config, "the record process is not reachable"))
-        self._waiting.clear()
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
-
-#: /metrics reads the budgets from the store at most this often (a scrape never waits for it: it
-#: shows what the read started by the scrape before found).
-METRICS_REFRESH_S = 1.0
-
-
-class BudgetCollector:
-    """Prometheus metrics of the budgets: the store's counters as last read, and this pod's counts."""
-
-    def __init__(self, budgets: Budgets) -> None:
-        self.budgets = budgets
-        self._states: list[KeyState] = []
-        self._read_at = -METRICS_REFRESH_S
-        self._reading: asyncio.Task[None] | None = None
-
-    def _refresh(self) -> None:
-        loop = self.budgets._loop
-        now = time.monotonic()
-        if loop is None or self._reading is not None or now - self._read_at < METRICS_REFRESH_S:
-            return
-        self._read_at = now
-
-        def start() -> None:
-            self._reading = loop.create_task(self._read())
-
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is stopping
-            loop.call_soon_threadsafe(start)
-
-    async def _read(self) -> None:
-        try:
-            self._states = await asyncio.wait_for(self.budgets.store.states(), 5.0)
-        except Exception as exc:
-            self.budgets._store_failed("read", exc)
-        finally:
-            self._reading = None
-
-    def collect(self) -> Any:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        self._refresh()
-        gauges = {
-            name: GaugeMetricFamily(f"llmtally_budget_{name}_usd", what, labels=["rule", "key"])
-            for name, what in (
-                ("spent", "Spend settled on a budget in its current period (USD)."),
-                ("reserved", "Spend reserved by calls in flight (USD)."),
-                ("limit", "A budget's limit (USD)."),
-            )
-        }
-        for s in self._states:
-            for name, nano in (("spent", s.spent), ("reserved", s.reserved), ("limit", s.limit)):
-                gauges[name].add_metric([s.rule, s.value], nano / 1e9)  # a gauge's value is a float
-        yield from gauges.values()
-        stats = self.budgets.stats
-        for name, counts, what in (
-            ("refused", stats.refused, "Calls refused by a spend limit."),
-            ("warned", stats.warned, "Calls forwarded past a warn-only spend limit."),
-        ):
-            family = CounterMetricFamily(f"llmtally_budget_{name}", what, labels=["rule"])
-            for rule, count in counts.items():
-                family.add_metric([rule], count)
-            yield family
-        unchecked = "Calls forwarded unchecked: the store was down."
-        yield CounterMetricFamily("llmtally_budget_unchecked", unchecked, value=stats.unchecked)
-        yield CounterMetricFamily(
-            "llmtally_budget_store_errors", "Budget store operations that failed.", value=stats.store_errors
-        )
-        yield GaugeMetricFamily(
-            "llmtally_budget_settlements_pending",
-            "Settlements waiting for the store.",
-            value=len(self.budgets._pending),
-        )

@@ -8,6 +8,7 @@ values its grouping fields took (``tag = "tenant"``: one budget per tenant).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -96,19 +97,23 @@ def _period_label(period: str, start: datetime) -> str:
     return "total"
 
 
+@functools.lru_cache(maxsize=64)
+def _period_of(period: str, year: int, month: int, day: int) -> tuple[datetime, datetime | None, str]:
+    start, end = period_bounds(period, datetime(year, month, day, tzinfo=UTC))
+    return start, end, _period_label(period, start)
+
+
 def keys_for(rules: list[BudgetRule], facts: CallFacts, when: datetime) -> list[BudgetKey]:
     """The budgets a call counts against (in rule order)."""
     keys: list[BudgetKey] = []
+    day = when.astimezone(UTC)
     for rule in rules:
         parts = _grouping(rule, facts)
         if parts is None:
             continue
-        start, end = period_bounds(rule.period, when)
+        start, end, label = _period_of(rule.period, day.year, day.month, day.day)  # once a day, not per call
         value = ",".join(parts)
-        key = (
-            f"{KEY_PREFIX}{quote(rule.name, safe='')}:{_period_label(rule.period, start)}:"
-            f"{quote(value, safe='=,')}"
-        )
+        key = f"{KEY_PREFIX}{quote(rule.name, safe='')}:{label}:{quote(value, safe='=,')}"
         keys.append(BudgetKey(rule, value, start, end, key))
     return keys
 

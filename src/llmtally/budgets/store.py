@@ -48,6 +48,10 @@ class Reserved:
     reserved: int = 0
 
 
+#: (request id, its budget keys, its cost in nano-dollars)
+Settlement = tuple[str, Sequence[BudgetKey], int]
+
+
 @dataclass(slots=True)
 class KeyState:
     key: str
@@ -68,6 +72,11 @@ class BudgetStore(Protocol):
 
     async def settle(self, request_id: str, keys: Sequence[BudgetKey], cost: int) -> bool:
         """True when applied now, False when this call was settled before."""
+        ...
+
+    async def settle_many(self, calls: Sequence[Settlement]) -> None:
+        """Settle each (request id, keys, cost), in one round trip where the store can; raises when
+        the store fails (then none, some or all were applied: settling again is harmless)."""
         ...
 
     async def states(self) -> list[KeyState]: ...
@@ -150,6 +159,10 @@ class MemoryStore:
                 entry.state.reserved -= hold[0]
             entry.state.spent += cost
         return True
+
+    async def settle_many(self, calls: Sequence[Settlement]) -> None:
+        for request_id, keys, cost in calls:
+            await self.settle(request_id, keys, cost)
 
     def _forget_old(self, now_ms: int) -> None:
         now = now_ms / 1000
@@ -268,26 +281,18 @@ class RedisStore:
     async def reserve(
         self, request_id: str, keys: Sequence[BudgetKey], amount: int, now_ms: int, ttl_ms: int
     ) -> Reserved:
-        argv: list[str | int] = [request_id, amount, now_ms, now_ms + ttl_ms]
-        for key in keys:
-            rule, value, end, limit = _meta(key)
-            argv += [limit, "1" if key.blocks else "0", _expire_at(key), rule, value, end]
-        names = [SETTLED_PREFIX + request_id, *(k.key for k in keys)]
-        out = await self._reserve(keys=names, args=argv)
-        status = int(out[0])
-        if status == -2:
-            return Reserved(settled=True)
-        if status > 0:
-            return Reserved(refused=status - 1, spent=int(out[1]), reserved=int(out[2]))
-        return Reserved(warned=tuple(int(i) - 1 for i in out[3:]))
+        names, argv = reserve_args(request_id, keys, amount, now_ms, ttl_ms)
+        return reserved_of(await self._reserve(keys=names, args=argv))
 
     async def settle(self, request_id: str, keys: Sequence[BudgetKey], cost: int) -> bool:
-        argv: list[str | int] = [request_id, cost, SETTLED_TTL_S]
-        for key in keys:
-            rule, value, end, limit = _meta(key)
-            argv += [limit, _expire_at(key), rule, value, end]
-        names = [SETTLED_PREFIX + request_id, *(k.key for k in keys)]
-        return bool(await self._settle(keys=names, args=argv))
+        return bool(await self._settle(*_settle_args(request_id, keys, cost)))
+
+    async def settle_many(self, calls: Sequence[Settlement]) -> None:
+        # One pipeline, one round trip: a record process settles every call of the pod.
+        pipe = self._client.pipeline(transaction=False)
+        for call in calls:
+            await self._settle(*_settle_args(*call), client=pipe)
+        await pipe.execute()
 
     async def states(self) -> list[KeyState]:
         out: list[KeyState] = []
@@ -312,6 +317,40 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def reserve_args(
+    request_id: str, keys: Sequence[BudgetKey], amount: int, now_ms: int, ttl_ms: int
+) -> tuple[list[str], list[str | int]]:
+    """The reserve script's KEYS and ARGV."""
+    argv: list[str | int] = [request_id, amount, now_ms, now_ms + ttl_ms]
+    for key in keys:
+        rule, value, end, limit = _meta(key)
+        argv += [limit, "1" if key.blocks else "0", _expire_at(key), rule, value, end]
+    return [SETTLED_PREFIX + request_id, *(k.key for k in keys)], argv
+
+
+def reserved_of(out: Sequence[Any]) -> Reserved:
+    """The reserve script's reply."""
+    status = int(out[0])
+    if status == -2:
+        return Reserved(settled=True)
+    if status > 0:
+        return Reserved(refused=status - 1, spent=int(out[1]), reserved=int(out[2]))
+    return Reserved(warned=tuple(int(i) - 1 for i in out[3:]))
+
+
+#: The scripts, for clients that load them themselves (llmtally.budgets.wire).
+RESERVE_SCRIPT = _RESERVE
+SETTLE_SCRIPT = _SETTLE
+
+
+def _settle_args(request_id: str, keys: Sequence[BudgetKey], cost: int) -> tuple[list[str], list[str | int]]:
+    argv: list[str | int] = [request_id, cost, SETTLED_TTL_S]
+    for key in keys:
+        rule, value, end, limit = _meta(key)
+        argv += [limit, _expire_at(key), rule, value, end]
+    return [SETTLED_PREFIX + request_id, *(k.key for k in keys)], argv
 
 
 def open_store(url: str, timeout_s: float) -> BudgetStore:

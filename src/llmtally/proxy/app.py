@@ -75,6 +75,7 @@ class Gate(Protocol):
 
     def check(self, ask: Any) -> Admission | asyncio.Future[Admission]: ...
 
+
 STATE_KEY: web.AppKey[ProxyState] = web.AppKey("llmtally_state")
 #: Why the service is not ready to take calls ("draining", "starting: ..."), or None when it is.
 NotReady = Callable[[], str | None]

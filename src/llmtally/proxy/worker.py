@@ -75,9 +75,12 @@ async def serve_worker(spec: WorkerSpec) -> None:
     link = await LinkClient.connect(spec.link_path, spec.admin_path, journal)
     gate = None
     if spec.gate_path is not None:
-        from llmtally.budgets import RemoteGate
+        from llmtally.budgets import DirectGate, RemoteGate
 
-        gate = await RemoteGate.connect(spec.gate_path, config.budgets)
+        # Redis: this worker reserves itself (one round trip per call); memory: the main process
+        # holds the pod's counters and answers.
+        kind = RemoteGate if config.budgets.store == "memory" else DirectGate
+        gate = await kind.connect(spec.gate_path, config.budgets)
     app = create_app(config, link, gate)
     runner = proxy_runner(app)
     await runner.setup()

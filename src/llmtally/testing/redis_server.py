@@ -61,6 +61,8 @@ class RedisServer:
         #: Append-only file fsynced on every write: a SIGKILL loses nothing acknowledged.
         self.persistent = persistent
         self.process: subprocess.Popen[bytes] | None = None
+        #: More redis-server arguments (``--requirepass …``).
+        self.extra_args: list[str] = []
 
     @property
     def url(self) -> str:
@@ -73,13 +75,14 @@ class RedisServer:
         ]  # fmt: skip
         if self.persistent:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
+        args += self.extra_args
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + within_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
                 raise NoRedisServer(f"{self.binary} exited {self.process.returncode}: {err[-500:]}")
-            if self.ping():
+            if self.ping() or (self.extra_args and self._listening()):
                 return
             time.sleep(0.02)
         raise NoRedisServer(f"{self.binary} did not answer PING on port {self.port} within {within_s} s")
@@ -89,6 +92,13 @@ class RedisServer:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
                 return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            return True
         except OSError:
             return False
 
