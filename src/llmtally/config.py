@@ -335,12 +335,22 @@ class ProtobufSinkConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PostgresSinkConfig:
+    #: ``postgresql://user:password@host:port/database``: one row per record in this database, in the
+    #: table llmtally creates and migrates (empty: off). Needs ``llmtally[postgres]``.
+    dsn: str = ""
+    #: Longest connecting (and the schema check after it) may take before the write counts as failed.
+    connect_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class SinksConfig:
     file: FileSinkConfig = field(default_factory=FileSinkConfig)
     prometheus: PrometheusSinkConfig = field(default_factory=PrometheusSinkConfig)
     webhook: WebhookSinkConfig = field(default_factory=WebhookSinkConfig)
     otel: OtelSinkConfig = field(default_factory=OtelSinkConfig)
     protobuf: ProtobufSinkConfig = field(default_factory=ProtobufSinkConfig)
+    postgres: PostgresSinkConfig = field(default_factory=PostgresSinkConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -602,6 +612,8 @@ def _coerce(tp: Any, value: Any, source: str, path: tuple[str, ...]) -> Any:
             _check_ca_file(value, where)
         if path[:2] == ("sinks", "webhook") and path[-1] == "url" and value:
             _check_url(value, where)
+        if path == ("sinks", "postgres", "dsn") and value:
+            _check_postgres_dsn(value, where)
         return value
     raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover - schema bug
 
@@ -640,6 +652,12 @@ def _check_url(value: str, where: str) -> None:
         raise ConfigError(f"{where}: not a URL: {value!r} ({exc})") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise ConfigError(f"{where}: must be an http(s) URL with a host, got {value!r}")
+
+
+def _check_postgres_dsn(value: str, where: str) -> None:
+    # The value itself is not echoed: a DSN carries its password.
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{where}: must be a postgresql://user:password@host:port/database URL")
 
 
 def _check_ca_file(path: str, where: str) -> None:

@@ -26,6 +26,10 @@ def build_sinks(config: Config) -> list[Sink]:
         from llmtally.pipeline.protobuf import ProtobufFileSink
 
         sinks.append(ProtobufFileSink(s.protobuf.path))
+    if s.postgres.dsn:
+        from llmtally.pipeline.postgres import PostgresSink
+
+        sinks.append(PostgresSink(s.postgres.dsn, s.postgres.connect_timeout_s))
     if s.otel.enabled:
         from llmtally.pipeline.otel import OTelSink
 

@@ -212,7 +212,8 @@ class SinkRunner:
             if not left:
                 return []
             if isinstance(error, RecordsRejected) and error.permanent:
-                await self._quarantine.put(left, self.sink.name, error.reason)
+                # (with the sink's own reason for the first of them, when it gave one)
+                await self._quarantine.put(left, self.sink.name, error.reason, error.__cause__)
                 return []
             delay = min(config.retry_backoff_s * 2**attempt, config.retry_backoff_max_s)
             self._throttle.log(
