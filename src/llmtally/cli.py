@@ -11,9 +11,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import orjson
 
@@ -257,8 +258,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
         for key in by:
             r.group_value({}, key)  # a bad --by is refused before any reading
         since, until = r.parse_when(args.since, "--since"), r.parse_when(args.until, "--until")
-        records = list(r.read_records(args.files, count=read))
-        if not records:
+        if args.source:
+            if args.files:
+                raise CommandError("give record files or --from, not both")
+            records = _stored_records(args.source, since, until)
+        else:
+            records = list(r.read_records(args.files, count=read))
+        if not records and not args.source:
             sources = ", ".join(args.files) if args.files and args.files != ["-"] else "stdin"
             raise CommandError(
                 f"read {read.lines} line{'' if read.lines == 1 else 's'} from {sources}, none of them a "
@@ -281,6 +287,31 @@ def _cmd_report(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(r.render_table(totals, groups, by))
     return 0
+
+
+def _stored_records(dsn: str, since: datetime | None, until: datetime | None) -> list[dict[str, Any]]:
+    """``report --from``: the records [sinks.postgres] stored, as the JSON lines would give them."""
+    import asyncio
+
+    if not dsn.startswith(("postgresql://", "postgres://")):
+        raise CommandError("--from: expected a postgresql://user:password@host:port/database URL")
+    from llmtally.pipeline import postgres
+
+    where = postgres.redacted(dsn)  # never the password
+    try:
+        records, some = asyncio.run(postgres.fetch_records(dsn, since, until))
+    except ImportError:
+        raise CommandError("--from needs asyncpg: pip install 'llmtally[postgres]'") from None
+    except LookupError:
+        message = f"{where}: no table {postgres.TABLE} (nothing stored there: [sinks.postgres] creates it)"
+        raise CommandError(message, status=1) from None
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise CommandError(f"{where}: {exc or type(exc).__name__}") from None
+    except Exception as exc:  # asyncpg's: a wrong password, no such database, …
+        raise CommandError(f"{where}: {type(exc).__name__}: {exc}") from None
+    if not some:
+        raise CommandError(f"{where}: table {postgres.TABLE} holds no usage record", status=1)
+    return records
 
 
 def _in_window(record: dict[str, object], since: object, until: object) -> bool:
@@ -362,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="cost table from JSON-lines usage records (files, .gz, or - for stdin)"
     )
     report.add_argument("files", nargs="*", help="record files (plain or gzip); - or nothing: stdin")
+    report.add_argument(
+        "--from", dest="source", metavar="DSN",
+        help="read the records [sinks.postgres] stored in this database (postgresql://…) instead of files",
+    )  # fmt: skip
     report.add_argument(
         "--by", action="append", metavar="KEY",
         help="group by provider, model, endpoint, day, hour or tag:<key> (repeat or comma-separate; "

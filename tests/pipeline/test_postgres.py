@@ -47,7 +47,8 @@ async def stored(dsn: str) -> list[dict[str, Any]]:
     """Every row, as the record dict it stands for."""
     from llmtally.pipeline.postgres import fetch_records
 
-    return await fetch_records(dsn)
+    records, _ = await fetch_records(dsn)
+    return records
 
 
 def as_json_line(record: dict[str, Any]) -> dict[str, Any]:

@@ -503,11 +503,12 @@ def from_row(row: Iterable[Any]) -> dict[str, Any]:
 
 async def fetch_records(
     dsn: str, since: datetime | None = None, until: datetime | None = None, timeout_s: float = 10.0
-) -> list[dict[str, Any]]:
-    """Every record stored in ``dsn`` with ``since <= timestamp < until``, oldest first.
+) -> tuple[list[dict[str, Any]], bool]:
+    """The records stored in ``dsn`` with ``since <= timestamp < until``, oldest first, and whether the
+    table holds any record at all (a window can be empty where the table is not).
 
-    Raises ``LookupError`` when the database has no llmtally table (never migrated: nothing to read);
-    asyncpg's and the OS's errors when it cannot be reached.
+    Raises ``LookupError`` when the database has no llmtally table (never written to); asyncpg's and the
+    OS's errors when it cannot be reached or read.
     """
     import asyncpg
 
@@ -516,7 +517,12 @@ async def fetch_records(
         if await conn.fetchval("SELECT to_regclass($1)", TABLE) is None:
             raise LookupError(f"no table {TABLE} in {redacted(dsn)}")
         args = [w for w in (since, until) if w is not None]
-        rows = await conn.fetch(_select_sql(since is not None, until is not None), *args)
+        async with conn.transaction(readonly=True):  # one snapshot; a cursor, not the table in one go
+            records = [
+                from_row(row.values())
+                async for row in conn.cursor(_select_sql(since is not None, until is not None), *args)
+            ]
+        some = bool(records) or bool(await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {TABLE})"))
     finally:
         await conn.close()
-    return [from_row(row.values()) for row in rows]
+    return records, some
