@@ -4,12 +4,11 @@ line items (Anthropic's web search and fetch), an unpriced model, an upstream er
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Protocol
 
 import anthropic
 import openai
 
-from llmtally.testing.harness import RunningProxy
 from tests.conftest import API_KEY
 
 MESSAGES: Any = [{"role": "user", "content": "Say hello"}]
@@ -19,7 +18,14 @@ WEB_TOOLS: Any = [
 ]
 
 
-async def traffic(proxy: RunningProxy, tenant: str = "acme", rounds: int = 1) -> int:
+class Proxy(Protocol):
+    """The in-process harness's RunningProxy, or `llmtally serve` at a URL."""
+
+    @property
+    def url(self) -> str: ...
+
+
+async def traffic(proxy: Proxy, tenant: str = "acme", rounds: int = 1) -> int:
     """Make the calls (``rounds`` times); returns how many calls were made."""
     tags = {"x-llmtally-tag-tenant": tenant, "x-llmtally-tag-team": "search"}
     oa = openai.AsyncOpenAI(api_key=API_KEY, base_url=f"{proxy.url}/openai/v1", max_retries=0)

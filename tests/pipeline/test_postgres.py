@@ -35,6 +35,7 @@ from llmtally.testing import FakeUpstream
 from llmtally.testing.harness import RunningProxy, config_for_upstream, start_proxy
 from tests.pipeline.pg_traffic import traffic
 from tests.postgres_server import PostgresServer
+from tests.proxy.test_server import serving, stop_serve
 
 FAST = PipelineConfig(retry_attempts=2, retry_backoff_s=0.05, retry_backoff_max_s=0.1, replay_interval_s=3600)
 
@@ -379,6 +380,32 @@ async def test_records_spilled_while_the_database_was_down_are_delivered_at_the_
         await asyncio.sleep(0.05)
     await second.close()
     assert sorted(r["request_id"] for r in await stored(dsn)) == sorted(f"s{i}" for i in range(10))
+
+
+async def test_serve_with_two_workers_stores_every_call_in_postgres(
+    upstream: FakeUpstream, pg_dsn: str, tmp_path: Path
+) -> None:
+    # The real thing: `llmtally serve` processes, the record process holding the connection, the DSN
+    # from the environment, SIGTERM at the end.
+    config = tmp_path / "config.toml"
+    config.write_text(f'[upstreams]\nopenai = "{upstream.url}"\nanthropic = "{upstream.url}"\n')
+    env = {"LLMTALLY_SINKS_POSTGRES_DSN": pg_dsn, "LLMTALLY_PIPELINE_SPILL_DIR": str(tmp_path / "spill")}
+    async with serving(config, env, "--workers", "2") as (process, url):
+        calls = await traffic(_At(url))
+        stdout, _ = await stop_serve(process)
+    lines = [json.loads(line, parse_float=Decimal) for line in stdout.splitlines()]
+    assert len(lines) == calls
+    rows = {r["request_id"]: r for r in await stored(pg_dsn)}
+    assert set(rows) == {line["request_id"] for line in lines}
+    for line in lines:
+        same_record(rows[line["request_id"]], line)
+
+
+@dataclasses.dataclass
+class _At:
+    """What tests.pipeline.pg_traffic needs of a proxy: its URL."""
+
+    url: str
 
 
 # -- configuration ------------------------------------------------------------------------------------------

@@ -378,6 +378,12 @@ class PostgresSink:
     """
 
     def __init__(self, dsn: str, connect_timeout_s: float = 10.0) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("asyncpg") is None:  # refused at start, not spilled for ever
+            from llmtally.config import ConfigError
+
+            raise ConfigError("[sinks.postgres] dsn: needs asyncpg: pip install 'llmtally[postgres]'")
         where = urlsplit(redacted(dsn))
         self.name = f"postgres:{where.hostname}{where.path}"
         self._dsn = dsn
