@@ -131,6 +131,24 @@ async def test_sinks_starting_at_once_on_an_empty_database_all_write(pg_dsn: str
         await sink.close()
 
 
+async def test_a_user_that_may_only_insert_and_select_writes_once_the_schema_is_there(pg_dsn: str) -> None:
+    owner = await connect(pg_dsn)
+    try:
+        await migrate(owner)
+        await owner.execute(
+            "CREATE ROLE meter LOGIN; REVOKE CREATE ON SCHEMA public FROM PUBLIC;"
+            f" GRANT SELECT, INSERT ON {TABLE} TO meter; GRANT SELECT ON llmtally_schema_migrations TO meter"
+        )
+        sink = PostgresSink(pg_dsn.replace("postgres@", "meter@"))
+        await sink.write([record("least-privilege")])
+        await sink.close()
+        assert sink.migrated == []
+        assert await owner.fetchval(f"SELECT count(*) FROM {TABLE}") == 1
+    finally:
+        await owner.execute("DROP OWNED BY meter; DROP ROLE meter")
+        await owner.close()
+
+
 async def test_migrations_apply_in_version_order_and_a_failing_one_rolls_back_whole(pg_dsn: str) -> None:
     later = Migration(3, "a column", f"ALTER TABLE {TABLE} ADD COLUMN region text")
     broken = Migration(4, "fails half-way", "CREATE TABLE half_done (a int); SELECT 1/0")

@@ -119,10 +119,13 @@ async def migrate(conn: asyncpg.Connection, migrations: Sequence[Migration] = MI
     applied: list[int] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-        await conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
+        # Looked up, not CREATE … IF NOT EXISTS: that needs CREATE on the schema even when the table is
+        # there, and a user that may only insert and select must be able to start once it is migrated.
+        if await conn.fetchval("SELECT to_regclass($1)", MIGRATIONS_TABLE) is None:
+            await conn.execute(
+                f"CREATE TABLE {MIGRATIONS_TABLE} (version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
         done = {row["version"] for row in await conn.fetch(f"SELECT version FROM {MIGRATIONS_TABLE}")}
         for migration in sorted(migrations, key=lambda m: m.version):
             if migration.version in done:
