@@ -5,11 +5,14 @@ installs (it ships initdb and postgres); the machine's own ``/usr/lib/postgresql
 of them the tests that need a server fail, saying so: they are never skipped.
 
 PostgreSQL refuses to run as root. As root (containers, CI), the server runs as ``nobody``: its temp
-dir is made under ``/tmp`` (pytest's own is private to root) and handed to that user.
+dir is made under ``/tmp`` (pytest's own is private to root) and handed to that user; and when
+``nobody`` cannot reach the binaries (a checkout under a private dir, as CI's ``mktemp -d``), they are
+copied once per session to a directory it can read.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import os
@@ -51,6 +54,44 @@ def find_bin_dir() -> Path:
     )
 
 
+#: Binary directories copied where ``nobody`` can read them: {original: copy}.
+_COPIES: dict[Path, Path] = {}
+
+
+def reachable_bin_dir(bin_dir: Path, run_as: dict[str, Any]) -> Path:
+    """``bin_dir``, or a copy of its installation that the ``run_as`` user can execute."""
+    if not run_as or _runs(bin_dir, run_as):
+        return bin_dir
+    if bin_dir not in _COPIES:
+        prefix = bin_dir.parent  # …/pgserver/pginstall: bin, lib, share
+        root = Path(tempfile.mkdtemp(prefix="llmtally-pg-bin-", dir="/tmp"))
+        os.chmod(root, 0o755)
+        atexit.register(shutil.rmtree, root, True)
+        target = root / prefix.parent.name / prefix.name
+        shutil.copytree(prefix, target, ignore=shutil.ignore_patterns("include", "*.a"))
+        # The wheel's libpq, which its binaries find at $ORIGIN/../../../pgserver.libs
+        libs = prefix.parent.parent / f"{prefix.parent.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, root / libs.name)
+        for path in [root, *root.rglob("*")]:
+            readable = 0o555 if path.is_dir() else 0o444
+            os.chmod(path, os.stat(path).st_mode | readable)
+        _COPIES[bin_dir] = target / bin_dir.name
+        if not _runs(_COPIES[bin_dir], run_as):
+            raise RuntimeError(f"postgres from {bin_dir} does not run as an unprivileged user, even copied")
+    return _COPIES[bin_dir]
+
+
+def _runs(bin_dir: Path, run_as: dict[str, Any]) -> bool:
+    try:
+        done = subprocess.run(
+            [str(bin_dir / "postgres"), "--version"], capture_output=True, timeout=30, cwd="/", **run_as
+        )
+    except OSError:  # not even executable for that user
+        return False
+    return done.returncode == 0
+
+
 def _version(name: str) -> tuple[int, ...]:
     return tuple(int(p) for p in name.split(".") if p.isdigit())
 
@@ -73,6 +114,7 @@ class PostgresServer:
             nobody = pwd.getpwnam("nobody")
             self._as = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
             base = "/tmp"
+        self.bin_dir = reachable_bin_dir(self.bin_dir, self._as)
         self.dir = Path(tempfile.mkdtemp(prefix="llmtally-pg-", dir=base))
         self.data = self.dir / "data"
         self.log = self.dir / "postgres.log"
