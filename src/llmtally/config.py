@@ -60,6 +60,8 @@ class ServerConfig:
     body_grace_s: float = 10.0
     #: Add ``x-llmtally-request-id`` (the record's ``request_id``) to every metered response.
     request_id_header: bool = True
+    #: Add ``x-llmtally-cost`` (USD) to non-streamed 2xx responses with provider usage.
+    cost_header: bool = True
     #: ``GET /calls/{request_id}`` on the admin port keeps records this long, at most this many.
     calls_window_s: float = 300.0
     calls_max: int = 10000

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 from llmtally.budgets.gate import REFUSED
 from llmtally.counters import TokenCount, TokenCounter, build_counters
 from llmtally.exchange import Exchange
-from llmtally.platforms import price_data_provider, stream_parser
+from llmtally.platforms import stream_parser
 from llmtally.pricing import PriceBook
+from llmtally.pricing.calls import quote_call
 from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter, ResponseSummary
 from llmtally.providers.base import read_usage
 from llmtally.providers.encoding import UndecodableBody, decode_body
@@ -121,18 +122,7 @@ def build_record(
 
     service_tier = summary.service_tier or request.service_tier
     geo = summary.inference_geo or request.inference_geo
-    quote = prices.quote(
-        exchange.provider,
-        exchange.price_model or model,
-        usage,
-        exchange.started_at,
-        request.model,
-        service_tier,
-        geo,
-        price_data_provider(exchange.platform, exchange.provider),
-        # A summary pickled before line items existed (a journal segment across an upgrade) has none.
-        getattr(summary, "line_items", None),
-    )
+    quote = quote_call(exchange, summary, usage, prices)
     return UsageRecord(
         timestamp=_rfc3339(exchange.started_at),
         request_id=exchange.request_id,

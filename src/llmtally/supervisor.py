@@ -20,6 +20,7 @@ import contextlib
 import logging
 import pickle
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -80,6 +81,8 @@ class Workers:
     run: str = ""
     #: The budget gate's socket (None: no [budgets] rules).
     gate_path: str | None = None
+    #: The config file, which workers pricing cost headers watch for price changes.
+    config_path: str | None = None
     processes: dict[int, asyncio.subprocess.Process] = field(default_factory=dict)
     exited: dict[int, asyncio.Event] = field(default_factory=dict)
     ready: dict[int, WorkerReady] = field(default_factory=dict)
@@ -116,6 +119,13 @@ class Workers:
         watch = asyncio.get_running_loop().create_task(self._watch(index, process))
         self._watches.add(watch)
         watch.add_done_callback(self._watches.discard)
+
+    def hang_up(self) -> None:
+        """Pass a SIGHUP on: each worker reloads the prices its cost headers are priced with."""
+        for process in self.processes.values():
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGHUP)
 
     def on_ready(self, message: WorkerReady) -> None:
         for index, process in self.processes.items():
@@ -230,6 +240,7 @@ async def supervise(
         str(journal.directory) if journal else None,
         journal.run if journal else "",
         str(runtime / "gate.sock") if meter.budgets is not None else None,
+        config_path,
     )
     gate = GateServer(meter.budgets) if meter.budgets is not None else None
     if gate is not None and config.budgets.store == "memory":
@@ -275,7 +286,7 @@ async def supervise(
             "llmtally listening on http://%s:%d (%d proxy worker%s)",
             config.server.host, port, config.server.workers, "" if config.server.workers == 1 else "s",
         )  # fmt: skip
-        reload_on_sighup(reloader)
+        reload_on_sighup(reloader, workers.hang_up)
         await announce(ready, port)
         await stop.wait()
         log.info("shutting down: draining in-flight requests (up to %.0f s)", config.server.shutdown_grace_s)

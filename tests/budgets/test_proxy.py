@@ -307,3 +307,50 @@ async def test_redis_down_block_answers_503_in_the_providers_shape(
     assert refused.value.status_code == 503 and "cannot check spend limits" in refused.value.message
     (record,) = await proxy.flush()
     assert (record["status"], record["error"]) == (503, "budget_store_unavailable")
+
+
+async def test_non_streamed_answers_carry_their_cost_and_what_the_budget_has_left(
+    make_proxy: MakeProxy, fast_path: bool
+) -> None:
+    proxy = await make_proxy(budgets_config("1", fast_path=fast_path))
+    client = openai_client(proxy)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=MESSAGES, max_tokens=1000
+    )
+    claude = anthropic.AsyncAnthropic(
+        api_key=API_KEY, base_url=f"{proxy.url}/anthropic", max_retries=0, default_headers=TENANT
+    )
+    raw_claude = await claude.messages.with_raw_response.create(
+        model="claude-sonnet-4-5", max_tokens=1000, messages=MESSAGES
+    )
+    stream = await client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=MESSAGES, max_tokens=1000, stream=True
+    )
+    async for _ in stream.parse():
+        pass
+    records = {r["request_id"]: r for r in await proxy.flush()}
+    for answer in (raw, raw_claude):
+        record = records[answer.headers["x-llmtally-request-id"]]
+        assert Decimal(answer.headers["x-llmtally-cost"]) == record["total_cost"] > 0
+    assert "x-llmtally-cost" not in stream.headers  # a stream's cost is not known when its head leaves
+    # What the budget had left once the call's reservation was made: less for the second call.
+    left = [Decimal(a.headers["x-llmtally-budget-remaining"]) for a in (raw, raw_claude, stream)]
+    assert Decimal(1) > left[0] > left[1] and all(v > 0 for v in left)
+
+
+async def test_the_cost_header_is_there_without_budgets_and_can_be_turned_off(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await make_proxy()
+    gemini = genai.Client(api_key=API_KEY, http_options=types.HttpOptions(base_url=f"{proxy.url}/gemini"))
+    answer = await gemini.aio.models.generate_content(model="gemini-2.5-flash", contents="hi")
+    headers = answer.sdk_http_response.headers if answer.sdk_http_response else {}
+    (record,) = await proxy.flush()
+    assert Decimal(headers["x-llmtally-cost"]) == record["total_cost"] == Decimal("0.00222204")
+    assert "x-llmtally-budget-remaining" not in headers
+    off = await make_proxy(Config(server=ServerConfig(cost_header=False)))
+    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=f"{off.url}/openai/v1", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+    assert "x-llmtally-cost" not in raw.headers and "x-llmtally-request-id" in raw.headers
+    (record,) = await off.flush()
+    assert record["total_cost"] == Decimal("0.00472")

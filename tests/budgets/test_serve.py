@@ -111,9 +111,17 @@ async def test_a_reloaded_limit_reaches_workers_that_check_redis_themselves(
 ) -> None:
     config = tmp_path / "config.toml"
     _config(config, upstream.url, redis_server.url, "100")
-    process, url, _, _ = await _serve(config, tmp_path)
+    process, url, _, records = await _serve(config, tmp_path)
     try:
         assert await _calls(url, 6) == [200] * 6
+        # A worker prices its answer itself.
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url + "/openai/v1/chat/completions", json=CHAT, headers=HEADERS) as r,
+        ):
+            await r.read()
+            cost, request_id = r.headers["x-llmtally-cost"], r.headers["x-llmtally-request-id"]
+            assert Decimal(r.headers["x-llmtally-budget-remaining"]) < 100
         _config(config, upstream.url, redis_server.url, "0.000001")
         process.send_signal(signal.SIGHUP)
         for _ in range(100):  # the main process reloads, then tells each worker
@@ -123,3 +131,7 @@ async def test_a_reloaded_limit_reaches_workers_that_check_redis_themselves(
         assert await _calls(url, 6) == [429] * 6
     finally:
         await _stop(process)
+    (record,) = [
+        r for r in map(orjson.loads, records.read_bytes().splitlines()) if r["request_id"] == request_id
+    ]
+    assert Decimal(cost) == Decimal(str(record["total_cost"])) == Decimal("0.00472")

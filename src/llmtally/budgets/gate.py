@@ -117,6 +117,8 @@ class Admission:
     retry_after_s: int | None = None
     #: Forwarded without a check (the store was down, ``on_store_error = "allow"``).
     unchecked: bool = False
+    #: The least any of the call's budgets has left, this call's reservation counted (USD text).
+    remaining_usd: str | None = None
 
 
 GO = Admission()
@@ -239,7 +241,8 @@ def admit(reserved: Reserved, keys: list[BudgetKey], amount: int, events: Budget
     warned = tuple(keys[i].rule.name for i in reserved.warned)
     for name in warned:
         events.warned(name)
-    return Admission(rules=warned) if warned else GO
+    remaining = None if reserved.remaining is None else str(from_nano(max(0, reserved.remaining)))
+    return Admission(rules=warned, remaining_usd=remaining)
 
 
 def bound_of(ask: BudgetAsk, price: UnitPrice | None, config: BudgetsConfig) -> int:

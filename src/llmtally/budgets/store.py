@@ -46,6 +46,8 @@ class Reserved:
     settled: bool = False
     spent: int = 0
     reserved: int = 0
+    #: Reserved: the least any key has left after this reservation (nano-dollars).
+    remaining: int | None = None
 
 
 #: (request id, its budget keys, its cost in nano-dollars)
@@ -140,13 +142,16 @@ class MemoryStore:
             if key.blocks and state.spent + state.reserved + max(amount, 1) > state.limit:
                 return Reserved(refused=i, spent=state.spent, reserved=state.reserved)
         warned = []
+        remaining: int | None = None
         for i, (key, entry) in enumerate(zip(keys, entries, strict=True)):
             state = entry.state
             state.reserved += amount
             entry.holds[request_id] = (amount, now_ms + ttl_ms)
-            if not key.blocks and state.spent + state.reserved > state.limit:
+            left = state.limit - state.spent - state.reserved
+            remaining = left if remaining is None else min(remaining, left)
+            if not key.blocks and left < 0:
                 warned.append(i)
-        return Reserved(warned=tuple(warned))
+        return Reserved(warned=tuple(warned), remaining=remaining)
 
     async def settle(self, request_id: str, keys: Sequence[BudgetKey], cost: int) -> bool:
         if request_id in self._settled:
@@ -211,6 +216,7 @@ for i = 2, #KEYS do
   end
 end
 local out = {0, 0, 0}
+local least = nil
 for i = 2, #KEYS do
   local k, o = KEYS[i], 5 + (i - 2) * 6
   redis.call('HINCRBY', k, 'reserved', amount)
@@ -223,12 +229,12 @@ for i = 2, #KEYS do
     redis.call('EXPIREAT', k .. '|r', ARGV[o + 2])
     redis.call('EXPIREAT', k .. '|x', ARGV[o + 2])
   end
-  if ARGV[o + 1] == '0' then
-    local spent = tonumber(redis.call('HGET', k, 'spent') or '0')
-    local reserved = tonumber(redis.call('HGET', k, 'reserved') or '0')
-    if spent + reserved > tonumber(ARGV[o]) then table.insert(out, i - 1) end
-  end
+  local left = tonumber(ARGV[o]) - tonumber(redis.call('HGET', k, 'spent') or '0')
+    - tonumber(redis.call('HGET', k, 'reserved') or '0')
+  if least == nil or left < least then least = left end
+  if ARGV[o + 1] == '0' and left < 0 then table.insert(out, i - 1) end
 end
+out[2] = least  -- an integer below 2**53: exact as a double, returned as an integer reply
 return out
 """
 
@@ -337,7 +343,7 @@ def reserved_of(out: Sequence[Any]) -> Reserved:
         return Reserved(settled=True)
     if status > 0:
         return Reserved(refused=status - 1, spent=int(out[1]), reserved=int(out[2]))
-    return Reserved(warned=tuple(int(i) - 1 for i in out[3:]))
+    return Reserved(warned=tuple(int(i) - 1 for i in out[3:]), remaining=int(out[1]))
 
 
 #: The scripts, for clients that load them themselves (llmtally.budgets.wire).

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from functools import partial
 from typing import Any, Protocol
 from urllib.parse import unquote
@@ -29,8 +30,10 @@ from llmtally.budgets.gate import REFUSED, Admission, ask_for
 from llmtally.config import Config
 from llmtally.exchange import Exchange, Meter
 from llmtally.platforms import Platform, Route, build_platforms
+from llmtally.pricing.calls import quote_call
+from llmtally.pricing.engine import PriceBook
 from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter
-from llmtally.providers.base import Refusal
+from llmtally.providers.base import Refusal, read_usage
 from llmtally.providers.encoding import DECODABLE
 from llmtally.proxy.aiohttp_guard import body_deadline_s, guard_client_connector
 from llmtally.proxy.eager import start_eagerly
@@ -68,6 +71,8 @@ _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length"}
 TAG_PREFIX = "x-llmtally-tag-"
 OVERHEAD_HEADER = "x-llmtally-overhead-ms"
 REQUEST_ID_HEADER = "x-llmtally-request-id"
+COST_HEADER = "x-llmtally-cost"
+REMAINING_HEADER = "x-llmtally-budget-remaining"
 
 
 class Gate(Protocol):
@@ -131,6 +136,8 @@ class ProxyState:
     stream_budget: StreamBudget = field(init=False)
     #: Where each metered call asks its spend limits before going upstream (None: no [budgets] rules).
     gate: Gate | None = None
+    #: The price book for ``x-llmtally-cost`` on non-streamed answers (None: ``cost_header`` is off).
+    prices: Callable[[], PriceBook] | None = None
 
     def origin_of(self, upstream: URL) -> Origin:
         origin = self.origins.get(upstream)
@@ -147,10 +154,18 @@ class ProxyState:
 SUBMIT_AFTER_CANCEL_S = 5.0
 
 
-def create_app(config: Config, meter: Meter, gate: Gate | None = None) -> web.Application:
-    """The proxy application; the caller owns running it, the meter and the budget gate (see
-    :mod:`llmtally.proxy.server`)."""
-    state = ProxyState(config=config, meter=meter, platforms=build_platforms(config), gate=gate)
+def create_app(
+    config: Config,
+    meter: Meter,
+    gate: Gate | None = None,
+    prices: Callable[[], PriceBook] | None = None,
+) -> web.Application:
+    """The proxy application; the caller owns running it, the meter, the budget gate and the price
+    book the cost header is priced with (see :mod:`llmtally.proxy.server`)."""
+    state = ProxyState(
+        config=config, meter=meter, platforms=build_platforms(config), gate=gate,
+        prices=prices if config.server.cost_header else None,
+    )  # fmt: skip
     app = web.Application(client_max_size=config.server.max_request_body_mb * 1024 * 1024)
     app[STATE_KEY] = state
     _add_health_routes(app, meter, lambda: "draining" if state.cut_at is not None else None)
@@ -588,7 +603,7 @@ class MeteredCall:
 
     __slots__ = (
         "adapter", "admission", "conn", "down", "exchange", "finished", "headers", "metered", "on_done",
-        "origin", "path_qs", "refusal", "state", "t0", "t_sent", "task",
+        "origin", "path_qs", "refusal", "remaining", "state", "t0", "t_sent", "task",
     )  # fmt: skip
 
     def __init__(
@@ -625,6 +640,8 @@ class MeteredCall:
         self.admission: asyncio.Future[Admission] | None = None
         #: The error shape of a refusal (the route's platform's, else the dialect's).
         self.refusal: Callable[[int, str], Refusal] = adapter.refusal
+        #: What the call's budgets have left, as its check found them (``x-llmtally-budget-remaining``).
+        self.remaining: str | None = None
 
     def begin(self) -> None:
         """Check the spend limits (when there are rules), then :meth:`_go`."""
@@ -663,6 +680,7 @@ class MeteredCall:
         exchange = self.exchange
         if admission.rules:
             exchange.budget_exceeded = ",".join(admission.rules)
+        self.remaining = admission.remaining_usd
         if admission.verdict == "go":
             return True
         status = 429 if admission.verdict == "refuse" else 503
@@ -681,6 +699,35 @@ class MeteredCall:
     def _id_header(self, headers: list[tuple[str, str]]) -> None:
         if self.state.config.server.request_id_header:
             headers.append((REQUEST_ID_HEADER, self.exchange.request_id))
+        if self.remaining is not None:
+            headers.append((REMAINING_HEADER, self.remaining))
+
+    def _cost_header(self, headers: list[tuple[str, str]], upstream: UpstreamResponse, body: bytes) -> None:
+        """``x-llmtally-cost`` of a whole 2xx answer with provider usage, priced now as its record will
+        be (the parse is then the record's too: the record process does not parse it again)."""
+        prices = self.state.prices
+        if prices is None or not 200 <= upstream.status < 300:
+            return
+        if upstream.headers.get("Content-Encoding", "identity").lower() != "identity":
+            return  # decoded off the loop, in the record process; no header
+        exchange, adapter = self.exchange, self.adapter
+        try:
+            summary = adapter.parse_response(self.metered, body)
+            if exchange.usage_headers:
+                from_headers = read_usage(
+                    summary, lambda: adapter.usage_from_headers(exchange.usage_headers or {})
+                )
+                if from_headers is not None:
+                    summary.usage = from_headers
+            if summary.usage is None or summary.usage_error is not None:
+                return  # estimated later, in the record process: no cost to state now
+            quote = quote_call(exchange, summary, summary.usage, prices())
+        except Exception as exc:  # pricing must never fail the call
+            log.warning("cost header failed: %s: %s", type(exc).__name__, exc)
+            return
+        exchange.summary, exchange.response_body, exchange.response_chunks = summary, None, None
+        if quote.cost is not None:
+            headers.append((COST_HEADER, cost_text(quote.cost.total_cost)))
 
     def _go(self) -> None:
         """Send the request: on a pooled connection now, else from a task once one is open or free."""
@@ -792,6 +839,7 @@ class MeteredCall:
         copy.feed(body)
         copy.hand_over()
         headers = _client_headers(upstream.headers, keep_length=False)
+        self._cost_header(headers, upstream, body)
         _overhead_header(self.state, headers, self.t0, head_at - self.t_sent)
         self._id_header(headers)
         exchange.latency_ms = (time.perf_counter() - self.t0) * 1000
@@ -897,6 +945,15 @@ class MeteredCall:
             state.idle.set()
         if self.on_done is not None:
             self.on_done(failure)
+
+
+def cost_text(value: Decimal) -> str:
+    """USD as plain decimal text (no exponent), as the records have it."""
+    text = format(value.quantize(_COST_PLACES).normalize(), "f")
+    return "0" if text in ("-0", "") else text
+
+
+_COST_PLACES = Decimal("1e-10")
 
 
 def _send_error(down: Downstream, status: int, kind: str, message: str) -> None:

@@ -48,9 +48,16 @@ def stop_on_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
-def reload_on_sighup(reloader: PriceReloader) -> None:
+def reload_on_sighup(reloader: PriceReloader, also: Callable[[], None] | None = None) -> None:
+    """SIGHUP reloads now (and tells ``also``: the workers, which price cost headers themselves)."""
+
+    def hup() -> None:
+        reloader.trigger()
+        if also is not None:
+            also()
+
     with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.trigger)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hup)
     reloader.start()
 
 

@@ -46,7 +46,7 @@ async def serve(
     pipeline = build_pipeline(config)
     meter = LocalMeter(config, pipeline)
     pipeline.start()
-    app = create_app(config, meter, local_gate(meter))
+    app = create_app(config, meter, local_gate(meter), lambda: meter.prices)
     reloader = PriceReloader(config, config_path, meter.use_prices, meter.prices, meter.use_config)
     if config.pricing.auto_update:
         start_auto_update(config.pricing.auto_update_interval_h)

@@ -41,6 +41,8 @@ class WorkerSpec:
     run: str = ""
     #: The main process's budget gate (None: no [budgets] rules).
     gate_path: str | None = None
+    #: The config file (its prices are reloaded here too when this worker prices cost headers).
+    config_path: str | None = None
 
 
 def main() -> None:
@@ -52,7 +54,9 @@ def main() -> None:
 def worker_main(spec: WorkerSpec) -> None:
     """Run one proxy worker until SIGTERM/SIGINT or until the main process goes away."""
     configure_logging(spec.config.logging.level)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # prices live in the main process; it reloads them
+    # Records are priced in the main process, which reloads on SIGHUP and passes it on; a worker
+    # pricing cost headers reloads its own book then (serve_worker), others ignore it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - optional on some platforms
@@ -81,7 +85,19 @@ async def serve_worker(spec: WorkerSpec) -> None:
         # holds the pod's counters and answers.
         kind = RemoteGate if config.budgets.store == "memory" else DirectGate
         gate = await kind.connect(spec.gate_path, config.budgets)
-    app = create_app(config, link, gate)
+    prices, reloader = None, None
+    if config.server.cost_header:
+        from llmtally.pricing import PriceBook
+        from llmtally.pricing.reload import PriceReloader
+
+        book = PriceBook(config.pricing)
+        held = [book]
+        reloader = PriceReloader(config, spec.config_path, lambda new: held.__setitem__(0, new), book)
+
+        def prices() -> PriceBook:
+            return held[0]
+
+    app = create_app(config, link, gate, prices)
     runner = proxy_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, spec.port, reuse_address=True, reuse_port=True)
@@ -93,8 +109,14 @@ async def serve_worker(spec: WorkerSpec) -> None:
             loop.add_signal_handler(sig, stop.set)
     lost = loop.create_task(link.closed.wait())
     lost.add_done_callback(lambda _: stop.set())
+    if reloader is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, reloader.trigger)
+        reloader.start()
     link.send_ready(spec.port)
     await stop.wait()
+    if reloader is not None:
+        await reloader.stop()
     if link.closed.is_set():
         log.error("worker %d: the record process is gone; stopping", spec.index)
     await runner.cleanup()  # stop listening, let in-flight calls finish, then on_cleanup

@@ -86,7 +86,7 @@ async def start_proxy(
     meter = LocalMeter(config, pipeline)
     pipeline.start()
     meter.start()
-    app = create_app(config, meter, local_gate(meter))
+    app = create_app(config, meter, local_gate(meter), lambda: meter.prices)
     runner = proxy_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
