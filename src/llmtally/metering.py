@@ -157,6 +157,8 @@ def build_record(
         inference_geo=geo if geo and geo.lower() != "global" else None,
         fake_upstream=fake_upstream,
         line_items=quote.line_items,
+        batch_id=exchange.batch_id,
+        custom_id=exchange.custom_id,
     )
 
 
@@ -200,6 +202,8 @@ def safe_build_record(
             tags=exchange.tags,
             error=f"metering failed: {type(exc).__name__}: {exc}",
             fake_upstream=fake_upstream,
+            batch_id=exchange.batch_id,
+            custom_id=exchange.custom_id,
         )
 
 

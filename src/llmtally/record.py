@@ -120,6 +120,9 @@ class UsageRecord:
     #: Billed units beyond tokens (web searches, grounded prompts …); the priced ones are in
     #: ``cost.total_cost``.
     line_items: tuple[LineItem, ...] = ()
+    #: A batch result's batch (OpenAI: its output file), and the id the client gave its request.
+    batch_id: str | None = None
+    custom_id: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The record as the JSON log line's object (costs stay Decimal; the sink encodes them)."""
@@ -164,5 +167,7 @@ class UsageRecord:
             "fake_upstream": self.fake_upstream,
             "tags": self.tags,
             "upstream_request_id": self.upstream_request_id,
+            "batch_id": self.batch_id,
+            "custom_id": self.custom_id,
             "error": self.error,
         }

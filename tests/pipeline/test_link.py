@@ -66,16 +66,24 @@ def test_wire_form_round_trips_every_field() -> None:
 
 def test_a_wire_tuple_from_before_platforms_reads_as_direct() -> None:
     # Journal segments outlive an upgrade: a frame written without the platform is a direct call.
-    old = exchange_to_wire(_exchange())[:-4]
+    old = exchange_to_wire(_exchange())[:-6]
     back = exchange_from_wire(old)
     assert back.platform == "direct" and back.request_id == "id-0" and back.count_input is True
     assert back.usage_headers is None
 
 
 def test_a_wire_tuple_from_before_usage_headers_keeps_its_platform() -> None:
-    old = exchange_to_wire(_exchange())[:-1]
+    old = exchange_to_wire(_exchange())[:-3]
     back = exchange_from_wire(old)
     assert back.platform == "azure" and back.usage_headers is None
+
+
+def test_a_wire_tuple_from_before_batches_has_no_batch_ids() -> None:
+    exchange = _exchange()
+    exchange.batch_id, exchange.custom_id = "msgbatch_01", "req-1"
+    assert exchange_from_wire(exchange_to_wire(exchange)) == exchange
+    back = exchange_from_wire(exchange_to_wire(exchange)[:-2])
+    assert back.platform == "azure" and back.batch_id is None and back.custom_id is None
 
 
 def test_wire_form_keeps_an_unparsable_request_as_it_was() -> None:

@@ -77,12 +77,13 @@ def exchange_to_wire(ex: Exchange) -> tuple[Any, ...]:
         ex.status,
         ex.latency_ms, ex.ttfb_ms, ex.client_disconnected, ex.tags, ex.error, ex.upstream_request_id,
         ex.count_input, ex.platform, ex.price_model, ex.pricing_note, ex.usage_headers,
+        ex.batch_id, ex.custom_id,
     )  # fmt: skip
 
 
 #: Fields added to the wire tuple since it was first journaled, with the value an older frame means.
-_ADDED_FIELDS: tuple[Any, ...] = ("direct", None, None, None)  # platform … usage_headers
-_FIELDS = 33
+_ADDED_FIELDS: tuple[Any, ...] = ("direct", None, None, None, None, None)  # platform … custom_id
+_FIELDS = 35
 
 
 def exchange_from_wire(t: tuple[Any, ...]) -> Exchange:
@@ -96,6 +97,7 @@ def exchange_from_wire(t: tuple[Any, ...]) -> Exchange:
         summary, response_body, response_chunks, response_encoding, response_stream, status,
         latency_ms, ttfb_ms, client_disconnected, tags, error, upstream_request_id,
         count_input, platform, price_model, pricing_note, usage_headers,
+        batch_id, custom_id,
     ) = t  # fmt: skip
     request = MeteredRequest(
         endpoint=Endpoint(e_provider, e_name, e_url_model, e_always_stream),
@@ -131,6 +133,8 @@ def exchange_from_wire(t: tuple[Any, ...]) -> Exchange:
         price_model=price_model,
         pricing_note=pricing_note,
         usage_headers=usage_headers,
+        batch_id=batch_id,
+        custom_id=custom_id,
     )
 
 

@@ -9,6 +9,7 @@ from typing import Protocol
 from yarl import URL
 
 from llmtally.providers.base import Endpoint
+from llmtally.providers.batch import BatchDownload
 from llmtally.record import PlatformName as PlatformName
 from llmtally.record import Provider
 
@@ -45,6 +46,9 @@ class Route:
     pricing_notes: Mapping[str, str] = field(default_factory=dict)
     #: Signs the request for the upstream: ``sign(method, url, headers, body)`` → the headers to send.
     sign: Callable[[str, str, list[tuple[str, str]], bytes], list[tuple[str, str]]] | None = None
+    #: A GET that downloads batch results (``endpoint`` is None: it is forwarded as it streams, and
+    #: metered one record per result as it passes).
+    batch: BatchDownload | None = None
 
 
 class Platform(Protocol):
