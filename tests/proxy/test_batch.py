@@ -7,6 +7,7 @@ file), in chunks cut mid-line; the client gets the exact bytes, and each result 
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import tracemalloc
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -31,6 +33,7 @@ from llmtally.config import Config
 from llmtally.testing.harness import RunningProxy, config_for_upstream, start_proxy
 from tests.conftest import API_KEY
 from tests.proxy.helpers import money
+from tests.proxy.test_server import serving, stop_serve
 
 BATCH = {"processing": "batch"}
 
@@ -269,8 +272,10 @@ async def raw_get(url: str) -> bytes:
 async def test_openai_output_file_one_record_per_line_at_batch_prices(
     proxy: RunningProxy, batch_upstream: BatchUpstream
 ) -> None:
-    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=f"{proxy.url}/openai/v1", max_retries=0)
-    content = await client.files.content("file-out")
+    async with openai.AsyncOpenAI(
+        api_key=API_KEY, base_url=f"{proxy.url}/openai/v1", max_retries=0
+    ) as client:
+        content = await client.files.content("file-out")
     assert content.content == OPENAI_OUTPUT  # the client gets the file exactly
     records = sorted(await records_of(proxy), key=lambda r: str(r["custom_id"]))
     assert [r["custom_id"] for r in records] == ["request-1", "request-2", "request-3"]
@@ -293,26 +298,30 @@ async def test_openai_output_file_one_record_per_line_at_batch_prices(
 
 
 async def test_openai_error_file_and_other_files(proxy: RunningProxy) -> None:
-    client = openai.AsyncOpenAI(api_key=API_KEY, base_url=f"{proxy.url}/openai/v1", max_retries=0)
-    assert (await client.files.content("file-err")).content == OPENAI_ERRORS
-    (expired,) = await records_of(proxy)
+    async with openai.AsyncOpenAI(
+        api_key=API_KEY, base_url=f"{proxy.url}/openai/v1", max_retries=0
+    ) as client:
+        assert (await client.files.content("file-err")).content == OPENAI_ERRORS
+        (expired,) = await records_of(proxy)
+        # A batch's input file (or any other file) passes unchanged and writes nothing.
+        assert (await client.files.content("file-in")).content == OPENAI_INPUT
     assert expired["custom_id"] == "request-9" and expired["batch_id"] == "file-err"
     assert expired["error"] == "batch request failed: batch_expired" and expired["total_cost"] is None
     assert expired["status"] is None and expired["usage_source"] == "none"
-    # A batch's input file (or any other file) passes unchanged and writes nothing.
-    assert (await client.files.content("file-in")).content == OPENAI_INPUT
     assert await records_of(proxy) == []
 
 
 async def test_anthropic_results_through_the_relinked_results_url(
     proxy: RunningProxy, batch_upstream: BatchUpstream
 ) -> None:
-    client = anthropic.AsyncAnthropic(api_key=API_KEY, base_url=f"{proxy.url}/anthropic", max_retries=0)
-    batch = await client.messages.batches.retrieve("msgbatch_01")
+    async with anthropic.AsyncAnthropic(
+        api_key=API_KEY, base_url=f"{proxy.url}/anthropic", max_retries=0
+    ) as client:
+        batch = await client.messages.batches.retrieve("msgbatch_01")
+        results = [r async for r in await client.messages.batches.results("msgbatch_01")]
     # The upstream names itself in results_url; the SDK would fetch the results from there, around the
     # proxy: the link is pointed back through it.
     assert batch.results_url == f"{proxy.url}/anthropic/v1/messages/batches/msgbatch_01/results"
-    results = [r async for r in await client.messages.batches.results("msgbatch_01")]
     assert [r.custom_id for r in results] == ["req-1", "req-bad", "req-2", "req-late"]
     assert (
         await raw_get(f"{proxy.url}/anthropic/v1/messages/batches/msgbatch_01/results") == ANTHROPIC_RESULTS
@@ -338,12 +347,16 @@ async def test_anthropic_results_through_the_relinked_results_url(
 
 async def test_gemini_inlined_responses_and_results_file(proxy: RunningProxy) -> None:
     client = genai.Client(api_key=API_KEY, http_options=types.HttpOptions(base_url=f"{proxy.url}/gemini"))
-    job = await client.aio.batches.get(name="batches/abc123")
+    try:
+        job = await client.aio.batches.get(name="batches/abc123")
+        data = await client.aio.files.download(file="files/batch-out")
+    finally:
+        await client.aio.aclose()
     assert job.state == types.JobState.JOB_STATE_SUCCEEDED
     assert job.dest is not None and job.dest.inlined_responses is not None
     assert len(job.dest.inlined_responses) == 3
     records = await records_of(proxy)
-    assert [r["custom_id"] for r in records] == ["first", "bad", "second"]
+    assert [r["custom_id"] for r in records[:3]] == ["first", "bad", "second"]
     for n, record in ((1, records[0]), (2, records[2])):
         expected = batch_cost("gemini-2.5-flash", "google", input_tokens=800 + n, output_tokens=60 + n)
         assert record["endpoint"] == "batch" and record["service_tier"] == "batch"
@@ -352,10 +365,8 @@ async def test_gemini_inlined_responses_and_results_file(proxy: RunningProxy) ->
         assert record["upstream_request_id"] == f"resp-{n}"
         assert money(record["total_cost"]) == expected and record["pricing_note"] is None
     assert records[1]["status"] == 400 and records[1]["error"] == "batch request failed: INVALID_ARGUMENT"
-    data = await client.aio.files.download(file="files/batch-out")
     assert data == GEMINI_FILE
-    records = await records_of(proxy)
-    assert [(r["custom_id"], r["batch_id"]) for r in records] == [
+    assert [(r["custom_id"], r["batch_id"]) for r in records[3:]] == [
         ("row-1", "files/batch-out"),
         ("row-2", "files/batch-out"),
     ]
@@ -446,3 +457,45 @@ async def test_a_50_mb_result_file_streams_through_in_bounded_memory(
     assert count == batch_upstream.big_lines
     # Everything traced (upstream, proxy, client, records) stays far below the file's size.
     assert peak < 24 * 1024 * 1024, peak  # 12 MB measured
+
+
+async def test_under_llmtally_serve_the_records_come_from_the_record_process(
+    tmp_path: Path, batch_upstream: BatchUpstream
+) -> None:
+    # Worker processes forward; each result's exchange crosses the link to the record process.
+    config = tmp_path / "config.toml"
+    config.write_text(f'[upstreams]\nanthropic = "{batch_upstream.url}"\nopenai = "{batch_upstream.url}"\n')
+    async with serving(config, {}, "--workers", "2") as (process, url):
+        client = anthropic.AsyncAnthropic(api_key=API_KEY, base_url=f"{url}/anthropic", max_retries=0)
+        results = [r async for r in await client.messages.batches.results("msgbatch_01")]
+        await client.close()
+        assert len(results) == 4
+        assert await raw_get(f"{url}/openai/v1/files/file-out/content") == OPENAI_OUTPUT
+        stdout, _ = await stop_serve(process)
+    records = [orjson.loads(line) for line in stdout.splitlines()]
+    assert sorted((r["batch_id"], r["custom_id"]) for r in records) == [
+        ("file-out", "request-1"), ("file-out", "request-2"), ("file-out", "request-3"),
+        ("msgbatch_01", "req-1"), ("msgbatch_01", "req-2"), ("msgbatch_01", "req-bad"),
+        ("msgbatch_01", "req-late"),
+    ]  # fmt: skip
+    assert {r["endpoint"] for r in records} == {"batch"} and {r["service_tier"] for r in records} == {"batch"}
+    priced = [r for r in records if r["total_cost"] is not None]
+    assert len(priced) == 4 and all(r["price_source"] == "genai-prices" for r in priced)
+
+
+async def test_a_client_that_leaves_part_way_gets_records_for_what_it_was_sent(
+    proxy: RunningProxy, batch_upstream: BatchUpstream
+) -> None:
+    batch_upstream.big_lines = 5_000
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{proxy.url}/openai/v1/files/file-big/content") as response:
+            got = await response.content.readexactly(3 * 1024 * 1024)
+        assert got  # and the connection is dropped, the rest unread
+    for _ in range(50):  # the proxy notices at its next write
+        await asyncio.sleep(0.1)
+        records = list(await proxy.flush())
+        if records and len(records) == len(await proxy.flush()):
+            break
+    sent_lines = got.count(b"\n")
+    assert sent_lines <= len(records) < batch_upstream.big_lines
+    assert all(r["error"] is None and r["total_cost"] is not None for r in records)
