@@ -162,6 +162,8 @@ class BatchUpstream:
     async def __aenter__(self) -> BatchUpstream:
         app = web.Application()
         app.router.add_get("/v1/files/{id}/content", self._openai_file)
+        app.router.add_get("/openai/files/{id}/content", self._openai_file)  # Azure, classic
+        app.router.add_get("/openai/v1/files/{id}/content", self._openai_file)  # Azure, v1
         app.router.add_get("/v1/messages/batches/{id}", self._anthropic_batch)
         app.router.add_get("/v1/messages/batches/{id}/results", self._anthropic_results)
         app.router.add_get("/{version}/batches/{id}", self._gemini_batch)
@@ -499,3 +501,27 @@ async def test_a_client_that_leaves_part_way_gets_records_for_what_it_was_sent(
     sent_lines = got.count(b"\n")
     assert sent_lines <= len(records) < batch_upstream.big_lines
     assert all(r["error"] is None and r["total_cost"] is not None for r in records)
+
+
+async def test_azure_openai_batch_output_through_both_url_layouts(proxy: RunningProxy) -> None:
+    classic = openai.AsyncAzureOpenAI(
+        api_key=API_KEY, azure_endpoint=f"{proxy.url}/azure-openai", api_version="2024-10-21", max_retries=0
+    )
+    v1 = openai.AsyncOpenAI(api_key=API_KEY, base_url=f"{proxy.url}/azure-openai/openai/v1/", max_retries=0)
+    async with classic, v1:
+        assert (await classic.files.content("file-out")).content == OPENAI_OUTPUT
+        assert (await v1.files.content("file-out")).content == OPENAI_OUTPUT
+    records = await records_of(proxy)
+    assert len(records) == 6
+    assert {(r["platform"], r["provider"], r["endpoint"], r["service_tier"]) for r in records} == {
+        ("azure", "openai", "batch", "batch")
+    }
+    first = next(r for r in records if r["custom_id"] == "request-1")
+    assert first["batch_id"] == "file-out" and first["model"] == "gpt-4o-2024-08-06"
+    # genai-prices' Azure data (Global deployments bill OpenAI's list prices, and so OpenAI's batch
+    # rates): half of Azure's standard price, as Azure's Global Batch bills.
+    standard = genai_prices.calc_price(
+        Usage(input_tokens=1001, output_tokens=201), "gpt-4o-2024-08-06", provider_id="azure"
+    ).total_price
+    assert money(first["total_cost"]) == standard / 2 == Decimal("0.00225625")
+    assert first["price_source"] == "genai-prices" and first["pricing_note"] is None

@@ -1019,7 +1019,11 @@ async def _passthrough(
         reason = upstream.reason if upstream.reason and upstream.reason.isprintable() else None
         held = b""
         if relink is not None and 200 <= upstream.status < 300:
-            held, complete = await _relinked(upstream, relink)
+            try:
+                held, complete = await _relinked(upstream, relink)
+            except (TimeoutError, aiohttp.ClientError) as exc:  # nothing went to the client yet
+                upstream.close()
+                return _json_error(*_upstream_failure(exc))
             if complete:
                 headers_out = _client_headers(upstream.headers, keep_length=False)
                 _overhead_header(state, headers_out, t0)
