@@ -152,3 +152,18 @@ def test_a_summary_pickled_before_line_items_existed_still_gives_a_record() -> N
     counter = build_counters(CountersConfig())["openai"]
     record = build_record(exchange, ADAPTERS["openai"], counter, PriceBook(PricingConfig()))
     assert record.usage.input_tokens == 12 and record.line_items == () and record.cost is not None
+
+
+def test_a_summary_pickled_whole_by_an_older_version_still_reads() -> None:
+    # Summaries travel as tuples now; a journal frame written before carries the dataclass itself.
+    exchange = _exchange()
+    old = list(exchange_to_wire(exchange))
+    old[16] = exchange.summary
+    back = exchange_from_wire(pickle.loads(pickle.dumps(tuple(old))))
+    assert back == exchange and exchange_from_wire(exchange_to_wire(back)) == exchange
+
+
+def test_an_exchange_without_a_summary_round_trips() -> None:
+    exchange = _exchange()
+    exchange.summary = None
+    assert exchange_from_wire(exchange_to_wire(exchange)).summary is None
