@@ -164,6 +164,7 @@ class BatchUpstream:
         app.router.add_get("/v1/files/{id}/content", self._openai_file)
         app.router.add_get("/openai/files/{id}/content", self._openai_file)  # Azure, classic
         app.router.add_get("/openai/v1/files/{id}/content", self._openai_file)  # Azure, v1
+        app.router.add_get("/v1/messages/batches", self._anthropic_batches)
         app.router.add_get("/v1/messages/batches/{id}", self._anthropic_batch)
         app.router.add_get("/v1/messages/batches/{id}/results", self._anthropic_results)
         app.router.add_get("/{version}/batches/{id}", self._gemini_batch)
@@ -211,9 +212,16 @@ class BatchUpstream:
         await response.write_eof()
         return response
 
+    async def _anthropic_batches(self, request: web.Request) -> web.Response:
+        batches = [self._batch_info(i) for i in ("msgbatch_01", "msgbatch_02")]
+        return web.json_response({"data": batches, "has_more": False, "first_id": "msgbatch_01",
+                                  "last_id": "msgbatch_02"})  # fmt: skip
+
     async def _anthropic_batch(self, request: web.Request) -> web.Response:
-        batch_id = request.match_info["id"]
-        return web.json_response(
+        return web.json_response(self._batch_info(request.match_info["id"]))
+
+    def _batch_info(self, batch_id: str) -> dict[str, Any]:
+        return (
             {
                 "id": batch_id, "type": "message_batch", "processing_status": "ended",
                 "request_counts": {"processing": 0, "succeeded": 2, "errored": 1, "canceled": 0, "expired": 1},
@@ -320,10 +328,14 @@ async def test_anthropic_results_through_the_relinked_results_url(
         api_key=API_KEY, base_url=f"{proxy.url}/anthropic", max_retries=0
     ) as client:
         batch = await client.messages.batches.retrieve("msgbatch_01")
+        listed = [b async for b in client.messages.batches.list()]
         results = [r async for r in await client.messages.batches.results("msgbatch_01")]
     # The upstream names itself in results_url; the SDK would fetch the results from there, around the
     # proxy: the link is pointed back through it.
     assert batch.results_url == f"{proxy.url}/anthropic/v1/messages/batches/msgbatch_01/results"
+    assert [b.results_url for b in listed] == [
+        f"{proxy.url}/anthropic/v1/messages/batches/{i}/results" for i in ("msgbatch_01", "msgbatch_02")
+    ]
     assert [r.custom_id for r in results] == ["req-1", "req-bad", "req-2", "req-late"]
     assert (
         await raw_get(f"{proxy.url}/anthropic/v1/messages/batches/msgbatch_01/results") == ANTHROPIC_RESULTS
@@ -525,3 +537,26 @@ async def test_azure_openai_batch_output_through_both_url_layouts(proxy: Running
     ).total_price
     assert money(first["total_cost"]) == standard / 2 == Decimal("0.00225625")
     assert first["price_source"] == "genai-prices" and first["pricing_note"] is None
+
+
+async def test_the_results_link_follows_the_address_the_client_used(proxy: RunningProxy) -> None:
+    host = proxy.url.removeprefix("http://")
+    async with aiohttp.ClientSession() as session:
+        headers = {"X-Forwarded-Proto": "https", "Host": "llm.internal:8443"}
+        async with session.get(
+            f"{proxy.url}/anthropic/v1/messages/batches/msgbatch_09", headers=headers
+        ) as got:
+            body = await got.read()
+            assert got.headers["Content-Length"] == str(len(body))  # recounted for the new link
+            relinked = orjson.loads(body)
+        async with session.get(f"{proxy.url}/anthropic/v1/messages/batches/msgbatch_09") as got:
+            plain = await got.json()
+    assert (
+        relinked["results_url"]
+        == "https://llm.internal:8443/anthropic/v1/messages/batches/msgbatch_09/results"
+    )
+    assert plain["results_url"] == f"http://{host}/anthropic/v1/messages/batches/msgbatch_09/results"
+    assert {k: v for k, v in relinked.items() if k != "results_url"} == {
+        k: v for k, v in plain.items() if k != "results_url"
+    }  # nothing else is touched
+    assert await records_of(proxy) == []  # a batch's info is not a result
