@@ -58,6 +58,11 @@ class ServerConfig:
     #: A request body must arrive within ``body_grace_s`` plus its length at this rate: else 408.
     min_body_rate_bytes_s: int = 16384
     body_grace_s: float = 10.0
+    #: Add ``x-llmtally-request-id`` (the record's ``request_id``) to every metered response.
+    request_id_header: bool = True
+    #: ``GET /calls/{request_id}`` on the admin port keeps records this long, at most this many.
+    calls_window_s: float = 300.0
+    calls_max: int = 10000
 
     @property
     def head_limits(self) -> HeadLimits:
@@ -342,6 +347,38 @@ class SinksConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetRule:
+    """A spend limit (docs/budgets.md): calls that ``match`` share one budget per matched value."""
+
+    name: str
+    #: ``provider`` / ``platform`` / ``model`` / ``endpoint`` = a value to match, or "*" for one budget
+    #: per value; ``tag`` = a tag name (one budget per value of that tag; untagged calls do not match);
+    #: ``"tag.<name>"`` = a value that tag must have.
+    match: dict[str, str] = field(default_factory=dict)
+    limit_usd: Decimal = Decimal(0)
+    period: Literal["day", "month", "total"] = "month"
+    action: Literal["block", "warn"] = "block"
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetsConfig:
+    """Spend limits, checked before a call goes upstream (off when there are no rules)."""
+
+    #: "memory" (this one process, or this pod's workers) or a Redis URL shared by the fleet
+    #: (``redis://host:6379/0``, ``rediss://…``, ``unix:///path/redis.sock``).
+    store: str = "memory"
+    #: When the store cannot be reached: "allow" forwards (counted, settled later), "block" answers 503.
+    on_store_error: Literal["allow", "block"] = "allow"
+    #: Output tokens reserved for a call whose request names no maximum (``max_tokens`` …).
+    default_output_tokens: int = 4096
+    #: A reservation never settled (its proxy died mid-call) is released after this long.
+    reservation_ttl_s: float = 900.0
+    #: How long the store may take to answer a check before the call counts as a store error.
+    store_timeout_s: float = 0.5
+    rules: list[BudgetRule] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstreams: UpstreamsConfig = field(default_factory=UpstreamsConfig)
@@ -353,6 +390,7 @@ class Config:
     counters: CountersConfig = field(default_factory=CountersConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     sinks: SinksConfig = field(default_factory=SinksConfig)
+    budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
 
 
 #: Environment variables that are not ``<SECTION>_<KEY>`` of a section.
@@ -392,6 +430,9 @@ def load_config(
             rest = message.removeprefix(f"{source}: ")
             raise ConfigError(f"{source}:{toml_line(text, rest)}: {rest}") from None
         raise
+    from llmtally.budgets.rules import check_budgets  # late: it builds on these dataclasses
+
+    check_budgets(config.budgets, source)
     return config
 
 

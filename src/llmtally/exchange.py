@@ -57,6 +57,8 @@ class Exchange:
     pricing_note: str | None = None
     #: The response headers the dialect reads usage from (``ProviderAdapter.usage_headers``), as sent.
     usage_headers: dict[str, str] | None = None
+    #: Spend-limit rules the call went past (the refusing one, or warn-only ones), comma-separated.
+    budget_exceeded: str | None = None
     #: A batch result's batch (or result file) and the client's id for its request.
     batch_id: str | None = None
     custom_id: str | None = None

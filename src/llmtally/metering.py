@@ -10,19 +10,24 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future
 from datetime import UTC, datetime
+from decimal import Decimal
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmtally.budgets.gate import REFUSED
 from llmtally.counters import TokenCount, TokenCounter, build_counters
 from llmtally.exchange import Exchange
 from llmtally.platforms import price_data_provider, stream_parser
 from llmtally.pricing import PriceBook
 from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter, ResponseSummary
 from llmtally.providers.base import read_usage
+from llmtally.providers.batch import BATCH
 from llmtally.providers.encoding import UndecodableBody, decode_body
-from llmtally.record import TokenUsage, UsageRecord, UsageSource
+from llmtally.record import Cost, TokenUsage, UsageRecord, UsageSource
 
 if TYPE_CHECKING:
+    from llmtally.budgets import Budgets
     from llmtally.config import Config
     from llmtally.pipeline import RecordPipeline
 
@@ -141,7 +146,8 @@ def build_record(
         status=exchange.status,
         usage=usage,
         usage_source=source,
-        cost=quote.cost if source != "none" else None,
+        # A call refused by a spend limit never went upstream: it cost nothing, and says so.
+        cost=quote.cost if source != "none" else (_NOTHING if _refused(exchange) else None),
         price_source=quote.price_source,
         price_version=quote.price_version,
         priced_model=quote.priced_as,
@@ -157,9 +163,17 @@ def build_record(
         inference_geo=geo if geo and geo.lower() != "global" else None,
         fake_upstream=fake_upstream,
         line_items=quote.line_items,
+        budget_exceeded=exchange.budget_exceeded,
         batch_id=exchange.batch_id,
         custom_id=exchange.custom_id,
     )
+
+
+_NOTHING = Cost(Decimal(0), Decimal(0))
+
+
+def _refused(exchange: Exchange) -> bool:
+    return exchange.status == 429 and exchange.error == REFUSED
 
 
 def _worth_estimating(exchange: Exchange) -> bool:
@@ -202,6 +216,7 @@ def safe_build_record(
             tags=exchange.tags,
             error=f"metering failed: {type(exc).__name__}: {exc}",
             fake_upstream=fake_upstream,
+            budget_exceeded=exchange.budget_exceeded,
             batch_id=exchange.batch_id,
             custom_id=exchange.custom_id,
         )
@@ -245,29 +260,69 @@ class LocalMeter:
     """Builds records in this process's :class:`~llmtally.pipeline.RecordPipeline` (its worker thread).
 
     ``prices`` may be swapped at any time (a reload): one reference swap, so each record is priced
-    by exactly one price book.
+    by exactly one price book. With ``[budgets]`` rules it holds the :class:`~llmtally.budgets.Budgets`
+    every record settles with, and it keeps the last minutes' records for ``GET /calls/{id}``.
     """
 
     def __init__(self, config: Config, pipeline: RecordPipeline, prices: PriceBook | None = None) -> None:
+        from llmtally.pipeline.recent import RecentCalls
+
         self.config = config
         self.pipeline = pipeline
         self.prices = prices or PriceBook(config.pricing)
         self.counters = build_counters(config.counters, load_on_demand=False)
+        self.recent = RecentCalls(config.server.calls_window_s, config.server.calls_max)
+        self.budgets: Budgets | None = None
+        if config.budgets.rules:
+            from llmtally.budgets import Budgets
+
+            self.budgets = Budgets(config.budgets, lambda: self.prices, self.counters)
 
     def use_prices(self, book: PriceBook) -> None:
         self.prices = book
 
-    def submit(self, exchange: Exchange) -> None:
+    def use_config(self, config: Config) -> None:
+        """A reloaded config's budget rules (prices come through :meth:`use_prices`)."""
+        if self.budgets is not None:
+            self.budgets.use_config(config.budgets)
+        elif config.budgets.rules:
+            log.warning("[budgets] rules were added: they take effect after a restart")
+
+    def start(self, port: int | None = None) -> None:
+        """On the loop that runs the pipeline, before the first call; ``port``: the proxy's, once
+        bound (settlements still waiting for the store at a stop are saved per port, like the journal)."""
+        if self.budgets is not None:
+            port = self.config.server.port if port is None else port
+            self.budgets.start(Path(self.pipeline.spill_dir) / f"budget-settlements-{port}.jsonl")
+            from llmtally.budgets.gate import BudgetCollector
+            from llmtally.pipeline.build import prometheus_of
+
+            sink = prometheus_of(self.pipeline)
+            if sink is not None:
+                sink.registry.register(BudgetCollector(self.budgets))
+
+    async def close(self) -> None:
+        if self.budgets is not None:
+            await self.budgets.close()
+
+    def build(self, exchange: Exchange) -> UsageRecord:
+        """The exchange's record; settled with the budgets, kept for ``GET /calls/{id}`` (any thread)."""
         provider = exchange.provider
-        job = partial(
-            safe_build_record,
+        record = safe_build_record(
             exchange,
             ADAPTERS[provider],
             self.counters[provider],
             self.prices,
             self.config.upstreams.fake,  # stamped here, in the record process: nothing per call in a worker
         )
-        self.pipeline.submit(job)
+        if self.budgets is not None:
+            self.budgets.settle_record(record, exchange.started_at)
+        if record.endpoint != BATCH:  # no client can ask for a batch result by its id: keep the room
+            self.recent.add(record.to_dict())
+        return record
+
+    def submit(self, exchange: Exchange) -> None:
+        self.pipeline.submit(partial(self.build, exchange))
 
     async def metrics(self) -> bytes | None:
         from llmtally.pipeline.build import prometheus_of

@@ -120,6 +120,9 @@ class UsageRecord:
     #: Billed units beyond tokens (web searches, grounded prompts …); the priced ones are in
     #: ``cost.total_cost``.
     line_items: tuple[LineItem, ...] = ()
+    #: Spend-limit rules the call went past: the one that refused it (``error: "budget_exceeded"``,
+    #: status 429), or warn-only rules it was forwarded over (comma-separated); None otherwise.
+    budget_exceeded: str | None = None
     #: A batch result's batch (OpenAI: its output file), and the id the client gave its request.
     batch_id: str | None = None
     custom_id: str | None = None
@@ -170,4 +173,5 @@ class UsageRecord:
             "batch_id": self.batch_id,
             "custom_id": self.custom_id,
             "error": self.error,
+            "budget_exceeded": self.budget_exceeded,
         }

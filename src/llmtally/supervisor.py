@@ -31,15 +31,15 @@ from typing import Any
 
 from aiohttp import web
 
+from llmtally.budgets import GateServer
 from llmtally.config import Config
 from llmtally.exchange import Exchange
-from llmtally.metering import LocalMeter, safe_build_record
+from llmtally.metering import LocalMeter
 from llmtally.pipeline.build import build_pipeline
 from llmtally.pipeline.journal import JournalInUse, RecordJournal, new_run_id
 from llmtally.pipeline.link import LinkServer, WorkerReady
 from llmtally.pipeline.queue import RecordPipeline
 from llmtally.pricing.reload import PriceReloader, start_auto_update
-from llmtally.providers import ADAPTERS
 from llmtally.proxy.app import create_admin_app
 from llmtally.proxy.lifecycle import (
     announce,
@@ -76,6 +76,8 @@ class Workers:
     admin_path: str
     journal_dir: str | None = None
     run: str = ""
+    #: The budget gate's socket (None: no [budgets] rules).
+    gate_path: str | None = None
     processes: dict[int, asyncio.subprocess.Process] = field(default_factory=dict)
     exited: dict[int, asyncio.Event] = field(default_factory=dict)
     ready: dict[int, WorkerReady] = field(default_factory=dict)
@@ -89,7 +91,8 @@ class Workers:
 
     async def start(self, index: int) -> None:
         spec = WorkerSpec(
-            self.config, index, self.port, self.link_path, self.admin_path, self.journal_dir, self.run
+            self.config, index, self.port, self.link_path, self.admin_path, self.journal_dir, self.run,
+            self.gate_path,
         )
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -206,7 +209,8 @@ async def supervise(
             )  # fmt: skip
             journal = None
     pipeline.start()
-    reloader = PriceReloader(config, config_path, meter.use_prices, meter.prices)
+    meter.start(port)
+    reloader = PriceReloader(config, config_path, meter.use_prices, meter.prices, meter.use_config)
     if config.pricing.auto_update:
         start_auto_update(config.pricing.auto_update_interval_h)
     runtime = Path(tempfile.mkdtemp(prefix="llmtally-"))  # 0700: only this user reaches the sockets
@@ -217,7 +221,9 @@ async def supervise(
         str(runtime / "admin.sock"),
         str(journal.directory) if journal else None,
         journal.run if journal else "",
+        str(runtime / "gate.sock") if meter.budgets is not None else None,
     )
+    gate = GateServer(meter.budgets) if meter.budgets is not None else None
     all_ready = asyncio.Event()
 
     def on_ready(message: WorkerReady) -> None:
@@ -234,6 +240,9 @@ async def supervise(
     await admin_runner.setup()
     try:
         await link.start()
+        if gate is not None:
+            assert workers.gate_path is not None
+            await gate.start(workers.gate_path)
         await web.UnixSite(admin_runner, workers.admin_path).start()
         await start_admin_listener(admin_runner, config.server)
         if config.counters.gemini.preload:
@@ -263,10 +272,13 @@ async def supervise(
         if not await link.wait_idle(10):
             log.error("a proxy worker's link stayed open after it stopped")
         await link.close()
+        if gate is not None:
+            await gate.close()
         await reloader.stop()
         if journal is not None:
             await journal.stop()  # what workers that died journaled and never sent
         await pipeline.close()
+        await meter.close()  # after the last record: its settlement is queued, then applied or saved
         if journal is not None:
             journal.close()
         await admin_runner.cleanup()
@@ -302,10 +314,7 @@ def _journal(
     directory = Path(pipeline_config.journal_dir or pipeline.spill_dir / f"journal-{port}")
 
     def build(exchange: Exchange) -> dict[str, Any]:
-        provider = exchange.provider
-        return safe_build_record(
-            exchange, ADAPTERS[provider], meter.counters[provider], meter.prices, config.upstreams.fake
-        ).to_dict()
+        return meter.build(exchange).to_dict()  # settled with the budgets too (idempotent)
 
     # The sinks whose file can be read back (names as the sinks give them, see pipeline/sinks.py).
     readable: dict[str, Path] = {}

@@ -66,16 +66,24 @@ def test_wire_form_round_trips_every_field() -> None:
 
 def test_a_wire_tuple_from_before_platforms_reads_as_direct() -> None:
     # Journal segments outlive an upgrade: a frame written without the platform is a direct call.
-    old = exchange_to_wire(_exchange())[:-6]
+    old = exchange_to_wire(_exchange())[:-7]
     back = exchange_from_wire(old)
     assert back.platform == "direct" and back.request_id == "id-0" and back.count_input is True
-    assert back.usage_headers is None
+    assert back.usage_headers is None and back.budget_exceeded is None
 
 
 def test_a_wire_tuple_from_before_usage_headers_keeps_its_platform() -> None:
-    old = exchange_to_wire(_exchange())[:-3]
+    old = exchange_to_wire(_exchange())[:-4]
     back = exchange_from_wire(old)
     assert back.platform == "azure" and back.usage_headers is None
+
+
+def test_a_wire_tuple_from_before_budgets_keeps_its_usage_headers() -> None:
+    exchange = _exchange()
+    exchange.budget_exceeded = "per-tenant"
+    assert exchange_from_wire(exchange_to_wire(exchange)).budget_exceeded == "per-tenant"
+    back = exchange_from_wire(exchange_to_wire(exchange)[:-3])
+    assert back.usage_headers == exchange.usage_headers and back.budget_exceeded is None
 
 
 def test_a_wire_tuple_from_before_batches_has_no_batch_ids() -> None:

@@ -114,14 +114,14 @@ def exchange_to_wire(ex: Exchange) -> tuple[Any, ...]:
         summary_to_wire(ex.summary), ex.response_body, ex.response_chunks, ex.response_encoding,
         ex.response_stream, ex.status,
         ex.latency_ms, ex.ttfb_ms, ex.client_disconnected, ex.tags, ex.error, ex.upstream_request_id,
-        ex.count_input, ex.platform, ex.price_model, ex.pricing_note, ex.usage_headers,
+        ex.count_input, ex.platform, ex.price_model, ex.pricing_note, ex.usage_headers, ex.budget_exceeded,
         ex.batch_id, ex.custom_id,
     )  # fmt: skip
 
 
 #: Fields added to the wire tuple since it was first journaled, with the value an older frame means.
-_ADDED_FIELDS: tuple[Any, ...] = ("direct", None, None, None, None, None)  # platform … custom_id
-_FIELDS = 35
+_ADDED_FIELDS: tuple[Any, ...] = ("direct", None, None, None, None, None, None)  # platform … custom_id
+_FIELDS = 36
 
 
 def exchange_from_wire(t: tuple[Any, ...]) -> Exchange:
@@ -134,7 +134,7 @@ def exchange_from_wire(t: tuple[Any, ...]) -> Exchange:
         service_tier, inference_geo, request_error,
         summary, response_body, response_chunks, response_encoding, response_stream, status,
         latency_ms, ttfb_ms, client_disconnected, tags, error, upstream_request_id,
-        count_input, platform, price_model, pricing_note, usage_headers,
+        count_input, platform, price_model, pricing_note, usage_headers, budget_exceeded,
         batch_id, custom_id,
     ) = t  # fmt: skip
     request = MeteredRequest(
@@ -171,6 +171,7 @@ def exchange_from_wire(t: tuple[Any, ...]) -> Exchange:
         price_model=price_model,
         pricing_note=pricing_note,
         usage_headers=usage_headers,
+        budget_exceeded=budget_exceeded,
         batch_id=batch_id,
         custom_id=custom_id,
     )

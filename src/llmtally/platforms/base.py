@@ -8,7 +8,7 @@ from typing import Protocol
 
 from yarl import URL
 
-from llmtally.providers.base import Endpoint
+from llmtally.providers.base import Endpoint, Refusal
 from llmtally.providers.batch import BatchDownload
 from llmtally.record import PlatformName as PlatformName
 from llmtally.record import Provider
@@ -46,6 +46,9 @@ class Route:
     pricing_notes: Mapping[str, str] = field(default_factory=dict)
     #: Signs the request for the upstream: ``sign(method, url, headers, body)`` → the headers to send.
     sign: Callable[[str, str, list[tuple[str, str]], bytes], list[tuple[str, str]]] | None = None
+    #: The platform's own error shape for llmtally's refusals (Bedrock's AWS errors, whatever the
+    #: dialect), or None: the dialect's (``ProviderAdapter.refusal``).
+    refusal: Callable[[int, str], Refusal] | None = None
     #: A GET that downloads batch results (``endpoint`` is None: it is forwarded as it streams, and
     #: metered one record per result as it passes).
     batch: BatchDownload | None = None

@@ -30,7 +30,7 @@ from yarl import URL
 from llmtally.platforms.base import PlatformName, Route
 from llmtally.providers import ADAPTERS
 from llmtally.providers.base import MeteredRequest, ProviderAdapter, ResponseSummary, StreamParser
-from llmtally.providers.converse import CONVERSE, CONVERSE_STREAM
+from llmtally.providers.converse import CONVERSE, CONVERSE_STREAM, aws_refusal
 from llmtally.providers.invoke import INVOKE, INVOKE_STREAM
 from llmtally.record import Provider
 
@@ -261,6 +261,7 @@ class BedrockPlatform:
             return Route(
                 "bedrock", self.prefix, "anthropic", endpoint, self.upstream, model=model,
                 framing=EVENT_STREAM if streamed else None, price_by_route_model=True, sign=self._sign,
+                refusal=aws_refusal,
             )  # fmt: skip
         # Another vendor's body (or a profile whose model is unknown): Bedrock's own counts.
         return Route(

@@ -45,10 +45,12 @@ class PriceReloader:
         config_path: str | None,
         apply: Callable[[PriceBook], None],
         current: PriceBook,
+        apply_config: Callable[[Config], None] | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
         self._apply = apply
+        self._apply_config = apply_config
         self._book = current
         self._trigger = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -101,9 +103,11 @@ class PriceReloader:
         if restart_needed:
             log.warning("config changes in [%s] take effect after a restart", "], [".join(restart_needed))
         old = self._book.version
-        self.config = replace(self.config, pricing=config.pricing)
+        self.config = replace(self.config, pricing=config.pricing, budgets=config.budgets)
         self._book = book
         self._apply(book)
+        if self._apply_config is not None:  # budget rules and limits, hot like prices
+            self._apply_config(self.config)
         self.reloads += 1
         log.info("prices reloaded: version %s -> %s", old, book.version)
         return True

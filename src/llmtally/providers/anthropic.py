@@ -17,10 +17,13 @@ import orjson
 from llmtally.providers.base import (
     Endpoint,
     MeteredRequest,
+    Refusal,
     ResponseSummary,
     as_int,
     count_of,
+    first_count,
     get_path,
+    json_refusal,
     parse_object,
     read_usage,
 )
@@ -107,6 +110,13 @@ class AnthropicAdapter:
             summary.error = "response body is not a JSON object"
             return summary
         return _summary_of(obj, summary)
+
+    def max_output_tokens(self, request: MeteredRequest) -> int | None:
+        return first_count(request.payload, ("max_tokens",))  # thinking's budget is inside it
+
+    def refusal(self, status: int, message: str) -> Refusal:
+        kind = "rate_limit_error" if status == 429 else "overloaded_error"
+        return json_refusal({"type": "error", "error": {"type": kind, "message": message}})
 
     def usage_from_headers(self, headers: Mapping[str, str]) -> TokenUsage | None:
         return None  # the body carries the usage

@@ -150,9 +150,44 @@ class ProviderAdapter(Protocol):
         """The endpoint a request body is for (``llmtally count --request``)."""
         ...
 
+    def max_output_tokens(self, request: MeteredRequest) -> int | None:
+        """The most output tokens the request lets the model write (its ``max_tokens`` or the
+        dialect's equivalent, thinking included), 0 for calls that write none (embeddings), None when
+        the request does not say: the bound a spend limit reserves (llmtally.budgets)."""
+        ...
+
+    def refusal(self, status: int, message: str) -> Refusal:
+        """An error answer in this dialect's own shape, so each SDK raises its usual error for
+        ``status`` with ``message`` readable (a spend limit's 429)."""
+        ...
+
     def endpoint_for_response(self, obj: Any, stream: bool, model: str | None) -> Endpoint:
         """The endpoint a response object (or first stream event) belongs to (library ``track_usage``)."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An answer llmtally gives itself, without going upstream: the head's extra headers and the body."""
+
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+JSON_HEADER = ("Content-Type", "application/json")
+
+
+def json_refusal(obj: object, *headers: tuple[str, str]) -> Refusal:
+    return Refusal((JSON_HEADER, *headers), orjson.dumps(obj))
+
+
+def first_count(payload: dict[str, Any] | None, *paths: tuple[str, ...]) -> int | None:
+    """The first of ``paths`` in ``payload`` that holds a non-negative integer, else None."""
+    for path in paths:
+        value = get_path(payload, *path)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
 
 
 def parse_object(endpoint: Endpoint, body: bytes) -> dict[str, Any] | MeteredRequest:

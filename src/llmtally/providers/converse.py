@@ -19,10 +19,13 @@ import orjson
 from llmtally.providers.base import (
     Endpoint,
     MeteredRequest,
+    Refusal,
     ResponseSummary,
     as_int,
     as_list,
+    first_count,
     get_path,
+    json_refusal,
     parse_object,
     read_usage,
 )
@@ -50,6 +53,16 @@ def usage_from_converse(usage: Any) -> TokenUsage | None:
 def _tier(payload: Mapping[str, Any]) -> str | None:
     tier = get_path(payload, "serviceTier", "type")
     return tier if isinstance(tier, str) else None
+
+
+def aws_refusal(status: int, message: str) -> Refusal:
+    """An error in AWS's JSON protocol shape: botocore reads its code from ``x-amzn-ErrorType``
+    (ThrottlingException: retried, then raised as ``ClientError``), the message from the body."""
+    kind = "ThrottlingException" if status == 429 else "ServiceUnavailableException"
+    return json_refusal(
+        {"message": message},
+        ("x-amzn-ErrorType", f"{kind}:http://internal.amazon.com/coral/com.amazon.bedrock/"),
+    )
 
 
 class ConverseAdapter:
@@ -100,6 +113,12 @@ class ConverseAdapter:
         tier = get_path(obj, "serviceTier", "type")
         summary.service_tier = tier if isinstance(tier, str) else None
         return summary
+
+    def max_output_tokens(self, request: MeteredRequest) -> int | None:
+        return first_count(request.payload, ("inferenceConfig", "maxTokens"))
+
+    def refusal(self, status: int, message: str) -> Refusal:
+        return aws_refusal(status, message)
 
     def usage_from_headers(self, headers: Mapping[str, str]) -> TokenUsage | None:
         return None  # the body carries the usage

@@ -17,10 +17,13 @@ import orjson
 from llmtally.providers.base import (
     Endpoint,
     MeteredRequest,
+    Refusal,
     ResponseSummary,
     as_int,
     as_list,
+    first_count,
     get_path,
+    json_refusal,
     read_usage,
 )
 from llmtally.providers.batch import BATCH, BatchDownload, BatchResult
@@ -123,6 +126,20 @@ class GeminiAdapter:
         state.on_object(obj)
         state.summary.complete = True
         return state.summary
+
+    def max_output_tokens(self, request: MeteredRequest) -> int | None:
+        if "mbed" in request.endpoint.name:  # embedContent, batchEmbedContents
+            return 0
+        most = first_count(request.payload, ("generationConfig", "maxOutputTokens"), ("maxOutputTokens",))
+        if most is None:
+            return None
+        # Thinking is billed as output but not always inside maxOutputTokens: add its budget.
+        thinking = first_count(request.payload, ("generationConfig", "thinkingConfig", "thinkingBudget"))
+        return most + (thinking or 0)
+
+    def refusal(self, status: int, message: str) -> Refusal:
+        state = "RESOURCE_EXHAUSTED" if status == 429 else "UNAVAILABLE"
+        return json_refusal({"error": {"code": status, "message": message, "status": state}})
 
     def usage_from_headers(self, headers: Mapping[str, str]) -> TokenUsage | None:
         return None  # the body carries the usage

@@ -27,13 +27,16 @@ import orjson
 from llmtally.providers.base import (
     Endpoint,
     MeteredRequest,
+    Refusal,
     ResponseSummary,
     as_int,
     as_list,
+    first_count,
     get_path,
     parse_object,
     read_usage,
 )
+from llmtally.providers.converse import aws_refusal
 from llmtally.providers.streams import SSESplitter
 from llmtally.record import Provider, TokenUsage
 
@@ -173,6 +176,19 @@ class InvokeAdapter:
         for text in texts_of(obj):
             summary.keep_text(text, kept)
         return summary
+
+    def max_output_tokens(self, request: MeteredRequest) -> int | None:
+        # Each vendor's own name for it (Anthropic, Mistral, Cohere, DeepSeek; gpt-oss; Llama; Titan;
+        # Nova's two request shapes).
+        return first_count(
+            request.payload,
+            ("max_tokens",), ("max_completion_tokens",), ("max_gen_len",),
+            ("textGenerationConfig", "maxTokenCount"), ("inferenceConfig", "maxTokens"),
+            ("inferenceConfig", "max_new_tokens"),
+        )  # fmt: skip
+
+    def refusal(self, status: int, message: str) -> Refusal:
+        return aws_refusal(status, message)
 
     def usage_from_headers(self, headers: Mapping[str, str]) -> TokenUsage | None:
         return usage_from_headers(headers)

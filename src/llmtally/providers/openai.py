@@ -15,10 +15,13 @@ import orjson
 from llmtally.providers.base import (
     Endpoint,
     MeteredRequest,
+    Refusal,
     ResponseSummary,
     as_int,
     as_list,
+    first_count,
     get_path,
+    json_refusal,
     parse_object,
     read_usage,
 )
@@ -117,6 +120,17 @@ class OpenAIAdapter:
             summary.error = "response body is not a JSON object"
             return summary
         return _summary_of(request.endpoint.name, obj, summary)
+
+    def max_output_tokens(self, request: MeteredRequest) -> int | None:
+        if request.endpoint.name in ("embeddings", "moderations"):
+            return 0
+        return first_count(
+            request.payload, ("max_completion_tokens",), ("max_output_tokens",), ("max_tokens",)
+        )
+
+    def refusal(self, status: int, message: str) -> Refusal:
+        kind = "rate_limit_exceeded" if status == 429 else "server_error"
+        return json_refusal({"error": {"message": message, "type": kind, "param": None, "code": kind}})
 
     def usage_from_headers(self, headers: Mapping[str, str]) -> TokenUsage | None:
         return None  # the body carries the usage

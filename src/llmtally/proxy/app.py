@@ -25,10 +25,12 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from llmtally.budgets.gate import REFUSED, Admission, ask_for
 from llmtally.config import Config
 from llmtally.exchange import Exchange, Meter
 from llmtally.platforms import Platform, Route, build_platforms
 from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter
+from llmtally.providers.base import Refusal
 from llmtally.providers.batch import BatchDownload
 from llmtally.providers.encoding import DECODABLE
 from llmtally.proxy.aiohttp_guard import body_deadline_s, guard_client_connector
@@ -67,6 +69,13 @@ HOP_BY_HOP = frozenset(
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length"}
 TAG_PREFIX = "x-llmtally-tag-"
 OVERHEAD_HEADER = "x-llmtally-overhead-ms"
+REQUEST_ID_HEADER = "x-llmtally-request-id"
+
+
+class Gate(Protocol):
+    """The spend-limit check (llmtally.budgets): an answer now, or one to wait for."""
+
+    def check(self, ask: Any) -> Admission | asyncio.Future[Admission]: ...
 
 STATE_KEY: web.AppKey[ProxyState] = web.AppKey("llmtally_state")
 #: Why the service is not ready to take calls ("draining", "starting: ..."), or None when it is.
@@ -121,6 +130,8 @@ class ProxyState:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     #: Stream bytes this worker holds for the record process to parse (proxy.metering_copy).
     stream_budget: StreamBudget = field(init=False)
+    #: Where each metered call asks its spend limits before going upstream (None: no [budgets] rules).
+    gate: Gate | None = None
 
     def origin_of(self, upstream: URL) -> Origin:
         origin = self.origins.get(upstream)
@@ -137,9 +148,10 @@ class ProxyState:
 SUBMIT_AFTER_CANCEL_S = 5.0
 
 
-def create_app(config: Config, meter: Meter) -> web.Application:
-    """The proxy application; the caller owns running it and the meter (see :mod:`llmtally.proxy.server`)."""
-    state = ProxyState(config=config, meter=meter, platforms=build_platforms(config))
+def create_app(config: Config, meter: Meter, gate: Gate | None = None) -> web.Application:
+    """The proxy application; the caller owns running it, the meter and the budget gate (see
+    :mod:`llmtally.proxy.server`)."""
+    state = ProxyState(config=config, meter=meter, platforms=build_platforms(config), gate=gate)
     app = web.Application(client_max_size=config.server.max_request_body_mb * 1024 * 1024)
     app[STATE_KEY] = state
     _add_health_routes(app, meter, lambda: "draining" if state.cut_at is not None else None)
@@ -232,10 +244,45 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 def create_admin_app(meter: Meter, not_ready: NotReady) -> web.Application:
-    """Health, readiness and metrics only (the admin listener): the proxy's, or the supervisor's."""
+    """The admin listener: health, readiness and metrics; with a meter that builds records (the
+    proxy's own, or the supervisor's) also ``GET /budgets`` and ``GET /calls/{request_id}``."""
     admin = web.Application()
     _add_health_routes(admin, meter, not_ready)
+    if hasattr(meter, "recent"):
+        admin[METER_KEY] = meter
+        admin.router.add_get("/budgets", _budgets)
+        admin.router.add_get("/calls/{request_id}", _call)
     return admin
+
+
+METER_KEY: web.AppKey[Any] = web.AppKey("llmtally_meter")
+
+
+async def _budgets(request: web.Request) -> web.Response:
+    budgets = request.app[METER_KEY].budgets
+    if budgets is None:
+        return _json_error(404, "not_found", "no spend limits: there are no [[budgets.rules]]")
+    return web.Response(body=_dumps(await budgets.report()), headers=[JSON_TYPE])
+
+
+async def _call(request: web.Request) -> web.Response:
+    request_id = request.match_info["request_id"]
+    record = request.app[METER_KEY].recent.get(request_id)
+    if record is None:
+        why = "not built yet, or older than [server] calls_window_s"
+        return _json_error(404, "not_found", f"no record of {request_id} ({why})")
+    return web.Response(body=_dumps(record), headers=[JSON_TYPE])
+
+
+def _dumps(obj: object) -> bytes:
+    from llmtally.pipeline.sinks import fallback_render, render_record
+
+    if isinstance(obj, dict) and obj.get("event") == "llm.usage":
+        try:
+            return render_record(obj)  # exact Decimal costs, as the JSON lines have them
+        except (TypeError, ValueError):  # quarantined in the sinks; shown as well as it can be
+            return fallback_render(obj)
+    return json.dumps(obj).encode()
 
 
 def admin_app_of(proxy_app: web.Application) -> web.Application:
@@ -472,7 +519,9 @@ def new_metered_call(
         price_model=route.model if route.price_by_route_model else None,
         pricing_note=pricing_note,
     )
-    return MeteredCall(state, down, adapter, metered, exchange, origin, path_qs, headers, t0)
+    call = MeteredCall(state, down, adapter, metered, exchange, origin, path_qs, headers, t0)
+    call.refusal = route.refusal or adapter.refusal
+    return call
 
 
 #: Upstream paths remembered per proxy process (the few paths clients call, each parsed once).
@@ -541,8 +590,8 @@ class MeteredCall:
     """
 
     __slots__ = (
-        "adapter", "conn", "down", "exchange", "finished", "headers", "metered", "on_done", "origin",
-        "path_qs", "state", "t0", "t_sent", "task",
+        "adapter", "admission", "conn", "down", "exchange", "finished", "headers", "metered", "on_done",
+        "origin", "path_qs", "refusal", "state", "t0", "t_sent", "task",
     )  # fmt: skip
 
     def __init__(
@@ -575,12 +624,70 @@ class MeteredCall:
         #: The task, while one runs the call (opening a connection, or streaming the body).
         self.task: asyncio.Task[None] | None = None
         self.finished = False
+        #: The spend-limit answer, while the call waits for it.
+        self.admission: asyncio.Future[Admission] | None = None
+        #: The error shape of a refusal (the route's platform's, else the dialect's).
+        self.refusal: Callable[[int, str], Refusal] = adapter.refusal
 
     def begin(self) -> None:
-        """Send the request: on a pooled connection now, else from a task once one is open or free."""
+        """Check the spend limits (when there are rules), then :meth:`_go`."""
         state = self.state
         state.in_flight += 1
         state.idle.clear()
+        gate = state.gate
+        if gate is not None:
+            ex, metered = self.exchange, self.metered
+            answer = gate.check(
+                ask_for(ex.request_id, ex.provider, ex.platform, metered, ex.tags, ex.started_at,
+                        self.adapter.max_output_tokens(metered))
+            )  # fmt: skip
+            if not isinstance(answer, Admission):
+                self.admission = answer
+                answer.add_done_callback(self._on_admission)
+                return
+            if not self._admitted(answer):
+                return
+        self._go()
+
+    def _on_admission(self, answer: asyncio.Future[Admission]) -> None:
+        self.admission = None
+        if self.finished or answer.cancelled():
+            return
+        try:
+            admitted = self._admitted(answer.result())
+        except Exception as exc:  # a bug: the client must not hang on it
+            self._finish(exc)
+            return
+        if admitted:
+            self._go()
+
+    def _admitted(self, admission: Admission) -> bool:
+        """True: forward the call. Else it is answered here (429 over a limit, 503 store down)."""
+        exchange = self.exchange
+        if admission.rules:
+            exchange.budget_exceeded = ",".join(admission.rules)
+        if admission.verdict == "go":
+            return True
+        status = 429 if admission.verdict == "refuse" else 503
+        refusal = self.refusal(status, admission.message)
+        headers = list(refusal.headers)
+        if admission.retry_after_s is not None:
+            headers.append(("Retry-After", str(admission.retry_after_s)))
+        self._id_header(headers)
+        exchange.status = status
+        exchange.error = REFUSED if status == 429 else "budget_store_unavailable"
+        exchange.latency_ms = (time.perf_counter() - self.t0) * 1000
+        self.down.send_whole(status, "", headers, refusal.body)
+        self._finish(None)
+        return False
+
+    def _id_header(self, headers: list[tuple[str, str]]) -> None:
+        if self.state.config.server.request_id_header:
+            headers.append((REQUEST_ID_HEADER, self.exchange.request_id))
+
+    def _go(self) -> None:
+        """Send the request: on a pooled connection now, else from a task once one is open or free."""
+        state = self.state
         assert state.pool is not None
         self.t_sent = time.perf_counter()
         conn = state.pool.idle_connection(self.origin)
@@ -592,6 +699,11 @@ class MeteredCall:
     def cancel(self) -> None:
         """The client left, or shutdown cut the call off: stop it (the exchange says which)."""
         if self.finished:
+            return
+        if self.admission is not None:  # still waiting for the spend-limit check: never forwarded
+            admission, self.admission = self.admission, None
+            admission.cancel()
+            self._cancelled()
             return
         if self.task is not None:
             self.task.cancel()  # the task notes it and finishes the call
@@ -624,7 +736,7 @@ class MeteredCall:
         exchange.error = f"{kind}: {message}"
         exchange.latency_ms = (time.perf_counter() - self.t0) * 1000
         try:
-            _send_error(self.down, status, kind, message)
+            self._send_error(status, kind, message)
         except Exception as bug:
             self._finish(bug)
             return
@@ -672,7 +784,7 @@ class MeteredCall:
             _, kind, message = _upstream_failure(upstream.error)
             exchange.error = f"{kind}: {message}"
             exchange.latency_ms = (time.perf_counter() - self.t0) * 1000
-            _send_error(self.down, 502, kind, message)
+            self._send_error(502, kind, message)
             return True
         if (self.metered.stream and 200 <= upstream.status < 300) or not upstream.complete:
             return False
@@ -684,9 +796,15 @@ class MeteredCall:
         copy.hand_over()
         headers = _client_headers(upstream.headers, keep_length=False)
         _overhead_header(self.state, headers, self.t0, head_at - self.t_sent)
+        self._id_header(headers)
         exchange.latency_ms = (time.perf_counter() - self.t0) * 1000
         self.down.send_whole(upstream.status, upstream.reason, headers, body)
         return True
+
+    def _send_error(self, status: int, kind: str, message: str) -> None:
+        headers = [JSON_TYPE]
+        self._id_header(headers)
+        self.down.send_whole(status, "", headers, error_body(kind, message))
 
     def _copy(self, encoding: str, stream: bool) -> MeteringCopy:
         metering = self.state.config.metering
@@ -722,6 +840,7 @@ class MeteredCall:
         # model is still thinking.
         stream_headers = _client_headers(upstream.headers, keep_length=editor is None)
         _overhead_header(state, stream_headers, t0, head_at - self.t_sent)
+        self._id_header(stream_headers)
         try:
             hold_head = upstream.body_arrived
             await down.start(upstream.status, upstream.reason, stream_headers, hold_head=hold_head)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -26,6 +27,9 @@ from llmtally.proxy.lifecycle import (
     stop_on_signals,
 )
 
+if TYPE_CHECKING:
+    from llmtally.budgets import LocalGate
+
 log = logging.getLogger("llmtally.server")
 
 
@@ -42,8 +46,8 @@ async def serve(
     pipeline = build_pipeline(config)
     meter = LocalMeter(config, pipeline)
     pipeline.start()
-    app = create_app(config, meter)
-    reloader = PriceReloader(config, config_path, meter.use_prices, meter.prices)
+    app = create_app(config, meter, local_gate(meter))
+    reloader = PriceReloader(config, config_path, meter.use_prices, meter.prices, meter.use_config)
     if config.pricing.auto_update:
         start_auto_update(config.pricing.auto_update_interval_h)
     runner = proxy_runner(app)
@@ -51,6 +55,7 @@ async def serve(
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
     await site.start()
     port = _bound_port(runner) or config.server.port
+    meter.start(port)
     log.info("llmtally listening on http://%s:%d", config.server.host, port)
     admin_runner = None
     if config.server.admin_port:
@@ -69,10 +74,18 @@ async def serve(
     await reloader.stop()
     await runner.cleanup()  # readyz answers 503 on the admin listener meanwhile
     await pipeline.close()
+    await meter.close()
     if admin_runner is not None:
         await admin_runner.cleanup()
     stats = pipeline.stats
     log.info("stopped; records delivered %s, dropped %d", dict(stats.delivered), stats.dropped)
+
+
+def local_gate(meter: LocalMeter) -> LocalGate | None:
+    """The budget gate of a proxy whose meter runs in its own process."""
+    from llmtally.budgets import LocalGate
+
+    return LocalGate(meter.budgets) if meter.budgets is not None else None
 
 
 def _bound_port(runner: web.AppRunner) -> int | None:

@@ -39,6 +39,8 @@ class WorkerSpec:
     #: Where this worker journals its exchanges (None: no journal), and the run they belong to.
     journal_dir: str | None = None
     run: str = ""
+    #: The main process's budget gate (None: no [budgets] rules).
+    gate_path: str | None = None
 
 
 def main() -> None:
@@ -71,7 +73,12 @@ async def serve_worker(spec: WorkerSpec) -> None:
             pipeline.journal_fsync,
         )
     link = await LinkClient.connect(spec.link_path, spec.admin_path, journal)
-    app = create_app(config, link)
+    gate = None
+    if spec.gate_path is not None:
+        from llmtally.budgets import RemoteGate
+
+        gate = await RemoteGate.connect(spec.gate_path, config.budgets)
+    app = create_app(config, link, gate)
     runner = proxy_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, spec.port, reuse_address=True, reuse_port=True)
@@ -89,4 +96,6 @@ async def serve_worker(spec: WorkerSpec) -> None:
         log.error("worker %d: the record process is gone; stopping", spec.index)
     await runner.cleanup()  # stop listening, let in-flight calls finish, then on_cleanup
     await link.close()
+    if gate is not None:
+        gate.close()
     lost.cancel()

@@ -17,6 +17,7 @@ from llmtally.pipeline import MemorySink, RecordPipeline, Sink
 from llmtally.pipeline.prometheus import PrometheusSink
 from llmtally.proxy.app import create_app
 from llmtally.proxy.fastpath import proxy_runner
+from llmtally.proxy.server import local_gate
 
 
 def config_for_upstream(base_url: str, config: Config | None = None, **metering: Any) -> Config:
@@ -59,6 +60,7 @@ class RunningProxy:
     async def stop(self) -> None:
         await self.runner.cleanup()
         await self.pipeline.close()
+        await self.meter.close()
         if self.own_spill_dir is not None:
             # Only when empty: records a sink could not take stay where the log said they are.
             with suppress(OSError):
@@ -83,7 +85,8 @@ async def start_proxy(
     prometheus.bind(pipeline)
     meter = LocalMeter(config, pipeline)
     pipeline.start()
-    app = create_app(config, meter)
+    meter.start()
+    app = create_app(config, meter, local_gate(meter))
     runner = proxy_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
