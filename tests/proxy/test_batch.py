@@ -29,7 +29,7 @@ from genai_prices.types import Usage
 from google import genai
 from google.genai import types
 
-from llmtally.config import Config
+from llmtally.config import BudgetRule, BudgetsConfig, Config
 from llmtally.testing.harness import RunningProxy, config_for_upstream, start_proxy
 from tests.conftest import API_KEY
 from tests.proxy.helpers import money
@@ -562,3 +562,31 @@ async def test_the_results_link_follows_the_address_the_client_used(proxy: Runni
         k: v for k, v in plain.items() if k != "results_url"
     }  # nothing else is touched
     assert await records_of(proxy) == []  # a batch's info is not a result
+
+
+async def test_batch_results_count_against_spend_limits(batch_upstream: BatchUpstream) -> None:
+    rule = BudgetRule("per-tenant", {"tag": "tenant"}, Decimal("100"), "month", "block")  # type: ignore[arg-type]
+    config = config_for_upstream(
+        batch_upstream.url, Config(budgets=BudgetsConfig(store="memory", rules=[rule]))
+    )
+    running = await start_proxy(config)
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"{running.url}/anthropic/v1/messages/batches/msgbatch_01/results"
+            async with session.get(url, headers={"x-llmtally-tag-tenant": "acme"}) as response:
+                assert await response.read() == ANTHROPIC_RESULTS
+        records = list(await running.flush())
+        budgets = running.meter.budgets
+        assert budgets is not None
+        for _ in range(250):
+            if budgets.stats.settled >= len(records):
+                break
+            await asyncio.sleep(0.02)
+        report = await budgets.report()
+    finally:
+        await running.stop()
+    assert len(records) == 4 and {r["tags"]["tenant"] for r in records} == {"acme"}
+    spent = sum((money(r["total_cost"]) or Decimal(0) for r in records), Decimal(0))
+    assert spent > 0
+    ((budget),) = report["budgets"]
+    assert (budget["key"], Decimal(budget["spent_usd"]), budget["reserved_usd"]) == ("tenant=acme", spent, "0")
