@@ -399,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     report.add_argument(
         "--by", action="append", metavar="KEY",
-        help="group by provider, model, endpoint, day, hour or tag:<key> (repeat or comma-separate; "
-        "default: provider,model)",
+        help="group by provider, platform, model, item, endpoint, batch_id, day, hour or tag:<key> "
+        "(repeat or comma-separate; default: provider,model)",
     )  # fmt: skip
     report.add_argument("--since", help="only records at or after this ISO date/time (UTC unless given)")
     report.add_argument("--until", help="only records before this ISO date/time")

@@ -162,6 +162,9 @@ class MeteringConfig:
     #: the tokenizer tables cost ~45 MB in a sidecar that may never need them; a record without
     #: provider usage is estimated either way.
     estimate_input: bool = False
+    #: Longest line of a batch result download kept for parsing (each line is one result); a longer
+    #: line is forwarded, skipped and counted (its record says so), never buffered without bound.
+    max_batch_line_mb: int = 8
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,9 @@ class Exchange:
     usage_headers: dict[str, str] | None = None
     #: Spend-limit rules the call went past (the refusing one, or warn-only ones), comma-separated.
     budget_exceeded: str | None = None
+    #: A batch result's batch (or result file) and the client's id for its request.
+    batch_id: str | None = None
+    custom_id: str | None = None
 
 
 class Meter(Protocol):

@@ -23,6 +23,7 @@ from llmtally.pricing import PriceBook
 from llmtally.pricing.calls import quote_call
 from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter, ResponseSummary
 from llmtally.providers.base import read_usage
+from llmtally.providers.batch import BATCH
 from llmtally.providers.encoding import UndecodableBody, decode_body
 from llmtally.record import Cost, TokenUsage, UsageRecord, UsageSource
 
@@ -153,6 +154,8 @@ def build_record(
         fake_upstream=fake_upstream,
         line_items=quote.line_items,
         budget_exceeded=exchange.budget_exceeded,
+        batch_id=exchange.batch_id,
+        custom_id=exchange.custom_id,
     )
 
 
@@ -204,6 +207,8 @@ def safe_build_record(
             error=f"metering failed: {type(exc).__name__}: {exc}",
             fake_upstream=fake_upstream,
             budget_exceeded=exchange.budget_exceeded,
+            batch_id=exchange.batch_id,
+            custom_id=exchange.custom_id,
         )
 
 
@@ -304,7 +309,8 @@ class LocalMeter:
         )
         if self.budgets is not None:
             self.budgets.settle_record(record, exchange.started_at)
-        self.recent.add(record.to_dict())
+        if record.endpoint != BATCH:  # no client can ask for a batch result by its id: keep the room
+            self.recent.add(record.to_dict())
         return record
 
     def submit(self, exchange: Exchange) -> None:

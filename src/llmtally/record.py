@@ -123,6 +123,9 @@ class UsageRecord:
     #: Spend-limit rules the call went past: the one that refused it (``error: "budget_exceeded"``,
     #: status 429), or warn-only rules it was forwarded over (comma-separated); None otherwise.
     budget_exceeded: str | None = None
+    #: A batch result's batch (OpenAI: its output file), and the id the client gave its request.
+    batch_id: str | None = None
+    custom_id: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The record as the JSON log line's object (costs stay Decimal; the sink encodes them)."""
@@ -167,6 +170,8 @@ class UsageRecord:
             "fake_upstream": self.fake_upstream,
             "tags": self.tags,
             "upstream_request_id": self.upstream_request_id,
+            "batch_id": self.batch_id,
+            "custom_id": self.custom_id,
             "error": self.error,
             "budget_exceeded": self.budget_exceeded,
         }

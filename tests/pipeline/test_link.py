@@ -66,14 +66,14 @@ def test_wire_form_round_trips_every_field() -> None:
 
 def test_a_wire_tuple_from_before_platforms_reads_as_direct() -> None:
     # Journal segments outlive an upgrade: a frame written without the platform is a direct call.
-    old = exchange_to_wire(_exchange())[:-5]
+    old = exchange_to_wire(_exchange())[:-7]
     back = exchange_from_wire(old)
     assert back.platform == "direct" and back.request_id == "id-0" and back.count_input is True
     assert back.usage_headers is None and back.budget_exceeded is None
 
 
 def test_a_wire_tuple_from_before_usage_headers_keeps_its_platform() -> None:
-    old = exchange_to_wire(_exchange())[:-2]
+    old = exchange_to_wire(_exchange())[:-4]
     back = exchange_from_wire(old)
     assert back.platform == "azure" and back.usage_headers is None
 
@@ -82,8 +82,16 @@ def test_a_wire_tuple_from_before_budgets_keeps_its_usage_headers() -> None:
     exchange = _exchange()
     exchange.budget_exceeded = "per-tenant"
     assert exchange_from_wire(exchange_to_wire(exchange)).budget_exceeded == "per-tenant"
-    back = exchange_from_wire(exchange_to_wire(exchange)[:-1])
+    back = exchange_from_wire(exchange_to_wire(exchange)[:-3])
     assert back.usage_headers == exchange.usage_headers and back.budget_exceeded is None
+
+
+def test_a_wire_tuple_from_before_batches_has_no_batch_ids() -> None:
+    exchange = _exchange()
+    exchange.batch_id, exchange.custom_id = "msgbatch_01", "req-1"
+    assert exchange_from_wire(exchange_to_wire(exchange)) == exchange
+    back = exchange_from_wire(exchange_to_wire(exchange)[:-2])
+    assert back.platform == "azure" and back.batch_id is None and back.custom_id is None
 
 
 def test_wire_form_keeps_an_unparsable_request_as_it_was() -> None:
@@ -152,3 +160,18 @@ def test_a_summary_pickled_before_line_items_existed_still_gives_a_record() -> N
     counter = build_counters(CountersConfig())["openai"]
     record = build_record(exchange, ADAPTERS["openai"], counter, PriceBook(PricingConfig()))
     assert record.usage.input_tokens == 12 and record.line_items == () and record.cost is not None
+
+
+def test_a_summary_pickled_whole_by_an_older_version_still_reads() -> None:
+    # Summaries travel as tuples now; a journal frame written before carries the dataclass itself.
+    exchange = _exchange()
+    old = list(exchange_to_wire(exchange))
+    old[16] = exchange.summary
+    back = exchange_from_wire(pickle.loads(pickle.dumps(tuple(old))))
+    assert back == exchange and exchange_from_wire(exchange_to_wire(back)) == exchange
+
+
+def test_an_exchange_without_a_summary_round_trips() -> None:
+    exchange = _exchange()
+    exchange.summary = None
+    assert exchange_from_wire(exchange_to_wire(exchange)).summary is None

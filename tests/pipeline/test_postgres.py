@@ -81,7 +81,7 @@ async def proxy_with(upstream: FakeUpstream, sink: PostgresSink, spill_dir: Path
 async def test_migrating_an_empty_database_then_again_is_a_no_op(pg_dsn: str) -> None:
     conn = await connect(pg_dsn)
     try:
-        assert await migrate(conn) == [1, 2]
+        assert await migrate(conn) == [m.version for m in MIGRATIONS]
         versions = await conn.fetch("SELECT version, name FROM llmtally_schema_migrations ORDER BY version")
         assert [(r["version"], r["name"]) for r in versions] == [(m.version, m.name) for m in MIGRATIONS]
         types = {
@@ -114,8 +114,8 @@ async def test_pods_starting_at_once_migrate_once(pg_dsn: str) -> None:
     conns = [await connect(pg_dsn) for _ in range(8)]
     try:
         applied = await asyncio.gather(*(migrate(c) for c in conns))
-        assert sorted(applied) == [[]] * 7 + [[1, 2]]
-        assert await conns[0].fetchval("SELECT count(*) FROM llmtally_schema_migrations") == 2
+        assert sorted(applied) == [[]] * 7 + [[m.version for m in MIGRATIONS]]
+        assert await conns[0].fetchval("SELECT count(*) FROM llmtally_schema_migrations") == len(MIGRATIONS)
     finally:
         for conn in conns:
             await conn.close()
@@ -125,7 +125,7 @@ async def test_sinks_starting_at_once_on_an_empty_database_all_write(pg_dsn: str
     sinks = [PostgresSink(pg_dsn) for _ in range(6)]
     records = [{**record(f"pod{i}"), "tags": {"pod": str(i)}} for i in range(6)]
     await asyncio.gather(*(s.write([r]) for s, r in zip(sinks, records, strict=True)))
-    assert sorted(s.migrated for s in sinks) == [[]] * 5 + [[1, 2]]  # type: ignore[type-var]
+    assert sorted(s.migrated for s in sinks) == [[]] * 5 + [[m.version for m in MIGRATIONS]]  # type: ignore[type-var]
     assert sorted(r["request_id"] for r in await stored(pg_dsn)) == [f"pod{i}" for i in range(6)]
     for sink in sinks:
         await sink.close()
@@ -150,8 +150,9 @@ async def test_a_user_that_may_only_insert_and_select_writes_once_the_schema_is_
 
 
 async def test_migrations_apply_in_version_order_and_a_failing_one_rolls_back_whole(pg_dsn: str) -> None:
-    later = Migration(3, "a column", f"ALTER TABLE {TABLE} ADD COLUMN region text")
-    broken = Migration(4, "fails half-way", "CREATE TABLE half_done (a int); SELECT 1/0")
+    newest = max(m.version for m in MIGRATIONS)
+    later = Migration(newest + 1, "a column", f"ALTER TABLE {TABLE} ADD COLUMN region text")
+    broken = Migration(newest + 2, "fails half-way", "CREATE TABLE half_done (a int); SELECT 1/0")
     conn = await connect(pg_dsn)
     try:
         with pytest.raises(asyncpg.DivisionByZeroError):
@@ -161,12 +162,13 @@ async def test_migrations_apply_in_version_order_and_a_failing_one_rolls_back_wh
         assert await conn.fetchval("SELECT to_regclass('half_done')") is None
         assert await conn.fetchval("SELECT to_regclass('llmtally_schema_migrations')") is None
 
-        assert await migrate(conn, [later, *reversed(MIGRATIONS)]) == [1, 2, 3]  # 3 needs 1's table
+        every = [*range(1, newest + 2)]
+        assert await migrate(conn, [later, *reversed(MIGRATIONS)]) == every  # later needs 1's table
         names = await conn.fetch(
             "SELECT version FROM llmtally_schema_migrations ORDER BY applied_at, version"
         )
-        assert [r["version"] for r in names] == [1, 2, 3]
-        assert await migrate(conn) == []  # the default set: all there (and 3, newer, is left alone)
+        assert [r["version"] for r in names] == every
+        assert await migrate(conn) == []  # the default set: all there (and the newer one is left alone)
     finally:
         await conn.close()
 

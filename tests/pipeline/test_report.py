@@ -114,3 +114,17 @@ def test_by_item_splits_each_record_into_what_it_paid_for(tmp_path: Path) -> Non
     assert by_item["web_search"]["total_cost"] == 0.02 and by_item["web_search"]["input_tokens"] == 0
     assert by_item["code_execution"]["unpriced"] == 1
     assert out["totals"]["total_cost"] == 0.0437 and out["totals"]["records"] == 2  # 0.03185 + 0.01185
+
+
+def test_by_batch_id_sums_each_batch_apart_from_live_calls(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    rows = records(3)
+    rows[0] = {**rows[0], "endpoint": "batch", "batch_id": "msgbatch_01", "total_cost": Decimal("0.5")}
+    rows[1] = {**rows[1], "endpoint": "batch", "batch_id": "msgbatch_01", "total_cost": Decimal("0.25")}
+    rows[2] = {**rows[2], "batch_id": None, "total_cost": Decimal("0.125")}
+    path.write_bytes(render_records(rows))
+    out = orjson.loads(run(str(path), "--by", "batch_id", "--json").stdout)
+    assert {g["group"]["batch_id"]: g["total_cost"] for g in out["groups"]} == {
+        "msgbatch_01": 0.75,
+        "": 0.125,
+    }

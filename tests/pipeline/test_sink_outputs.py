@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmtally.config import Config, PrometheusSinkConfig, SinksConfig
@@ -90,7 +91,7 @@ def records(n: int = 3) -> list[dict[str, Any]]:
             "currency": "USD", "price_source": "genai-prices", "price_version": "abc", "priced_model": "claude-sonnet-5",
             "pricing_note": None, "service_tier": "standard", "inference_geo": None, "latency_ms": 1200.5,
             "ttfb_ms": 300.25, "client_disconnected": False, "tags": {"tenant": "acme"}, "upstream_request_id": "u",
-            "error": None, "platform": "direct",
+            "error": None, "platform": "direct", "batch_id": None, "custom_id": None,
         })  # fmt: skip
     return out
 
@@ -224,3 +225,42 @@ async def test_protobuf_carries_every_record_field_and_the_fake_upstream_flag(tm
     flagged = [{**records(1)[0], "fake_upstream": True}, records(1)[0]]
     await ProtobufFileSink(str(path)).write(flagged)
     assert [m.fake_upstream for m in read_delimited(path)] == [True, False]
+
+
+BATCH_RESULT = {"endpoint": "batch", "service_tier": "batch", "batch_id": "msgbatch_01", "custom_id": "req-1",
+                "ttfb_ms": None}  # fmt: skip
+
+
+async def test_batch_results_reach_every_sink_with_their_ids_and_no_call_latency(tmp_path: Path) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from llmtally.pipeline.otel import OTelSink
+    from llmtally.pipeline.prometheus import PrometheusSink
+
+    record = {**records(1)[0], **BATCH_RESULT}
+    path = tmp_path / "records.pb"
+    await ProtobufFileSink(str(path)).write([record, records(1)[0]])
+    batch, live = read_delimited(path)
+    assert (batch.batch_id, batch.custom_id, batch.endpoint) == ("msgbatch_01", "req-1", "batch")
+    assert not live.HasField("batch_id") and not live.HasField("custom_id")
+    # A result's latency is how far its download had got: not a call's duration.
+    metrics = PrometheusSink()
+    await metrics.write([record])
+    families = list(text_string_to_metric_families(metrics.render().decode()))
+    assert sample("llmtally_requests_total", {"endpoint": "batch"}, families) == 1
+    with pytest.raises(AssertionError, match="no sample"):  # no duration observed at all
+        sample("llmtally_request_duration_seconds_count", {"provider": "anthropic"}, families)
+    reader, exporter, tracer = InMemoryMetricReader(), InMemorySpanExporter(), TracerProvider()
+    tracer.add_span_processor(SimpleSpanProcessor(exporter))
+    await OTelSink(MeterProvider(metric_readers=[reader]), tracer).write([record])
+    data = reader.get_metrics_data()
+    names = {m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    assert "gen_ai.client.token.usage" in names and "gen_ai.client.operation.duration" not in names
+    (span,) = exporter.get_finished_spans()
+    assert (span.attributes or {})["llmtally.batch_id"] == "msgbatch_01"
+    assert (span.attributes or {})["llmtally.custom_id"] == "req-1"

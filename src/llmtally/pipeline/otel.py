@@ -104,7 +104,8 @@ class OTelSink:
                 int(record.get("output_tokens") or 0), {**attrs, "gen_ai.token.type": "output"}
             )
         seconds = float(record.get("latency_ms") or 0) / 1000
-        self._duration.record(seconds, attrs)
+        if record.get("endpoint") != "batch":  # a batch result's latency is its download's, not a call's
+            self._duration.record(seconds, attrs)
         cost = record.get("total_cost")
         if cost is not None:
             self._cost.add(float(cost), attrs)
@@ -126,6 +127,9 @@ class OTelSink:
         }
         if cost is not None:
             span_attrs["llmtally.cost.usd"] = float(cost)
+        for key in ("batch_id", "custom_id"):
+            if record.get(key) is not None:
+                span_attrs[f"llmtally.{key}"] = str(record[key])
         span.set_attributes(span_attrs)
         if record.get("error"):
             span.set_status(Status(StatusCode.ERROR, str(record["error"])))

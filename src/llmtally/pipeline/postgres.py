@@ -107,6 +107,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         """,
     ),
     Migration(2, "index on timestamp", f'CREATE INDEX {TABLE}_timestamp ON {TABLE} ("timestamp")'),
+    Migration(
+        3,
+        "spend limits and batch results",
+        f"ALTER TABLE {TABLE} ADD COLUMN budget_exceeded text, ADD COLUMN batch_id text,"
+        " ADD COLUMN custom_id text",
+    ),
 )
 
 
@@ -292,7 +298,10 @@ def _columns() -> tuple[Column, ...]:
         Column("fake_upstream", "boolean", _bool, False),
         Column("tags", "text", _jsonb(dict), {}, cast="jsonb"),
         text_or_null("upstream_request_id"),
+        text_or_null("batch_id"),
+        text_or_null("custom_id"),
         text_or_null("error"),
+        text_or_null("budget_exceeded"),
     )
 
 

@@ -152,6 +152,8 @@ class PrometheusSink:
                 )
         elif record.get("price_source") == "unknown_model" and record.get("usage_source") != "none":
             self._child(self.unpriced, provider, model).inc()
+        if endpoint == "batch":
+            return  # a batch result's latency is its download's so far, not a call's
         if record.get("latency_ms") is not None:
             self._child(self.latency, provider).observe(float(record["latency_ms"]) / 1000)
         if record.get("ttfb_ms") is not None:

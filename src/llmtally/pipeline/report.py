@@ -152,9 +152,11 @@ def group_value(record: dict[str, Any], key: str) -> str:
         return str(record.get("item") or "tokens")
     if key == "platform":  # records written before platforms existed were all direct
         return str(record.get("platform") or "direct")
-    if key in ("provider", "endpoint", "usage_source", "price_source", "service_tier"):
+    if key in ("provider", "endpoint", "usage_source", "price_source", "service_tier", "batch_id"):
         return str(record.get(key) or "")
-    raise ReportError(f"--by {key}: use provider, platform, model, item, endpoint, day, hour or tag:<key>")
+    raise ReportError(
+        f"--by {key}: use provider, platform, model, item, endpoint, batch_id, day, hour or tag:<key>"
+    )
 
 
 def build_report(

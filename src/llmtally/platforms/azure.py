@@ -64,7 +64,7 @@ class AzureOpenAIPlatform:
 
     def route(self, method: str, tail: str, query: Mapping[str, str]) -> Route:
         if method != "POST":
-            return self._passthrough
+            return self._batch(tail) if method == "GET" else self._passthrough
         key = (tail, query.get("api-version"))
         route = self._routes.get(key)  # before any parsing: the calls of a service repeat a few paths
         if route is None:
@@ -73,6 +73,15 @@ class AzureOpenAIPlatform:
                 self._routes.clear()
             self._routes[key] = route
         return route
+
+    def _batch(self, tail: str) -> Route:
+        """A batch output file's content (``openai/files/{id}/content`` classic, or under
+        ``openai/v1/``): metered as OpenAI's, one record per result; any other GET passes."""
+        files = tail.removeprefix("openai/").removeprefix("v1/")
+        batch = ADAPTERS["openai"].batch_route(f"v1/{files}") if files.startswith("files/") else None
+        if batch is None:
+            return self._passthrough
+        return Route("azure", self.prefix, "openai", None, self.upstream, batch=batch)
 
     def _parse(self, tail: str, api_version: str | None) -> Route:
         classic = _CLASSIC.fullmatch(tail)

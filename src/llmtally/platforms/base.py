@@ -9,6 +9,7 @@ from typing import Protocol
 from yarl import URL
 
 from llmtally.providers.base import Endpoint, Refusal
+from llmtally.providers.batch import BatchDownload
 from llmtally.record import PlatformName as PlatformName
 from llmtally.record import Provider
 
@@ -48,6 +49,9 @@ class Route:
     #: The platform's own error shape for llmtally's refusals (Bedrock's AWS errors, whatever the
     #: dialect), or None: the dialect's (``ProviderAdapter.refusal``).
     refusal: Callable[[int, str], Refusal] | None = None
+    #: A GET that downloads batch results (``endpoint`` is None: it is forwarded as it streams, and
+    #: metered one record per result as it passes).
+    batch: BatchDownload | None = None
 
 
 class Platform(Protocol):

@@ -34,6 +34,9 @@ class DirectPlatform:
     def route(self, method: str, tail: str, query: Mapping[str, str]) -> Route:
         endpoint = self._adapter.route(tail) if method == "POST" else None
         if endpoint is None:
+            batch = self._adapter.batch_route(tail) if method == "GET" else None
+            if batch is not None:  # a batch's results: metered as they stream by
+                return Route("direct", self.prefix, self.dialect, None, self.upstream, batch=batch)
             return self._passthrough
         route = self._routes.get(endpoint)
         if route is None:

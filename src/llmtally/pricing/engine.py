@@ -29,7 +29,7 @@ from genai_prices.data_snapshot import get_snapshot
 from llmtally.config import ModelPrice, PricingConfig
 from llmtally.pricing.fees import FEE_TABLE, ITEMS, THOUSAND
 from llmtally.pricing.files import PriceFile, load_price_file
-from llmtally.pricing.rates import RateSheet, cost, sheet_from_config, sheet_from_genai
+from llmtally.pricing.rates import RateSheet, cost, scaled, sheet_from_config, sheet_from_genai
 from llmtally.record import Cost, LineItem, Provider, TokenUsage
 
 log = logging.getLogger("llmtally.pricing")
@@ -57,6 +57,10 @@ STANDARD_TIERS = frozenset(
         "traffic_type_unspecified",
     }
 )
+#: Batch results (OpenAI, Anthropic and Gemini batch APIs): where the price data has no batch rates
+#: for a model, its standard rates times this, the discount all three document for batches.
+BATCH_TIER = "batch"
+BATCH_DISCOUNT = Decimal("0.5")
 #: Tiers paid for in advance, not per token (Vertex provisioned throughput: per GSU and hour). The
 #: tokens are recorded and priced at on-demand rates, as what the call would have cost, with a note.
 PREPAID_TIERS = frozenset({"provisioned_throughput"})
@@ -210,6 +214,12 @@ class PriceBook:
         if (service_tier or "").lower() in PREPAID_TIERS:
             notes.append(
                 f"{service_tier}: prepaid capacity, not billed per token; cost is the on-demand equivalent"
+            )
+        elif not tier_priced and (service_tier or "").lower() == BATCH_TIER:
+            sheet = scaled(sheet, BATCH_DISCOUNT)
+            notes.append(
+                f"no batch price data for {resolution.name}: 50 % of the standard rates "
+                "(every provider's batch discount)"
             )
         elif not tier_priced:
             notes.append(

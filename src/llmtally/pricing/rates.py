@@ -86,6 +86,15 @@ def cost(sheet: RateSheet, usage: TokenUsage) -> Cost:
     return Cost(input_cost=input_cost / PER_MILLION, output_cost=output_cost / PER_MILLION)
 
 
+def scaled(sheet: RateSheet, factor: Decimal) -> RateSheet:
+    """Every token rate of ``sheet`` times ``factor`` (per-use fees unchanged)."""
+
+    def times(rates: Rates) -> Rates:
+        return replace(rates, **{k: v * factor for k in RATE_KEYS if (v := getattr(rates, k)) is not None})
+
+    return replace(sheet, base=times(sheet.base), tiers=tuple((a, times(r)) for a, r in sheet.tiers))
+
+
 def sheet_from_config(price: ModelPrice, service_tier: str | None = None) -> tuple[RateSheet, bool]:
     """A configured price as a sheet; the bool says whether ``service_tier`` had its own rates."""
     base = Rates(**{k: getattr(price, k) for k in RATE_KEYS})

@@ -8,6 +8,7 @@ repeat input and cache fields: later values replace earlier ones, they are never
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from llmtally.providers.base import (
     parse_object,
     read_usage,
 )
+from llmtally.providers.batch import BATCH, BatchDownload, BatchResult
 from llmtally.providers.streams import SSESplitter
 from llmtally.record import Provider, TokenUsage
 
@@ -107,17 +109,7 @@ class AnthropicAdapter:
         if not isinstance(obj, dict):
             summary.error = "response body is not a JSON object"
             return summary
-        summary.error = _error(obj)
-        if isinstance(obj.get("model"), str):
-            summary.model = obj["model"]
-        usage = obj.get("usage")
-        summary.usage = read_usage(summary, lambda: usage_from_anthropic(usage))
-        summary.line_items = line_items_from_anthropic(usage)
-        tier = get_path(usage, "service_tier")
-        summary.service_tier = tier if isinstance(tier, str) else None
-        geo = get_path(usage, "inference_geo")
-        summary.inference_geo = geo if isinstance(geo, str) else None
-        return summary
+        return _summary_of(obj, summary)
 
     def max_output_tokens(self, request: MeteredRequest) -> int | None:
         return first_count(request.payload, ("max_tokens",))  # thinking's budget is inside it
@@ -128,6 +120,16 @@ class AnthropicAdapter:
 
     def usage_from_headers(self, headers: Mapping[str, str]) -> TokenUsage | None:
         return None  # the body carries the usage
+
+    def batch_route(self, subpath: str) -> BatchDownload | None:
+        """``GET v1/messages/batches/{id}/results``: one result per line, every line a result; and
+        ``GET v1/messages/batches[/{id}]``, whose ``results_url`` is relinked through the proxy."""
+        match = _BATCH_RESULTS.match(subpath)
+        if match is not None:
+            return BatchDownload("jsonl", _BATCH, match.group(1), read_line=batch_result, results_only=True)
+        if _BATCH_INFO.match(subpath):  # its results_url names the upstream: point it at the proxy
+            return BatchDownload("relink", _BATCH, None)
+        return None
 
     def stream_parser(self, request: MeteredRequest) -> _AnthropicStreamParser:
         return _AnthropicStreamParser()
@@ -140,6 +142,65 @@ class AnthropicAdapter:
 
     def endpoint_for_response(self, obj: Any, stream: bool, model: str | None) -> Endpoint:
         return Endpoint(provider="anthropic", name="messages")
+
+
+def _summary_of(obj: dict[str, Any], summary: ResponseSummary) -> ResponseSummary:
+    """A complete Message's summary."""
+    summary.error = _error(obj)
+    if isinstance(obj.get("model"), str):
+        summary.model = obj["model"]
+    usage = obj.get("usage")
+    summary.usage = read_usage(summary, lambda: usage_from_anthropic(usage))
+    summary.line_items = line_items_from_anthropic(usage)
+    tier = get_path(usage, "service_tier")
+    summary.service_tier = tier if isinstance(tier, str) else None
+    geo = get_path(usage, "inference_geo")
+    summary.inference_geo = geo if isinstance(geo, str) else None
+    return summary
+
+
+_BATCH_RESULTS = re.compile(r"^v1/messages/batches/([^/]+)/results/?$")
+#: A batch (retrieve) or the list of batches: each with its ``results_url``.
+_BATCH_INFO = re.compile(r"^v1/messages/batches(?:/[^/]+)?/?$")
+_BATCH = Endpoint(provider="anthropic", name=BATCH)
+#: An errored batch request's error type → the HTTP status the same error has on the Messages API.
+_ERROR_STATUS = {
+    "invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
+    "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
+    "rate_limit_error": 429, "api_error": 500, "timeout_error": 504, "overloaded_error": 529,
+}  # fmt: skip
+
+
+def batch_result(line: Any) -> BatchResult | None:
+    """One line of a batch's results: ``{"custom_id", "result": {"type": "succeeded", "message"}}``,
+    or ``errored`` (with the error), ``canceled``, ``expired``: not billed, so no usage and no cost;
+    ``status`` is the errored request's HTTP status (by its error type), None for the others."""
+    if not isinstance(line, dict):
+        return None
+    custom_id = line.get("custom_id")
+    result = line.get("result")
+    kind = get_path(result, "type")
+    summary = ResponseSummary(complete=True)
+    batch = BatchResult(summary, custom_id=custom_id if isinstance(custom_id, str) else None)
+    batch.endpoint = "messages"
+    if kind == "succeeded":
+        message = get_path(result, "message")
+        if isinstance(message, dict):
+            _summary_of(message, summary)
+        else:
+            summary.error = "batch result has no message"
+        return batch
+    if kind == "errored":
+        error_type = get_path(result, "error", "error", "type")
+        batch.status = _ERROR_STATUS.get(error_type) if isinstance(error_type, str) else None
+        summary.error = f"batch request errored: {error_type or 'error'}"
+    elif isinstance(kind, str):
+        batch.status = None
+        summary.error = f"batch request {kind}: not billed"
+    else:
+        batch.status = None
+        summary.error = "not a batch result line"
+    return batch
 
 
 class _AnthropicStreamParser:

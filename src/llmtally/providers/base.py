@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from llmtally.record import Provider, TokenUsage
+
+if TYPE_CHECKING:
+    from llmtally.providers.batch import BatchDownload
 
 #: Output text kept per response for estimating when no usage arrives (a disconnect).
 MAX_KEPT_TEXT_CHARS = 4 * 1024 * 1024
@@ -113,6 +116,11 @@ class ProviderAdapter(Protocol):
 
     def route(self, subpath: str) -> Endpoint | None:
         """Map the path after ``/<provider>/`` to a metered endpoint, or None to pass through."""
+        ...
+
+    def batch_route(self, subpath: str) -> BatchDownload | None:
+        """A GET of the path after ``/<provider>/`` that downloads batch results (metered one record
+        per result), or None."""
         ...
 
     def prepare(

@@ -70,6 +70,9 @@ class ConverseAdapter:
     request_id_header: str | None = "x-amzn-RequestId"
     usage_headers: tuple[str, ...] = ()
 
+    def batch_route(self, subpath: str) -> None:
+        return None  # Bedrock batch inference writes its results to S3, not through the API
+
     def route(self, subpath: str) -> Endpoint | None:
         return None  # only the Bedrock platform routes here (the model is in its URL)
 

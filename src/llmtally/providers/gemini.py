@@ -26,6 +26,7 @@ from llmtally.providers.base import (
     json_refusal,
     read_usage,
 )
+from llmtally.providers.batch import BATCH, BatchDownload, BatchResult
 from llmtally.providers.streams import JSONArraySplitter, SSESplitter
 from llmtally.record import Provider, TokenUsage
 
@@ -143,6 +144,17 @@ class GeminiAdapter:
     def usage_from_headers(self, headers: Mapping[str, str]) -> TokenUsage | None:
         return None  # the body carries the usage
 
+    def batch_route(self, subpath: str) -> BatchDownload | None:
+        """``GET v1beta/batches/{id}``: the batch operation, with its inlined responses once done;
+        ``GET [download/]v1beta/files/{id}:download``: a file, a batch's JSONL results among them."""
+        match = _BATCH_GET.match(subpath)
+        if match is not None:
+            return BatchDownload("json", _BATCH, match.group(1), read_whole=batch_results)
+        match = _FILE_DOWNLOAD.match(subpath)
+        if match is not None:
+            return BatchDownload("jsonl", _BATCH, match.group(1), read_line=batch_file_result)
+        return None
+
     def stream_parser(self, request: MeteredRequest) -> _GeminiStreamParser:
         return _GeminiStreamParser(request.stream_format == "sse")
 
@@ -165,6 +177,56 @@ class GeminiAdapter:
             return Endpoint(provider="gemini", name="embedContent", url_model=model)
         name = "streamGenerateContent" if stream else "generateContent"
         return Endpoint(provider="gemini", name=name, url_model=model, always_stream=stream)
+
+
+_BATCH_GET = re.compile(r"^(?:v1beta|v1|v1alpha)/(batches/[^/:]+)/?$")
+_FILE_DOWNLOAD = re.compile(r"^(?:download/)?(?:v1beta|v1|v1alpha)/(files/[^/:]+):download/?$")
+_BATCH = Endpoint(provider="gemini", name=BATCH)
+
+
+def _result_of(item: dict[str, Any], custom_id: Any, model: str | None) -> BatchResult:
+    """One batch response: ``{"response": GenerateContentResponse}`` or ``{"error": Status}``."""
+    state = _GeminiState()
+    summary = state.summary
+    result = BatchResult(summary, custom_id=custom_id if isinstance(custom_id, str) else None)
+    result.endpoint = "generateContent"
+    response = item.get("response")
+    error = item.get("error")
+    if isinstance(response, dict):
+        state.on_object(response)
+        summary.complete = True
+    elif isinstance(error, dict):
+        code = error.get("code")
+        result.status = code if isinstance(code, int) and not isinstance(code, bool) else None
+        summary.error = f"batch request failed: {error.get('status') or code or 'error'}"
+    else:
+        summary.error = "batch result has no response"
+    summary.model = summary.model or model
+    return result
+
+
+def batch_results(operation: Any) -> list[BatchResult]:
+    """A batch operation's inlined responses (``metadata.output`` as the SDK reads it, or the
+    operation's ``response``), each ``{response | error, metadata}``; none while it runs. A request's
+    ``metadata.key``, when it set one, is its ``custom_id``."""
+    found = get_path(operation, "metadata", "output", "inlinedResponses", "inlinedResponses")
+    if not isinstance(found, list):
+        found = get_path(operation, "response", "inlinedResponses", "inlinedResponses")
+    model = get_path(operation, "metadata", "model")
+    model = model.removeprefix("models/") if isinstance(model, str) else None
+    return [
+        _result_of(item, get_path(item, "metadata", "key"), model)
+        for item in as_list(found)
+        if isinstance(item, dict)
+    ]
+
+
+def batch_file_result(line: Any) -> BatchResult | None:
+    """One line of a batch's results file: ``{"key", "response" | "error"}``; None for a line of any
+    other file (a batch's input lines carry ``request``)."""
+    if not isinstance(line, dict) or not ("response" in line or "error" in line) or "key" not in line:
+        return None
+    return _result_of(line, line.get("key"), None)
 
 
 def grounding_items(model: str | None, queries: set[str], grounded: bool) -> dict[str, int]:

@@ -6,6 +6,7 @@ Usage mapping (already OTel-shaped): ``prompt_tokens``/``input_tokens`` include 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ from llmtally.providers.base import (
     parse_object,
     read_usage,
 )
+from llmtally.providers.batch import BATCH, BatchDownload, BatchResult
 from llmtally.providers.streams import SSESplitter
 from llmtally.record import Provider, TokenUsage
 
@@ -117,14 +119,7 @@ class OpenAIAdapter:
         if not isinstance(obj, dict):
             summary.error = "response body is not a JSON object"
             return summary
-        summary.error = error_from_body(obj)
-        summary.model = _str_or_none(obj.get("model"))
-        summary.service_tier = _str_or_none(obj.get("service_tier"))
-        summary.usage = read_usage(summary, lambda: usage_from_openai(obj.get("usage")))
-        summary.line_items = line_items_from_responses(obj)
-        if request.endpoint.name == "embeddings" and summary.usage is not None:
-            summary.usage = TokenUsage(input_tokens=summary.usage.input_tokens)
-        return summary
+        return _summary_of(request.endpoint.name, obj, summary)
 
     def max_output_tokens(self, request: MeteredRequest) -> int | None:
         if request.endpoint.name in ("embeddings", "moderations"):
@@ -139,6 +134,15 @@ class OpenAIAdapter:
 
     def usage_from_headers(self, headers: Mapping[str, str]) -> TokenUsage | None:
         return None  # the body carries the usage
+
+    def batch_route(self, subpath: str) -> BatchDownload | None:
+        """``GET v1/files/{id}/content``: any file's content, a batch's output or error file among
+        them (only lines shaped as batch results are metered). The lines do not name their batch:
+        ``batch_id`` is the file's id (one output file per batch)."""
+        match = _FILE_CONTENT.match(subpath)
+        if match is None:
+            return None
+        return BatchDownload("jsonl", _BATCH, match.group(1), read_line=batch_result)
 
     def stream_parser(self, request: MeteredRequest) -> _OpenAIStreamParser:
         return _OpenAIStreamParser(request)
@@ -158,17 +162,59 @@ class OpenAIAdapter:
         return Endpoint(provider="openai", name=name)
 
     def endpoint_for_response(self, obj: Any, stream: bool, model: str | None) -> Endpoint:
-        kind = obj.get("object") if isinstance(obj, dict) else None
-        event = obj.get("type") if isinstance(obj, dict) else None
-        if kind == "response" or (isinstance(event, str) and event.startswith("response.")):
-            name = "responses"
-        elif kind == "text_completion":
-            name = "completions"
-        elif kind == "list" or kind == "embedding":
-            name = "embeddings"
-        else:
-            name = "chat.completions"
-        return Endpoint(provider="openai", name=name)
+        return Endpoint(provider="openai", name=endpoint_name_of(obj))
+
+
+def endpoint_name_of(obj: Any) -> str:
+    """The endpoint a response object (or first stream event) belongs to."""
+    kind = obj.get("object") if isinstance(obj, dict) else None
+    event = obj.get("type") if isinstance(obj, dict) else None
+    if kind == "response" or (isinstance(event, str) and event.startswith("response.")):
+        return "responses"
+    if kind == "text_completion":
+        return "completions"
+    if kind == "list" or kind == "embedding":
+        return "embeddings"
+    return "chat.completions"
+
+
+def _summary_of(endpoint: str, obj: dict[str, Any], summary: ResponseSummary) -> ResponseSummary:
+    """A complete response object's summary (``obj``: a chat completion, response, embedding list …)."""
+    summary.error = error_from_body(obj)
+    summary.model = _str_or_none(obj.get("model"))
+    summary.service_tier = _str_or_none(obj.get("service_tier"))
+    summary.usage = read_usage(summary, lambda: usage_from_openai(obj.get("usage")))
+    summary.line_items = line_items_from_responses(obj)
+    if endpoint == "embeddings" and summary.usage is not None:
+        summary.usage = TokenUsage(input_tokens=summary.usage.input_tokens)
+    return summary
+
+
+_FILE_CONTENT = re.compile(r"^v1/files/([^/]+)/content/?$")
+_BATCH = Endpoint(provider="openai", name=BATCH)
+
+
+def batch_result(line: Any) -> BatchResult | None:
+    """One line of a batch output or error file: ``{"id", "custom_id", "response": {"status_code",
+    "request_id", "body"}, "error"}``; None for a line of any other file (a batch's input lines have
+    ``method``/``url``/``body`` and no ``response``)."""
+    if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str) or "response" not in line:
+        return None
+    response = line.get("response")
+    summary = ResponseSummary(complete=True)
+    result = BatchResult(summary, custom_id=line["custom_id"], status=None)
+    if isinstance(response, dict):
+        status = response.get("status_code")
+        result.status = status if isinstance(status, int) and not isinstance(status, bool) else None
+        summary.upstream_request_id = _str_or_none(response.get("request_id"))
+        body = response.get("body")
+        if isinstance(body, dict):
+            result.endpoint = endpoint_name_of(body)
+            _summary_of(result.endpoint, body, summary)
+    error = line.get("error")
+    if isinstance(error, dict) and summary.error is None:
+        summary.error = f"batch request failed: {error.get('code') or 'error'}"
+    return result
 
 
 def _inject_include_usage(body: bytes, payload: dict[str, Any]) -> bytes:

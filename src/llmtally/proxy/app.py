@@ -34,8 +34,10 @@ from llmtally.pricing.calls import quote_call
 from llmtally.pricing.engine import PriceBook
 from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter
 from llmtally.providers.base import Refusal, read_usage
+from llmtally.providers.batch import BatchDownload
 from llmtally.providers.encoding import DECODABLE
 from llmtally.proxy.aiohttp_guard import body_deadline_s, guard_client_connector
+from llmtally.proxy.batch_copy import BatchCopy
 from llmtally.proxy.eager import start_eagerly
 from llmtally.proxy.egress import Egress, PassthroughConnectError, passthrough_request, upstream_ssl_context
 from llmtally.proxy.metering_copy import MeteringCopy, StreamBudget
@@ -463,6 +465,8 @@ async def _proxy(platform: Platform, request: web.Request) -> web.StreamResponse
         upstream_url = _upstream_url(route.upstream, request.raw_path, route.prefix)
         if upstream_url is None:
             return _json_error(400, "bad_path", BAD_PATH)
+        if route.batch is not None and route.sign is None:
+            return await _batch_download(state, request, route, route.batch, upstream_url, t0)
         headers, _ = _upstream_headers(request.headers.items(), metered=False)
         if route.sign is not None:
             return await _signed_passthrough(state, request, route, upstream_url, headers, t0)
@@ -1102,6 +1106,53 @@ async def _signed_passthrough(
     return await _passthrough(state, request, url, CIMultiDict(signed), t0, body=body)
 
 
+async def _batch_download(
+    state: ProxyState, request: web.Request, route: Route, batch: BatchDownload, url: URL, t0: float
+) -> web.StreamResponse:
+    """A GET of batch results: forwarded as any passthrough, its results metered as they pass (one
+    record each, :mod:`llmtally.proxy.batch_copy`); or a batch's info, its results link relinked."""
+    headers, tags = _upstream_headers(request.headers.items(), metered=True)  # only decodable encodings
+    if batch.framing == "relink":
+        headers = [(n, v) for n, v in headers if n.lower() != "accept-encoding"]
+        headers.append(("Accept-Encoding", "identity"))
+        return await _passthrough(
+            state, request, url, CIMultiDict(headers), t0, relink=_relink(request, route)
+        )
+    metering = state.config.metering
+
+    def tee(upstream: aiohttp.ClientResponse) -> BatchCopy | None:
+        if not 200 <= upstream.status < 300:
+            return None  # an error answer: no results in it
+        return BatchCopy(
+            state.meter,
+            route,
+            batch,
+            encoding=upstream.headers.get("Content-Encoding", "identity"),
+            tags=tags,
+            t0=t0,
+            max_line=metering.max_batch_line_mb * 1024 * 1024,
+            max_body=metering.max_response_body_mb * 1024 * 1024,
+            new_id=new_request_id,
+        )
+
+    return await _passthrough(state, request, url, CIMultiDict(headers), t0, tee=tee)
+
+
+def _relink(request: web.Request, route: Route) -> tuple[bytes, bytes]:
+    """What to replace in a batch's info so that its results link leads back through the proxy: the
+    upstream's base as a JSON string starts, and the proxy's route as the client addressed it
+    (``X-Forwarded-Proto`` says the scheme behind a TLS terminator)."""
+    scheme = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip() or "http"
+    if scheme not in ("http", "https"):
+        scheme = request.scheme
+    upstream = str(route.upstream).rstrip("/")
+    return (f'"{upstream}/').encode(), f'"{scheme}://{request.host}/{route.prefix}/'.encode()
+
+
+#: A batch's info relinked whole up to this size (a list of batches is a few kB a batch).
+MAX_RELINK_BODY = 16 * 1024 * 1024
+
+
 async def _passthrough(
     state: ProxyState,
     request: web.Request,
@@ -1109,9 +1160,12 @@ async def _passthrough(
     headers: CIMultiDict[str],
     t0: float,
     body: bytes | None = None,
+    tee: Callable[[aiohttp.ClientResponse], BatchCopy | None] | None = None,
+    relink: tuple[bytes, bytes] | None = None,
 ) -> web.StreamResponse:
     """Unmetered paths: stream the request body up and the response down, no record. ``body``: read
-    already (a signed call), sent as it is."""
+    already (a signed call), sent as it is. ``tee``: what meters a batch download as it passes;
+    ``relink``: a JSON answer's upstream links to point at the proxy (old, new)."""
     server = state.config.server
     paced: _PacedBody | None = None
     data: Any = None
@@ -1135,17 +1189,35 @@ async def _passthrough(
     if upstream.status < 200:  # a 101 nobody asked for (Upgrade is not forwarded): not HTTP to pass on
         upstream.close()
         return _json_error(502, "upstream_protocol_error", "the upstream switched protocols unasked (101)")
+    copy: BatchCopy | None = None
+    whole = False
     try:
         # llhttp lets control bytes through in a reason phrase; aiohttp refuses to write them (a 500).
         reason = upstream.reason if upstream.reason and upstream.reason.isprintable() else None
+        held = b""
+        if relink is not None and 200 <= upstream.status < 300:
+            try:
+                held, complete = await _relinked(upstream, relink)
+            except (TimeoutError, aiohttp.ClientError) as exc:  # nothing went to the client yet
+                upstream.close()
+                return _json_error(*_upstream_failure(exc))
+            if complete:
+                headers_out = _client_headers(upstream.headers, keep_length=False)
+                _overhead_header(state, headers_out, t0)
+                return web.Response(body=held, status=upstream.status, reason=reason, headers=headers_out)
         response = web.StreamResponse(status=upstream.status, reason=reason)
         headers_out = _client_headers(upstream.headers, keep_length=True)
         _overhead_header(state, headers_out, t0)
         response.headers.extend(headers_out)
         await response.prepare(request)
+        copy = tee(upstream) if tee is not None else None
         try:
+            if held:  # read for a relink that did not happen: it goes as it came
+                await response.write(held)
             async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+                await response.write(chunk)  # forward first, meter second
+                if copy is not None:
+                    copy.feed(chunk)
         except (TimeoutError, aiohttp.ClientError) as exc:
             # The head is out: the only honest answer left is a cut (a clean end would pass a truncated
             # body off as whole). One line, no traceback: an upstream can fail this way on every call.
@@ -1157,10 +1229,32 @@ async def _passthrough(
             if request.transport is not None:
                 request.transport.abort()
             return response
+        whole = True
         await response.write_eof()
         return response
     finally:
+        if copy is not None:  # what passed is metered, even if the client left part-way
+            copy.finish(whole)
         upstream.release()
+
+
+async def _relinked(upstream: aiohttp.ClientResponse, relink: tuple[bytes, bytes]) -> tuple[bytes, bool]:
+    """A small, uncompressed JSON answer with its upstream links pointed at the proxy, and True; or
+    what was read of anything else (to go on unchanged) and False. A link is only ever replaced where
+    a JSON string starts with the upstream's exact base."""
+    if (
+        upstream.headers.get("Content-Encoding", "identity").lower() != "identity"
+        or "json" not in upstream.content_type
+        or (upstream.content_length or 0) > MAX_RELINK_BODY
+    ):
+        return b"", False
+    body = bytearray()
+    async for chunk in upstream.content.iter_any():
+        body += chunk
+        if len(body) > MAX_RELINK_BODY:
+            return bytes(body), False
+    old, new = relink
+    return bytes(body).replace(old, new), True
 
 
 def _overhead_header(state: ProxyState, headers: list[tuple[str, str]], t0: float, wait: float = 0.0) -> None:
