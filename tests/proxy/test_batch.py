@@ -589,4 +589,8 @@ async def test_batch_results_count_against_spend_limits(batch_upstream: BatchUps
     spent = sum((money(r["total_cost"]) or Decimal(0) for r in records), Decimal(0))
     assert spent > 0
     ((budget),) = report["budgets"]
-    assert (budget["key"], Decimal(budget["spent_usd"]), budget["reserved_usd"]) == ("tenant=acme", spent, "0")
+    assert (budget["key"], Decimal(budget["spent_usd"]), budget["reserved_usd"]) == (
+        "tenant=acme",
+        spent,
+        "0",
+    )

@@ -44,6 +44,8 @@ log = logging.getLogger("llmtally.budgets")
 _FRAME = struct.Struct(">IQ")  # payload length, call id
 #: The call id of a message nobody answers (a count, a broadcast).
 _TOLD = 0
+#: What a question to the main process gives when no answer came in time.
+_NO_ANSWER = object()
 
 
 def _frame(call: int, message: object) -> bytes:
@@ -268,9 +270,14 @@ class DirectGate(RemoteGate):
         key = ask.price_key
         pricing = self._pricing.get(key)
         if pricing is None:
-            pricing = self._pricing[key] = self.ask(("price", key), None)
+            pricing = self._pricing[key] = self.ask(("price", key), _NO_ANSWER)
         price = await pricing
         self._pricing.pop(key, None)
+        if price is _NO_ANSWER:  # the main process did not answer in time: as a store error, asked again
+            admission = store_down(self.config, "no price from the record process")
+            if admission.unchecked:
+                self.events.unchecked()
+            return admission
         self._prices[key] = price
         answer = self._reserve(ask, price)
         return answer if isinstance(answer, Admission) else await answer

@@ -145,8 +145,11 @@ class LeanRedis:
         oldest = self._pending[0][0]
         late = time.monotonic() - oldest
         if late >= self.timeout_s:
-            if self._conn is not None and self._conn.transport is not None:
-                self._conn.transport.abort()  # fails every pending command (lost)
+            conn, self._conn = self._conn, None  # no more commands on it: the next one reconnects
+            self._failed_at = time.monotonic()
+            self._out = []
+            if conn is not None and conn.transport is not None:
+                conn.transport.abort()
             self._fail_all(TimeoutError(f"Redis did not answer within {self.timeout_s} s"))
             return
         self._timer = asyncio.get_running_loop().call_later(self.timeout_s - late, self._check_deadline)
