@@ -124,6 +124,62 @@ class Admission:
 GO = Admission()
 
 
+class Waiting(Protocol):
+    """An admission still to come: what the proxy needs of it (an asyncio Future is one)."""
+
+    def add_done_callback(self, fn: Callable[[Any], object], /) -> None: ...
+    def cancelled(self) -> bool: ...
+    def result(self) -> Admission: ...
+    def cancel(self) -> bool: ...
+
+
+class Pending:
+    """A :class:`Waiting` whose callbacks run at once when it is answered, inside the read callback
+    that brought the answer: no loop turn between Redis's reply and the call going upstream."""
+
+    __slots__ = ("_callbacks", "_cancelled", "_result")
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[Any], object]] = []
+        self._result: Admission | None = None
+        self._cancelled = False
+
+    def done(self) -> bool:
+        return self._result is not None or self._cancelled
+
+    def add_done_callback(self, fn: Callable[[Any], object], /) -> None:
+        if self._result is not None:
+            fn(self)
+        elif not self._cancelled:
+            self._callbacks.append(fn)
+
+    def set_result(self, admission: Admission) -> None:
+        if self.done():
+            return
+        self._result = admission
+        callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # one call's bug must not stop the replies of the others
+                log.exception("a budget admission callback failed")
+
+    def cancel(self) -> bool:
+        if self.done():
+            return False
+        self._cancelled = True
+        self._callbacks = []
+        return True
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def result(self) -> Admission:
+        if self._result is None:
+            raise asyncio.InvalidStateError("no admission yet")
+        return self._result
+
+
 def store_down(config: BudgetsConfig, reason: str) -> Admission:
     if config.on_store_error == "block":
         return Admission(
@@ -544,7 +600,7 @@ class LocalGate:
     def __init__(self, budgets: Budgets) -> None:
         self.budgets = budgets
 
-    def check(self, ask: BudgetAsk) -> Admission | asyncio.Future[Admission]:
+    def check(self, ask: BudgetAsk) -> Admission | Waiting:
         """The answer now when the store answers without waiting (memory), else a future."""
         coro = self.budgets.check(ask)
         if self.budgets.store.name != "memory":

@@ -27,9 +27,11 @@ from llmtally.budgets.gate import (
     BudgetAsk,
     Budgets,
     LocalGate,
+    Pending,
     PriceKey,
     StoreHealth,
     UnitPrice,
+    Waiting,
     admit,
     bound_of,
     store_down,
@@ -202,7 +204,7 @@ class RemoteGate:
         if self._peer is not None:
             self._peer.send(_TOLD, message)
 
-    def check(self, ask: BudgetAsk) -> Admission | asyncio.Future[Admission]:
+    def check(self, ask: BudgetAsk) -> Admission | Waiting:
         if not self.connected:
             return store_down(self.config, "the record process is not reachable")
         return self.ask(("check", ask), store_down(self.config, "the budget check timed out"))
@@ -260,7 +262,7 @@ class DirectGate(RemoteGate):
             gate.health.failed("connect", exc)
         return gate
 
-    def check(self, ask: BudgetAsk) -> Admission | asyncio.Future[Admission]:
+    def check(self, ask: BudgetAsk) -> Admission | Waiting:
         key = ask.price_key
         if key not in self._prices:  # once per route and model (and after a reload)
             return asyncio.ensure_future(self._check_priced(ask))
@@ -280,9 +282,18 @@ class DirectGate(RemoteGate):
             return admission
         self._prices[key] = price
         answer = self._reserve(ask, price)
-        return answer if isinstance(answer, Admission) else await answer
+        if isinstance(answer, Admission):
+            return answer
+        done: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
 
-    def _reserve(self, ask: BudgetAsk, price: UnitPrice | None) -> Admission | asyncio.Future[Admission]:
+        def answered(pending: Pending) -> None:
+            if not done.done():
+                done.set_result(pending.result())
+
+        answer.add_done_callback(answered)
+        return await done
+
+    def _reserve(self, ask: BudgetAsk, price: UnitPrice | None) -> Admission | Pending:
         keys = keys_for(self.rules, ask.facts, ask.started_at)
         if not keys:
             return GO
@@ -291,13 +302,11 @@ class DirectGate(RemoteGate):
         names, argv = reserve_args(
             ask.request_id, keys, amount, now_ms, int(self.config.reservation_ttl_s * 1000)
         )
-        future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
-        self.redis.evalsha(self._reserve_sha, names, argv, partial(self._reserved, future, keys, amount))
-        return future.result() if future.done() else future
+        pending = Pending()
+        self.redis.evalsha(self._reserve_sha, names, argv, partial(self._reserved, pending, keys, amount))
+        return pending.result() if pending.done() else pending
 
-    def _reserved(
-        self, future: asyncio.Future[Admission], keys: list[BudgetKey], amount: int, reply: Any
-    ) -> None:
+    def _reserved(self, future: Pending, keys: list[BudgetKey], amount: int, reply: Any) -> None:
         if future.done():
             return
         try:

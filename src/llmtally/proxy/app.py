@@ -26,7 +26,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from llmtally.budgets.gate import REFUSED, Admission, ask_for
+from llmtally.budgets.gate import REFUSED, Admission, Waiting, ask_for
 from llmtally.config import Config
 from llmtally.exchange import Exchange, Meter
 from llmtally.platforms import Platform, Route, build_platforms
@@ -80,7 +80,7 @@ REMAINING_HEADER = "x-llmtally-budget-remaining"
 class Gate(Protocol):
     """The spend-limit check (llmtally.budgets): an answer now, or one to wait for."""
 
-    def check(self, ask: Any) -> Admission | asyncio.Future[Admission]: ...
+    def check(self, ask: Any) -> Admission | Waiting: ...
 
 
 STATE_KEY: web.AppKey[ProxyState] = web.AppKey("llmtally_state")
@@ -641,7 +641,7 @@ class MeteredCall:
         self.task: asyncio.Task[None] | None = None
         self.finished = False
         #: The spend-limit answer, while the call waits for it.
-        self.admission: asyncio.Future[Admission] | None = None
+        self.admission: Waiting | None = None
         #: The error shape of a refusal (the route's platform's, else the dialect's).
         self.refusal: Callable[[int, str], Refusal] = adapter.refusal
         #: What the call's budgets have left, as its check found them (``x-llmtally-budget-remaining``).
@@ -667,7 +667,7 @@ class MeteredCall:
                 return
         self._go()
 
-    def _on_admission(self, answer: asyncio.Future[Admission]) -> None:
+    def _on_admission(self, answer: Waiting) -> None:
         self.admission = None
         if self.finished or answer.cancelled():
             return
