@@ -191,6 +191,8 @@ def _cmd_price(args: argparse.Namespace) -> int:
         reasoning_tokens=args.reasoning,
         input_audio_tokens=args.input_audio,
         output_audio_tokens=args.output_audio,
+        input_image_tokens=args.input_image,
+        output_image_tokens=args.output_image,
     )
     try:
         book = PriceBook(config.pricing)
@@ -226,6 +228,8 @@ _TOKEN_PARTS = (
     ("input_audio", "input"),
     ("reasoning", "output"),
     ("output_audio", "output"),
+    ("input_image", "input"),
+    ("output_image", "output"),
 )
 
 
@@ -386,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     price.add_argument("--input-audio", type=_non_negative, default=0, help="of --input, the audio ones")
     price.add_argument("--output-audio", type=_non_negative, default=0, help="of --output, the audio ones")
+    price.add_argument("--input-image", type=_non_negative, default=0, help="of --input, the image ones")
+    price.add_argument("--output-image", type=_non_negative, default=0, help="of --output, the image ones")
     price.add_argument("--service-tier", help="batch, flex, priority, ... (default: standard)")
     price.set_defaults(func=_cmd_price)
 

@@ -196,6 +196,8 @@ class RateOverride:
     cache_write_1h: Decimal | None = None
     input_audio: Decimal | None = None
     output_audio: Decimal | None = None
+    input_image: Decimal | None = None
+    output_image: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +209,8 @@ class PriceTier(RateOverride):
 
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """A configured price, USD per 1M tokens. Missing cache and audio prices fall back as documented."""
+    """A configured price, USD per 1M tokens. Missing cache, audio and image prices fall back as
+    documented."""
 
     input: Decimal
     output: Decimal
@@ -217,6 +220,8 @@ class ModelPrice:
     cache_write_1h: Decimal | None = None
     input_audio: Decimal | None = None
     output_audio: Decimal | None = None
+    input_image: Decimal | None = None
+    output_image: Decimal | None = None
     tiers: list[PriceTier] = field(default_factory=list)
     #: ``batch``, ``flex``, ``priority``, …: rates for calls made in that service tier.
     service_tiers: dict[str, RateOverride] = field(default_factory=dict)

@@ -39,6 +39,11 @@ class TokenUsage:
     input_audio_tokens: int = 0
     #: Part of ``output_tokens`` that is audio.
     output_audio_tokens: int = 0
+    #: Part of ``input_tokens`` that is image (an image model's or a vision prompt's), priced apart
+    #: where the price data lists an image input rate.
+    input_image_tokens: int = 0
+    #: Part of ``output_tokens`` that is image (generated images: gpt-image-*, Gemini image models).
+    output_image_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -150,6 +155,8 @@ class UsageRecord:
             "reasoning_tokens": usage.reasoning_tokens,
             "input_audio_tokens": usage.input_audio_tokens,
             "output_audio_tokens": usage.output_audio_tokens,
+            "input_image_tokens": usage.input_image_tokens,
+            "output_image_tokens": usage.output_image_tokens,
             "total_tokens": usage.total_tokens,
             "usage_source": self.usage_source,
             "estimated_input_tokens": self.estimated_input_tokens,

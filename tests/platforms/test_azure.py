@@ -65,13 +65,22 @@ def test_early_api_versions_get_no_injection() -> None:
     ("method", "tail"),
     [
         ("GET", "openai/deployments/prod-chat/chat/completions"),
-        ("POST", "openai/deployments/prod-chat/images/generations"),
+        ("POST", "openai/deployments/prod-chat/images/variations"),
         ("POST", "openai/files"),
         ("GET", "openai/v1/models"),
     ],
 )
 def test_everything_else_passes_through(method: str, tail: str) -> None:
     assert AZURE.route(method, tail, {}).endpoint is None
+
+
+def test_image_generation_and_edits_are_metered_as_openai_s() -> None:
+    """gpt-image-1 deployments answer the Images API with OpenAI's token usage (image tokens priced at
+    image rates, docs/pricing.md); the model for pricing is the deployment's."""
+    for operation in ("images/generations", "images/edits"):
+        route = AZURE.route("POST", f"openai/deployments/prod-chat/{operation}", {})
+        assert route.endpoint is not None and route.endpoint.name == operation.replace("/", ".")
+        assert route.model == "gpt-4o-2024-08-06"
 
 
 def test_routes_are_remembered_but_bounded() -> None:

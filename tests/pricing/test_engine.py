@@ -305,3 +305,63 @@ def test_a_configured_fee_wins_and_changes_the_price_version() -> None:
     assert {i.item: (i.cost, i.source) for i in quote.line_items} == {
         "web_search": (Decimal("0.024"), "config"), "code_execution": (Decimal("0.05"), "config")}  # fmt: skip
     assert book.version != BOOK.version
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(range(len(_MODELS))),
+    st.integers(0, 400_000),
+    st.integers(0, 50_000),
+    st.floats(0, 1),
+    st.floats(0, 1),
+    st.floats(0, 1),
+    st.sampled_from([None, "batch", "priority"]),
+)
+def test_image_tokens_price_as_genai_prices_does(
+    index: int, inp: int, out: int, read: float, image_in: float, image_out: float, tier: str | None
+) -> None:
+    """Image tokens (parts of input and output, disjoint from cache reads) at the image rates, exactly
+    as genai-prices prices them, for every model of the three providers (gpt-image-*, Gemini image
+    models have image rates; the others price them as text)."""
+    when = datetime(2026, 11, 1, tzinfo=UTC)
+    provider_obj, info = _MODELS[index]
+    cache_read = int(inp * read * 0.5)
+    images_in = int((inp - cache_read) * image_in)
+    images_out = int(out * image_out)
+    usage = TokenUsage(inp, out, cache_read, input_image_tokens=images_in, output_image_tokens=images_out)
+    sheet = sheet_from_genai(info.get_prices(when, tier_context(tier)))
+    genai_usage = GenaiUsage(
+        input_tokens=inp, output_tokens=out, cache_read_tokens=cache_read, input_image_tokens=images_in,
+        output_image_tokens=images_out, cache_image_read_tokens=0,
+    )  # fmt: skip
+    try:
+        reference = info.calc_price(
+            genai_usage, provider_obj, genai_request_timestamp=when, price_context=tier_context(tier)
+        )
+    except ValueError:
+        return
+    if sheet is None:
+        return
+    ours = cost(sheet, usage)
+    assert (ours.input_cost, ours.output_cost) == (reference.input_price, reference.output_price)
+
+
+def test_image_rates_are_configurable_and_fall_back_to_token_rates() -> None:
+    with_images = ModelPrice(
+        input=Decimal(5), output=Decimal(10), input_image=Decimal(8), output_image=Decimal(32),
+        service_tiers={"batch": RateOverride(input_image=Decimal(4), output_image=Decimal(16))},
+    )  # fmt: skip
+    book = PriceBook(
+        PricingConfig(models={"img": with_images, "plain": ModelPrice(input=Decimal(1), output=Decimal(2))})
+    )
+    usage = TokenUsage(1000, 2000, input_image_tokens=600, output_image_tokens=1500)
+    quote = book.quote("openai", "img", usage)
+    assert quote.cost and quote.price_source == "config"
+    assert (quote.cost.input_cost, quote.cost.output_cost) == (
+        usd(400 * 5 + 600 * 8),
+        usd(500 * 10 + 1500 * 32),
+    )
+    batch = book.quote("openai", "img", usage, service_tier="batch")
+    assert batch.cost and batch.cost.output_cost == usd(500 * 10 + 1500 * 16)
+    plain = book.quote("openai", "plain", usage)  # no image rates: image tokens at the token rates
+    assert plain.cost and (plain.cost.input_cost, plain.cost.output_cost) == (usd(1000), usd(4000))

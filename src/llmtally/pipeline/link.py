@@ -72,6 +72,7 @@ def summary_to_wire(summary: ResponseSummary | None) -> tuple[Any, ...] | None:
         usage = (
             u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens,
             u.cache_write_1h_tokens, u.reasoning_tokens, u.input_audio_tokens, u.output_audio_tokens,
+            u.input_image_tokens, u.output_image_tokens,
         )  # fmt: skip
     return (
         summary.model, usage, summary.output_text, summary.upstream_request_id, summary.service_tier,

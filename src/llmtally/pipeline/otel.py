@@ -122,6 +122,9 @@ class OTelSink:
             "gen_ai.usage.output_tokens": int(record.get("output_tokens") or 0),
             "gen_ai.usage.cache_read.input_tokens": int(record.get("cache_read_tokens") or 0),
             "gen_ai.usage.cache_creation.input_tokens": int(record.get("cache_write_tokens") or 0),
+            # No GenAI convention names image tokens yet: llmtally's own, parts of the two above.
+            "llmtally.usage.input_image_tokens": int(record.get("input_image_tokens") or 0),
+            "llmtally.usage.output_image_tokens": int(record.get("output_image_tokens") or 0),
             "llmtally.usage_source": str(record.get("usage_source")),
             "llmtally.request_id": str(record.get("request_id")),
         }

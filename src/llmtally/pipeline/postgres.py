@@ -113,6 +113,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         f"ALTER TABLE {TABLE} ADD COLUMN budget_exceeded text, ADD COLUMN batch_id text,"
         " ADD COLUMN custom_id text",
     ),
+    Migration(
+        4,
+        "image tokens",
+        f"ALTER TABLE {TABLE} ADD COLUMN input_image_tokens bigint NOT NULL DEFAULT 0,"
+        " ADD COLUMN output_image_tokens bigint NOT NULL DEFAULT 0",
+    ),
 )
 
 
@@ -278,6 +284,8 @@ def _columns() -> tuple[Column, ...]:
         Column("reasoning_tokens", "bigint", i64, None, nullable=True),
         Column("input_audio_tokens", "bigint", i64, 0),
         Column("output_audio_tokens", "bigint", i64, 0),
+        Column("input_image_tokens", "bigint", i64, 0),
+        Column("output_image_tokens", "bigint", i64, 0),
         Column("total_tokens", "bigint", i64),
         Column("usage_source", "text", _text),
         Column("estimated_input_tokens", "bigint", i64, None, nullable=True),

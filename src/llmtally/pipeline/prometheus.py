@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-TOKEN_TYPES = ("input", "output", "cache_read", "cache_write", "reasoning")
+TOKEN_TYPES = ("input", "output", "cache_read", "cache_write", "reasoning", "input_image", "output_image")
 
 
 class _PipelineCollector(Collector):

@@ -24,7 +24,8 @@ _OPTIONAL = ("reasoning_tokens", "ttfb_ms", "error", "estimated_input_tokens", "
 _PLAIN = ("request_id", "provider", "endpoint", "request_model", "model", "stream", "input_tokens",
           "output_tokens", "cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "total_tokens",
           "usage_source", "price_source", "price_version", "latency_ms", "client_disconnected",
-          "input_audio_tokens", "output_audio_tokens", "fake_upstream", "platform")  # fmt: skip
+          "input_audio_tokens", "output_audio_tokens", "input_image_tokens", "output_image_tokens",
+          "fake_upstream", "platform")  # fmt: skip
 
 
 def money(value: Any, currency: str = "USD") -> pb.Money:

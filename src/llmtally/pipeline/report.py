@@ -25,6 +25,8 @@ TOKEN_FIELDS = (
     "cache_read_tokens",
     "cache_write_tokens",
     "reasoning_tokens",
+    "input_image_tokens",
+    "output_image_tokens",
 )
 COST_FIELDS = ("input_cost", "output_cost", "total_cost")
 
@@ -37,6 +39,8 @@ class Totals:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    input_image_tokens: int = 0
+    output_image_tokens: int = 0
     input_cost: Decimal = field(default_factory=Decimal)
     output_cost: Decimal = field(default_factory=Decimal)
     total_cost: Decimal = field(default_factory=Decimal)

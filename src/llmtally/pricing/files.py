@@ -92,6 +92,8 @@ _LITELLM_FIELDS = {
     "cache_creation_input_token_cost_above_1hr": "cache_write_1h",
     "input_cost_per_audio_token": "input_audio",
     "output_cost_per_audio_token": "output_audio",
+    "input_cost_per_image_token": "input_image",
+    "output_cost_per_image_token": "output_image",
 }
 _LITELLM_SERVICE_TIERS = (("_flex", "flex"), ("_priority", "priority"), ("_batches", "batch"))
 _ABOVE = re.compile(r"^(?P<field>.+)_above_(?P<n>\d+)k_tokens$")

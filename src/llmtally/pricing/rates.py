@@ -4,9 +4,10 @@ A :class:`RateSheet` is a model's resolved prices (for one date and service tier
 long-context tiers. Crossing a tier's threshold prices the *whole* request at that tier, as Gemini
 Pro and long-context Claude/OpenAI bill. Rates are USD per 1M tokens.
 
-Fallbacks for rates a price does not list: cache read, cache write and input audio are charged at the
-input rate, 1-hour cache writes at the 5-minute write rate, output audio at the output rate (the
-same decomposition genai-prices applies).
+Fallbacks for rates a price does not list: cache read, cache write, input audio and input image are
+charged at the input rate, 1-hour cache writes at the 5-minute write rate, output audio and output
+image at the output rate (the same decomposition genai-prices applies: its leaf units, with cache,
+audio and image tokens disjoint parts of the input).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from llmtally.config import ModelPrice, PriceTier, RateOverride
 from llmtally.record import Cost, TokenUsage
 
 PER_MILLION = Decimal(1_000_000)
-RATE_KEYS = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "input_audio", "output_audio")
+RATE_KEYS = (
+    "input", "output", "cache_read", "cache_write", "cache_write_1h", "input_audio", "output_audio",
+    "input_image", "output_image",
+)  # fmt: skip
 #: genai-prices' price keys for our rate keys.
 GENAI_KEYS = {
     "input": "input_mtok",
@@ -29,6 +33,8 @@ GENAI_KEYS = {
     "cache_write_1h": "cache_write_1h_mtok",
     "input_audio": "input_audio_mtok",
     "output_audio": "output_audio_mtok",
+    "input_image": "input_image_mtok",
+    "output_image": "output_image_mtok",
 }
 
 
@@ -41,6 +47,8 @@ class Rates:
     cache_write_1h: Decimal | None = None
     input_audio: Decimal | None = None
     output_audio: Decimal | None = None
+    input_image: Decimal | None = None
+    output_image: Decimal | None = None
 
     def overridden(self, override: RateOverride | PriceTier) -> Rates:
         changes = {k: getattr(override, k) for k in RATE_KEYS if getattr(override, k) is not None}
@@ -70,18 +78,25 @@ def cost(sheet: RateSheet, usage: TokenUsage) -> Cost:
     r = sheet.rates_for(usage.input_tokens)
     write_1h = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
     audio_in = min(usage.input_audio_tokens, usage.input_tokens)
-    uncached = max(usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens - audio_in, 0)
+    image_in = min(usage.input_image_tokens, usage.input_tokens - audio_in)
+    uncached = max(
+        usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens - audio_in - image_in, 0
+    )
     write_rate = r.cache_write if r.cache_write is not None else r.input
     input_cost = (
         uncached * r.input
         + audio_in * (r.input_audio if r.input_audio is not None else r.input)
+        + image_in * (r.input_image if r.input_image is not None else r.input)
         + usage.cache_read_tokens * (r.cache_read if r.cache_read is not None else r.input)
         + (usage.cache_write_tokens - write_1h) * write_rate
         + write_1h * (r.cache_write_1h if r.cache_write_1h is not None else write_rate)
     )
     audio_out = min(usage.output_audio_tokens, usage.output_tokens)
-    output_cost = (usage.output_tokens - audio_out) * r.output + audio_out * (
-        r.output_audio if r.output_audio is not None else r.output
+    image_out = min(usage.output_image_tokens, usage.output_tokens - audio_out)
+    output_cost = (
+        (usage.output_tokens - audio_out - image_out) * r.output
+        + audio_out * (r.output_audio if r.output_audio is not None else r.output)
+        + image_out * (r.output_image if r.output_image is not None else r.output)
     )
     return Cost(input_cost=input_cost / PER_MILLION, output_cost=output_cost / PER_MILLION)
 

@@ -49,15 +49,22 @@ def usage_from_gemini(meta: Any, embedding: bool = False) -> TokenUsage | None:
         reasoning_tokens=None if embedding else thoughts,
         input_audio_tokens=_modality(meta.get("promptTokensDetails"), "AUDIO"),
         output_audio_tokens=0 if embedding else _modality(meta.get("candidatesTokensDetails"), "AUDIO"),
+        # A document's pages are billed as images (genai-prices maps DOCUMENT to image tokens too).
+        input_image_tokens=_modality(meta.get("promptTokensDetails"), "IMAGE", "DOCUMENT"),
+        output_image_tokens=0
+        if embedding
+        else _modality(meta.get("candidatesTokensDetails"), "IMAGE", "DOCUMENT"),
     )
 
 
-def _modality(details: Any, modality: str) -> int:
-    """Tokens of one modality in a ``[{"modality": "AUDIO", "tokenCount": n}, …]`` list."""
+def _modality(details: Any, *modalities: str) -> int:
+    """Tokens of some modalities in a ``[{"modality": "AUDIO", "tokenCount": n}, …]`` list."""
     if not isinstance(details, list):
         return 0
     return sum(
-        as_int(d.get("tokenCount")) for d in details if isinstance(d, dict) and d.get("modality") == modality
+        as_int(d.get("tokenCount"))
+        for d in details
+        if isinstance(d, dict) and d.get("modality") in modalities
     )
 
 

@@ -1,13 +1,15 @@
-"""OpenAI: chat completions, responses, completions and embeddings.
+"""OpenAI: chat completions, responses, completions, embeddings and image generation / edits.
 
-Usage mapping (already OTel-shaped): ``prompt_tokens``/``input_tokens`` include cached tokens;
-``completion_tokens``/``output_tokens`` include reasoning tokens.
+Usage mapping (already OTel-shaped): ``prompt_tokens``/``input_tokens`` include cached, audio and
+image tokens; ``completion_tokens``/``output_tokens`` include reasoning, audio and image tokens. The
+Images API's ``output_tokens`` are image tokens unless ``output_tokens_details`` splits them.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from email.parser import BytesHeaderParser
 from typing import Any
 
 import orjson
@@ -37,16 +39,20 @@ _ROUTES = {
         "v1/responses": "responses",
         "v1/completions": "completions",
         "v1/embeddings": "embeddings",
+        "v1/images/generations": "images.generations",
+        "v1/images/edits": "images.edits",
     }.items()
 }
+#: The Images API: usage in the response (or its ``*.completed`` stream event), no ``model`` in it.
+_IMAGES = frozenset({"images.generations", "images.edits"})
 #: Endpoints whose streams report usage only when asked with stream_options.include_usage.
 _USAGE_OPT_IN = frozenset({"chat.completions", "completions"})
 _INJECTED = b'"stream_options":{"include_usage":true}'
 _USAGE_NULL_FORMS = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
 
 
-def usage_from_openai(usage: Any) -> TokenUsage | None:
-    """Map an OpenAI ``usage`` object (chat/completions/embeddings or responses shape)."""
+def usage_from_openai(usage: Any, images: bool = False) -> TokenUsage | None:
+    """Map an OpenAI ``usage`` object (chat/completions/embeddings, responses or ``images`` shape)."""
     if not isinstance(usage, dict):
         return None
     if "input_tokens" in usage:  # Responses API
@@ -58,6 +64,9 @@ def usage_from_openai(usage: Any) -> TokenUsage | None:
         output_tokens = as_int(usage.get("completion_tokens"))
         in_details, out_details = usage.get("prompt_tokens_details"), usage.get("completion_tokens_details")
     reasoning = get_path(out_details, "reasoning_tokens")
+    image_out = get_path(out_details, "image_tokens")
+    if images and not isinstance(out_details, dict):  # gpt-image-1: every output token is image
+        image_out = output_tokens
     return TokenUsage(
         input_tokens=input_tokens,
         output_tokens=output_tokens,
@@ -65,6 +74,8 @@ def usage_from_openai(usage: Any) -> TokenUsage | None:
         reasoning_tokens=as_int(reasoning) if reasoning is not None else None,
         input_audio_tokens=as_int(get_path(in_details, "audio_tokens")),
         output_audio_tokens=as_int(get_path(out_details, "audio_tokens")),
+        input_image_tokens=as_int(get_path(in_details, "image_tokens")),
+        output_image_tokens=as_int(image_out),
     )
 
 
@@ -88,7 +99,12 @@ class OpenAIAdapter:
     def prepare(
         self, endpoint: Endpoint, body: bytes, query: Mapping[str, str], inject_stream_usage: bool
     ) -> MeteredRequest:
-        payload = parse_object(endpoint, body)
+        payload: dict[str, Any] | MeteredRequest
+        if endpoint.name == "images.edits" and body.startswith(b"--"):
+            payload = form_fields(body, ("model", "stream"))  # multipart/form-data, the SDK's form
+            payload["stream"] = payload.get("stream") == "true"
+        else:
+            payload = parse_object(endpoint, body)
         if isinstance(payload, MeteredRequest):
             return payload  # forwarded as is; the record says why it could not be read
         model = payload.get("model")
@@ -124,6 +140,8 @@ class OpenAIAdapter:
     def max_output_tokens(self, request: MeteredRequest) -> int | None:
         if request.endpoint.name in ("embeddings", "moderations"):
             return 0
+        if request.endpoint.name in _IMAGES:
+            return None  # image tokens follow size and quality, not a max_tokens
         return first_count(
             request.payload, ("max_completion_tokens",), ("max_output_tokens",), ("max_tokens",)
         )
@@ -175,6 +193,10 @@ def endpoint_name_of(obj: Any) -> str:
         return "completions"
     if kind == "list" or kind == "embedding":
         return "embeddings"
+    if isinstance(event, str) and event.startswith(("image_generation.", "image_edit.")):
+        return "images.edits" if event.startswith("image_edit.") else "images.generations"
+    if kind is None and isinstance(obj, dict) and "created" in obj and "choices" not in obj:
+        return "images.generations"  # an ImagesResponse: {created, data, usage}, no ``object``
     return "chat.completions"
 
 
@@ -183,7 +205,7 @@ def _summary_of(endpoint: str, obj: dict[str, Any], summary: ResponseSummary) ->
     summary.error = error_from_body(obj)
     summary.model = _str_or_none(obj.get("model"))
     summary.service_tier = _str_or_none(obj.get("service_tier"))
-    summary.usage = read_usage(summary, lambda: usage_from_openai(obj.get("usage")))
+    summary.usage = read_usage(summary, lambda: usage_from_openai(obj.get("usage"), endpoint in _IMAGES))
     summary.line_items = line_items_from_responses(obj)
     if endpoint == "embeddings" and summary.usage is not None:
         summary.usage = TokenUsage(input_tokens=summary.usage.input_tokens)
@@ -215,6 +237,25 @@ def batch_result(line: Any) -> BatchResult | None:
     if isinstance(error, dict) and summary.error is None:
         summary.error = f"batch request failed: {error.get('code') or 'error'}"
     return result
+
+
+def form_fields(body: bytes, names: tuple[str, ...]) -> dict[str, Any]:
+    """The text fields ``names`` of a ``multipart/form-data`` body (an image edit's ``model``,
+    ``stream``), without reading its files: the body is cut at its boundary line (the first line,
+    RFC 2046) and only the small parts' headers are parsed, by the standard library's parser."""
+    delimiter = body[: body.find(b"\r\n")]
+    fields: dict[str, Any] = {}
+    if len(delimiter) < 3 or len(delimiter) > 72:
+        return fields
+    for part in body.split(b"\r\n" + delimiter):
+        head, sep, value = part.partition(b"\r\n\r\n")
+        if not sep or len(value) > 1024 or b"filename=" in head:
+            continue
+        headers = BytesHeaderParser().parsebytes(head.removeprefix(delimiter).lstrip(b"\r\n"))
+        name = headers.get_param("name", header="content-disposition")
+        if isinstance(name, str) and name in names and name not in fields:
+            fields[name] = value.decode("utf-8", "replace")
+    return fields
 
 
 def _inject_include_usage(body: bytes, payload: dict[str, Any]) -> bytes:
@@ -273,6 +314,9 @@ class _OpenAIStreamParser:
         if self._endpoint == "responses":
             self._on_responses_event(obj)
             return obj
+        if self._endpoint in _IMAGES:
+            self._on_images_event(obj)
+            return obj
         if "error" in obj:
             summary.error = error_from_body(obj)
         model = obj.get("model")
@@ -320,6 +364,18 @@ class _OpenAIStreamParser:
                 self.summary.error = f"upstream error: {err or 'response.failed'}"
         elif kind == "error":
             self.summary.error = f"upstream error: {obj.get('code') or 'error'}"
+
+    def _on_images_event(self, obj: dict[str, Any]) -> None:
+        """``image_generation.partial_image`` … ``image_generation.completed`` (``image_edit.*`` for
+        edits): the completed event carries the usage; there is no ``[DONE]``."""
+        kind = obj.get("type")
+        if isinstance(kind, str) and kind.endswith(".completed"):
+            usage = read_usage(self.summary, lambda: usage_from_openai(obj.get("usage"), images=True))
+            if usage is not None:
+                self.summary.usage = usage
+            self.summary.complete = True
+        elif kind == "error" or "error" in obj:
+            self.summary.error = error_from_body(obj) or f"upstream error: {obj.get('code') or 'error'}"
 
     def _keep(self, text: Any) -> None:
         if isinstance(text, str):

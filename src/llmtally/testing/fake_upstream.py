@@ -57,6 +57,15 @@ class FakeUsage:
     gemini_thoughts: int = 500
     gemini_tool_use_prompt: int = 0
     gemini_embedding_prompt: int = 9
+    # Images: per image in an OpenAI request (low detail), per image in a Gemini prompt, per image a
+    # Gemini image model writes (1024x1024), and the Images API's (gpt-image-*) usage.
+    openai_image_input: int = 85
+    gemini_image_input: int = 258
+    gemini_image_output: int = 1290
+    images_text_input: int = 20
+    images_image_input: int = 388
+    images_output: int = 1056
+    images_output_text: int = 24
 
 
 @dataclass(slots=True)
@@ -124,6 +133,30 @@ def _with_server_tools(payload: dict[str, Any], usage: dict[str, Any]) -> dict[s
     return {**usage, "server_tool_use": used} if used else usage
 
 
+#: A 1x1 PNG: what the fake answers as a generated image.
+FAKE_PNG_B64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+
+
+def get(obj: Any, *keys: str) -> Any:
+    for key in keys:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj
+
+
+def image_parts(messages: Any) -> int:
+    """Image parts in OpenAI chat ``messages`` (``image_url``) or Responses ``input`` (``input_image``)."""
+    if not isinstance(messages, list):
+        return 0
+    return sum(
+        1
+        for message in messages
+        for part in (get(message, "content") if isinstance(get(message, "content"), list) else ())
+        if isinstance(part, dict) and part.get("type") in ("image_url", "input_image")
+    )
+
+
 def _snapshot(model: str) -> str:
     return SNAPSHOTS.get(model, model)
 
@@ -150,6 +183,8 @@ class FakeUpstream:
         r.add_post("/v1/completions", self._openai_completions)
         r.add_post("/v1/responses", self._openai_responses)
         r.add_post("/v1/embeddings", self._openai_embeddings)
+        r.add_post("/v1/images/generations", self._openai_images)
+        r.add_post("/v1/images/edits", self._openai_images)
         r.add_post("/v1/messages", self._anthropic_messages)
         r.add_post("/v1/messages/count_tokens", self._anthropic_count)
         r.add_post("/v1/responses/input_tokens", self._openai_input_tokens)
@@ -250,12 +285,14 @@ class FakeUpstream:
 
     # ---- OpenAI ------------------------------------------------------------------------------
 
-    def _openai_usage(self, responses_shape: bool = False) -> dict[str, Any]:
+    def _openai_usage(self, responses_shape: bool = False, images: int = 0) -> dict[str, Any]:
+        """``images``: image parts in the request, reported as image tokens of the prompt."""
         u = self.config.usage
+        image_tokens = {"image_tokens": images * u.openai_image_input} if images else {}
         if responses_shape:
             return {
                 "input_tokens": u.openai_prompt,
-                "input_tokens_details": {"cached_tokens": u.openai_cached},
+                "input_tokens_details": {"cached_tokens": u.openai_cached, **image_tokens},
                 "output_tokens": u.openai_completion,
                 "output_tokens_details": {"reasoning_tokens": u.openai_reasoning},
                 "total_tokens": u.openai_prompt + u.openai_completion,
@@ -264,7 +301,7 @@ class FakeUpstream:
             "prompt_tokens": u.openai_prompt,
             "completion_tokens": u.openai_completion,
             "total_tokens": u.openai_prompt + u.openai_completion,
-            "prompt_tokens_details": {"cached_tokens": u.openai_cached, "audio_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": u.openai_cached, "audio_tokens": 0, **image_tokens},
             "completion_tokens_details": {
                 "reasoning_tokens": u.openai_reasoning,
                 "audio_tokens": 0,
@@ -279,6 +316,7 @@ class FakeUpstream:
             return error
         model = _snapshot(str(payload.get("model", "")))
         with_usage = "nousage" not in model
+        images = image_parts(payload.get("messages"))
         pieces = _pieces(self.config)
         headers = {"x-request-id": "req_fake_openai_0001", "openai-processing-ms": "12"}
         if not payload.get("stream"):
@@ -304,7 +342,7 @@ class FakeUpstream:
                 "system_fingerprint": "fp_fake",
             }
             if with_usage:
-                body["usage"] = self._openai_usage()
+                body["usage"] = self._openai_usage(images=images)
             return web.Response(body=_pretty(body), content_type="application/json", headers=headers)
         options = payload.get("stream_options") or {}
         include_usage = with_usage and options.get("include_usage") is True
@@ -338,7 +376,7 @@ class FakeUpstream:
                     "service_tier": "default",
                     "system_fingerprint": "fp_fake",
                     "choices": [],
-                    "usage": self._openai_usage(),
+                    "usage": self._openai_usage(images=images),
                     "obfuscation": "obusage",
                 }
                 yield b"data: " + _compact(final) + b"\n\n"
@@ -400,7 +438,9 @@ class FakeUpstream:
 
         return await self._sse(request, events(), "text/event-stream; charset=utf-8")
 
-    def _response_object(self, model: str, status: str, text: str, with_usage: bool) -> dict[str, Any]:
+    def _response_object(
+        self, model: str, status: str, text: str, with_usage: bool, images: int = 0
+    ) -> dict[str, Any]:
         output = []
         if status == "completed":
             output = [
@@ -434,7 +474,7 @@ class FakeUpstream:
             "tools": [],
             "top_p": 1.0,
             "truncation": "disabled",
-            "usage": self._openai_usage(responses_shape=True)
+            "usage": self._openai_usage(responses_shape=True, images=images)
             if with_usage and status == "completed"
             else None,
             "user": None,
@@ -449,8 +489,9 @@ class FakeUpstream:
         with_usage = "nousage" not in model
         pieces = _pieces(self.config)
         text = "".join(pieces)
+        images = image_parts(payload.get("input"))
         if not payload.get("stream"):
-            body = self._response_object(model, "completed", text, with_usage)
+            body = self._response_object(model, "completed", text, with_usage, images)
             return web.Response(body=_pretty(body), content_type="application/json")
 
         def events() -> Iterator[bytes]:
@@ -492,7 +533,7 @@ class FakeUpstream:
             )
             yield ev(
                 "response.completed",
-                {"response": self._response_object(model, "completed", text, with_usage)},
+                {"response": self._response_object(model, "completed", text, with_usage, images)},
             )
 
         return await self._sse(request, events(), "text/event-stream; charset=utf-8")
@@ -523,6 +564,11 @@ class FakeUpstream:
         self.requests += 1
         self.seen = Seen(request.method, request.path_qs, dict(request.headers), b"")
         return web.json_response({"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
+
+    async def _openai_images(self, request: web.Request) -> web.StreamResponse:
+        from llmtally.testing.fake_images import openai_images
+
+        return await openai_images(self, request)
 
     async def _vertex_generate(self, request: web.Request) -> web.StreamResponse:
         from llmtally.testing.fake_vertex import vertex_generate
@@ -692,7 +738,9 @@ class FakeUpstream:
 
     # ---- Gemini ------------------------------------------------------------------------------
 
-    def _gemini_usage(self, candidates: int, embedding: bool = False) -> dict[str, Any]:
+    def _gemini_usage(
+        self, candidates: int, embedding: bool = False, images_in: int = 0, image_out: bool = False
+    ) -> dict[str, Any]:
         u = self.config.usage
         if embedding:
             return {
@@ -708,32 +756,58 @@ class FakeUpstream:
             "cacheTokensDetails": [{"modality": "TEXT", "tokenCount": u.gemini_cached}],
             "thoughtsTokenCount": u.gemini_thoughts,
         }
+        if images_in:  # of the prompt, the images' (the count stays the same)
+            image_in = images_in * u.gemini_image_input
+            meta["promptTokensDetails"] = [
+                {"modality": "TEXT", "tokenCount": u.gemini_prompt - image_in},
+                {"modality": "IMAGE", "tokenCount": image_in},
+            ]
+        if image_out:  # an image model's answer: text and one image
+            meta["candidatesTokenCount"] = candidates + u.gemini_image_output
+            meta["totalTokenCount"] += u.gemini_image_output
+            meta["candidatesTokensDetails"] = [
+                {"modality": "TEXT", "tokenCount": candidates},
+                {"modality": "IMAGE", "tokenCount": u.gemini_image_output},
+            ]
         if u.gemini_tool_use_prompt:
             meta["toolUsePromptTokenCount"] = u.gemini_tool_use_prompt
         return meta
 
-    def _gemini_chunk(self, model: str, text: str, finish: bool, candidates: int) -> dict[str, Any]:
-        candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}
+    def _gemini_chunk(
+        self, model: str, text: str, finish: bool, candidates: int, payload: Any = None
+    ) -> dict[str, Any]:
+        """``payload``: the request; one asking for IMAGE output gets an image in its last chunk."""
+        parts: list[dict[str, Any]] = [{"text": text}]
+        image_out = finish and "IMAGE" in (get(payload, "generationConfig", "responseModalities") or ())
+        if image_out:
+            parts.append({"inlineData": {"mimeType": "image/png", "data": FAKE_PNG_B64}})
+        candidate: dict[str, Any] = {"content": {"parts": parts, "role": "model"}, "index": 0}
         if finish:
             candidate["finishReason"] = "STOP"
         obj: dict[str, Any] = {"candidates": [candidate]}
         if "nousage" not in model:
-            obj["usageMetadata"] = self._gemini_usage(candidates)
+            images_in = sum(
+                1
+                for content in get(payload, "contents") or ()
+                for part in get(content, "parts") or ()
+                if isinstance(part, dict) and "inlineData" in part
+            )
+            obj["usageMetadata"] = self._gemini_usage(candidates, images_in=images_in, image_out=image_out)
         obj["modelVersion"] = model
         obj["responseId"] = "fake-gemini-0001"
         return obj
 
     async def _gemini_generate(self, request: web.Request) -> web.StreamResponse:
-        _, error = await self._begin(request, ("x-goog-api-key",))
+        payload, error = await self._begin(request, ("x-goog-api-key",))
         if error:
             return error
         model = request.match_info["model"]
         text = "".join(_pieces(self.config))
-        body = self._gemini_chunk(model, text, True, self.config.usage.gemini_candidates)
+        body = self._gemini_chunk(model, text, True, self.config.usage.gemini_candidates, payload)
         return web.Response(body=_pretty(body), content_type="application/json", charset="UTF-8")
 
     async def _gemini_stream(self, request: web.Request) -> web.StreamResponse:
-        _, error = await self._begin(request, ("x-goog-api-key",))
+        payload, error = await self._begin(request, ("x-goog-api-key",))
         if error:
             return error
         model = request.match_info["model"]
@@ -742,7 +816,7 @@ class FakeUpstream:
         # Cumulative usage: candidates grow chunk by chunk and end at the total.
         counts = [total * (i + 1) // len(pieces) for i in range(len(pieces))]
         chunks = [
-            self._gemini_chunk(model, piece, i == len(pieces) - 1, counts[i])
+            self._gemini_chunk(model, piece, i == len(pieces) - 1, counts[i], payload)
             for i, piece in enumerate(pieces)
         ]
         if request.query.get("alt") == "sse":

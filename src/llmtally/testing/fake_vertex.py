@@ -24,9 +24,15 @@ def _error(status: int, message: str, state: str) -> web.Response:
 
 
 def _vertex_chunk(
-    fake: FakeUpstream, model: str, text: str, finish: bool, candidates: int, provisioned: bool
+    fake: FakeUpstream,
+    model: str,
+    text: str,
+    finish: bool,
+    candidates: int,
+    provisioned: bool,
+    payload: Any = None,
 ) -> dict[str, Any]:
-    chunk = fake._gemini_chunk(model, text, finish, candidates)
+    chunk = fake._gemini_chunk(model, text, finish, candidates, payload)
     meta = chunk.get("usageMetadata")
     if isinstance(meta, dict):
         meta["trafficType"] = "PROVISIONED_THROUGHPUT" if provisioned else "ON_DEMAND"
@@ -35,7 +41,7 @@ def _vertex_chunk(
 
 
 async def vertex_generate(fake: FakeUpstream, request: web.Request, stream: bool) -> web.StreamResponse:
-    _, error = await fake._begin(request, ("Authorization",))
+    payload, error = await fake._begin(request, ("Authorization",))
     if error:
         return error
     if request.headers.get("x-goog-api-key"):
@@ -45,11 +51,14 @@ async def vertex_generate(fake: FakeUpstream, request: web.Request, stream: bool
     pieces = ["Hello", " from", " Vertex!"]
     total = fake.config.usage.gemini_candidates
     if not stream:
-        body = _vertex_chunk(fake, model, "".join(pieces), True, total, provisioned)
+        body = _vertex_chunk(fake, model, "".join(pieces), True, total, provisioned, payload)
         return web.Response(body=orjson.dumps(body), content_type="application/json", charset="UTF-8")
     counts = [total * (i + 1) // len(pieces) for i in range(len(pieces))]
     last = len(pieces) - 1
-    chunks = [_vertex_chunk(fake, model, p, i == last, counts[i], provisioned) for i, p in enumerate(pieces)]
+    chunks = [
+        _vertex_chunk(fake, model, p, i == last, counts[i], provisioned, payload)
+        for i, p in enumerate(pieces)
+    ]
     if request.query.get("alt") == "sse":
         return await fake._sse(
             request, (b"data: " + orjson.dumps(c) + b"\r\n\r\n" for c in chunks), "text/event-stream"

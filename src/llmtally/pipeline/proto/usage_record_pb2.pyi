@@ -20,7 +20,7 @@ class Money(_message.Message):
     def __init__(self, currency_code: _Optional[str] = ..., units: _Optional[int] = ..., nanos: _Optional[int] = ...) -> None: ...
 
 class UsageRecord(_message.Message):
-    __slots__ = ("timestamp", "request_id", "provider", "endpoint", "request_model", "model", "stream", "status", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "reasoning_tokens", "total_tokens", "usage_source", "input_cost", "output_cost", "total_cost", "price_source", "price_version", "latency_ms", "ttfb_ms", "client_disconnected", "tags", "error", "estimated_input_tokens", "upstream_request_id", "service_tier", "priced_model", "pricing_note", "input_audio_tokens", "output_audio_tokens", "inference_geo", "fake_upstream", "platform", "line_items", "batch_id", "custom_id")
+    __slots__ = ("timestamp", "request_id", "provider", "endpoint", "request_model", "model", "stream", "status", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "reasoning_tokens", "total_tokens", "usage_source", "input_cost", "output_cost", "total_cost", "price_source", "price_version", "latency_ms", "ttfb_ms", "client_disconnected", "tags", "error", "estimated_input_tokens", "upstream_request_id", "service_tier", "priced_model", "pricing_note", "input_audio_tokens", "output_audio_tokens", "inference_geo", "fake_upstream", "platform", "line_items", "batch_id", "custom_id", "input_image_tokens", "output_image_tokens")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,8 @@ class UsageRecord(_message.Message):
     LINE_ITEMS_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     CUSTOM_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_IMAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_IMAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     timestamp: _timestamp_pb2.Timestamp
     request_id: str
     provider: str
@@ -106,7 +108,9 @@ class UsageRecord(_message.Message):
     line_items: _containers.RepeatedCompositeFieldContainer[LineItem]
     batch_id: str
     custom_id: str
-    def __init__(self, timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., provider: _Optional[str] = ..., endpoint: _Optional[str] = ..., request_model: _Optional[str] = ..., model: _Optional[str] = ..., stream: _Optional[bool] = ..., status: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cache_read_tokens: _Optional[int] = ..., cache_write_tokens: _Optional[int] = ..., cache_write_1h_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., usage_source: _Optional[str] = ..., input_cost: _Optional[_Union[Money, _Mapping]] = ..., output_cost: _Optional[_Union[Money, _Mapping]] = ..., total_cost: _Optional[_Union[Money, _Mapping]] = ..., price_source: _Optional[str] = ..., price_version: _Optional[str] = ..., latency_ms: _Optional[float] = ..., ttfb_ms: _Optional[float] = ..., client_disconnected: _Optional[bool] = ..., tags: _Optional[_Mapping[str, str]] = ..., error: _Optional[str] = ..., estimated_input_tokens: _Optional[int] = ..., upstream_request_id: _Optional[str] = ..., service_tier: _Optional[str] = ..., priced_model: _Optional[str] = ..., pricing_note: _Optional[str] = ..., input_audio_tokens: _Optional[int] = ..., output_audio_tokens: _Optional[int] = ..., inference_geo: _Optional[str] = ..., fake_upstream: _Optional[bool] = ..., platform: _Optional[str] = ..., line_items: _Optional[_Iterable[_Union[LineItem, _Mapping]]] = ..., batch_id: _Optional[str] = ..., custom_id: _Optional[str] = ...) -> None: ...
+    input_image_tokens: int
+    output_image_tokens: int
+    def __init__(self, timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., provider: _Optional[str] = ..., endpoint: _Optional[str] = ..., request_model: _Optional[str] = ..., model: _Optional[str] = ..., stream: _Optional[bool] = ..., status: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cache_read_tokens: _Optional[int] = ..., cache_write_tokens: _Optional[int] = ..., cache_write_1h_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., usage_source: _Optional[str] = ..., input_cost: _Optional[_Union[Money, _Mapping]] = ..., output_cost: _Optional[_Union[Money, _Mapping]] = ..., total_cost: _Optional[_Union[Money, _Mapping]] = ..., price_source: _Optional[str] = ..., price_version: _Optional[str] = ..., latency_ms: _Optional[float] = ..., ttfb_ms: _Optional[float] = ..., client_disconnected: _Optional[bool] = ..., tags: _Optional[_Mapping[str, str]] = ..., error: _Optional[str] = ..., estimated_input_tokens: _Optional[int] = ..., upstream_request_id: _Optional[str] = ..., service_tier: _Optional[str] = ..., priced_model: _Optional[str] = ..., pricing_note: _Optional[str] = ..., input_audio_tokens: _Optional[int] = ..., output_audio_tokens: _Optional[int] = ..., inference_geo: _Optional[str] = ..., fake_upstream: _Optional[bool] = ..., platform: _Optional[str] = ..., line_items: _Optional[_Iterable[_Union[LineItem, _Mapping]]] = ..., batch_id: _Optional[str] = ..., custom_id: _Optional[str] = ..., input_image_tokens: _Optional[int] = ..., output_image_tokens: _Optional[int] = ...) -> None: ...
 
 class LineItem(_message.Message):
     __slots__ = ("item", "quantity", "unit", "unit_price", "cost", "source")
