@@ -55,7 +55,19 @@ REQUESTS: dict[tuple[str, bool], tuple[str, bytes]] = {
         b'{"contents":[{"role":"user","parts":[{"text":"Say hello"}]}]}',
     ),
 }
+#: Claude on Bedrock (InvokeModel and its stream): the model in the URL, ``anthropic_version`` in the body.
+BEDROCK_MODEL = "anthropic.claude-sonnet-4-5-20250929-v1:0"
+_BEDROCK_BODY = (
+    b'{"anthropic_version":"bedrock-2023-05-31","max_tokens":64,'
+    b'"messages":[{"role":"user","content":"Say hello"}]}'
+)
+REQUESTS[("bedrock", False)] = (f"/model/{BEDROCK_MODEL}/invoke", _BEDROCK_BODY)
+REQUESTS[("bedrock", True)] = (f"/model/{BEDROCK_MODEL}/invoke-with-response-stream", _BEDROCK_BODY)
 AUTH = {
+    # Bedrock: the fake's API key, so the capture passes its check; through the proxy (signing =
+    # "resign") the client's Authorization is dropped and the call signed again for the upstream. The
+    # lean upstream checks no signature.
+    "bedrock": "Authorization: Bearer ABSKZmFrZS1iZWRyb2NrLWFwaS1rZXk=",
     "openai": "Authorization: Bearer sk-load",
     "anthropic": "x-api-key: sk-load",
     "gemini": "x-goog-api-key: k",
@@ -97,11 +109,24 @@ async def capture(chunks: int, piece_chars: int) -> dict[tuple[str, bool], Canne
                     assert response.status == 200, (provider, stream, response.status)
                     data = await response.read()
                     kind = response.headers["Content-Type"]
-                events = [e for e in _EVENT_END.split(data) if e] if stream else [data]
+                if provider == "bedrock" and stream:
+                    events = _frames(data)
+                else:
+                    events = [e for e in _EVENT_END.split(data) if e] if stream else [data]
                 canned[(provider, stream)] = Canned(kind, events, stream)
     finally:
         await fake.stop()
     return canned
+
+
+def _frames(data: bytes) -> list[bytes]:
+    """An AWS event-stream body cut into its messages (each starts with its 4-byte total length)."""
+    out = []
+    while data:
+        size = int.from_bytes(data[:4], "big")
+        out.append(data[:size])
+        data = data[size:]
+    return out
 
 
 #: After an SSE event's blank line (Gemini ends lines with CRLF, the others with LF).
@@ -140,7 +165,9 @@ class UpstreamProtocol(asyncio.Protocol):
         self.body = []
         url = self.url
         gemini = _GEMINI.search(url)
-        if gemini:
+        if url.startswith(b"/model/"):
+            key = ("bedrock", url.endswith(b"-stream"))
+        elif gemini:
             key = ("gemini", gemini.group(1) is not None)
         elif url.startswith(b"/v1/messages"):
             key = ("anthropic", b'"stream":true' in body)
