@@ -15,10 +15,12 @@ from genai_prices import Usage, calc_price
 from google import genai
 from google.genai import types as gtypes
 
+from llmtally.config import AzureOpenAIConfig, Config
 from llmtally.testing import FakeUpstream
+from llmtally.testing.fake_azure import DEPLOYMENTS
 from llmtally.testing.fake_upstream import FAKE_PNG_B64
 from llmtally.testing.harness import RunningProxy
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, MakeProxy
 from tests.proxy.helpers import money, only_record
 
 PNG = __import__("base64").b64decode(FAKE_PNG_B64)
@@ -197,3 +199,24 @@ async def test_gemini_image_output(proxy: RunningProxy, stream: bool) -> None:
     )  # fmt: skip
     # gemini-2.5-flash-image: $30 per 1M image output tokens, $2.50 text and thinking.
     assert money(record["output_cost"]) == (1290 * 30 + 750 * Decimal("2.5")) / 1_000_000
+
+
+async def test_azure_image_deployment(make_proxy: MakeProxy, upstream: FakeUpstream) -> None:
+    """A gpt-image-1 deployment on Azure OpenAI: metered as OpenAI's Images API, priced as its model."""
+    proxy = await make_proxy(Config(azure_openai=AzureOpenAIConfig(deployments=dict(DEPLOYMENTS))))
+    client = openai.AsyncAzureOpenAI(
+        azure_endpoint=f"{proxy.url}/azure-openai",
+        api_key=API_KEY,
+        api_version="2025-04-01-preview",
+        max_retries=0,
+    )
+    await client.images.generate(model="prod-image", prompt="a lighthouse")
+    assert upstream.seen.path_qs.startswith("/openai/deployments/prod-image/images/generations?")
+    record = await only_record(proxy)
+    assert (record["platform"], record["endpoint"], record["model"]) == (
+        "azure",
+        "images.generations",
+        "gpt-image-1",
+    )
+    assert (record["output_tokens"], record["output_image_tokens"]) == (IMAGE_OUT, IMAGE_OUT)
+    assert money(record["total_cost"]) == Decimal("0.0001") + Decimal("0.04224")

@@ -21,7 +21,11 @@ if TYPE_CHECKING:
     from llmtally.testing.fake_upstream import FakeUpstream
 
 #: Deployments the fake Azure resource has, and the model each serves.
-DEPLOYMENTS = {"prod-chat": "gpt-4o-2024-08-06", "mini": "gpt-4o-mini-2024-07-18"}
+DEPLOYMENTS = {
+    "prod-chat": "gpt-4o-2024-08-06",
+    "mini": "gpt-4o-mini-2024-07-18",
+    "prod-image": "gpt-image-1",
+}
 
 _SAFE = {"filtered": False, "severity": "safe"}
 FILTER_RESULTS: dict[str, Any] = {

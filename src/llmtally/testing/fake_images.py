@@ -1,5 +1,6 @@
 """OpenAI's Images API, for the fake upstream: ``/v1/images/generations`` (JSON) and
-``/v1/images/edits`` (``multipart/form-data``, the images as file parts), streamed and not.
+``/v1/images/edits`` (``multipart/form-data``, the images as file parts), streamed and not; also under
+Azure OpenAI's ``/openai/deployments/{d}/images/…`` (``api-key`` auth, the deployment's model).
 
 As the API answers GPT Image models: a body with ``created``, ``data`` and token ``usage`` (no
 ``model``); ``gpt-image-1`` / ``gpt-image-1-mini`` report no ``output_tokens_details`` (all output
@@ -43,9 +44,14 @@ async def openai_images(fake: FakeUpstream, request: web.Request) -> web.StreamR
         except orjson.JSONDecodeError:
             return _error_response(request, 400, "invalid_request_error", "bad JSON")
     fake.seen = Seen(request.method, request.raw_path, dict(request.headers), body)
-    if not request.headers.get("Authorization"):
+    if not (request.headers.get("Authorization") or request.headers.get("api-key")):
         return _error_response(request, 401, "authentication_error", "missing API key")
     model = str(fields.get("model") or "dall-e-2")
+    deployment = request.match_info.get("deployment")
+    if deployment is not None:  # Azure OpenAI: the deployment's model answers
+        from llmtally.testing.fake_azure import DEPLOYMENTS
+
+        model = DEPLOYMENTS.get(deployment, model)
     if model == "fake-error-500":
         return _error_response(request, 500, "server_error", "fake failure")
     usage = None if "nousage" in model or model.startswith("dall-e") else image_usage(fake, model, images)

@@ -204,6 +204,8 @@ class FakeUpstream:
         # Azure OpenAI (the proxy's /azure-openai upstream): classic and v1 URLs.
         r.add_post("/openai/deployments/{deployment}/chat/completions", self._azure_chat)
         r.add_post("/openai/v1/chat/completions", self._azure_chat)
+        r.add_post("/openai/deployments/{deployment}/images/generations", self._openai_images)
+        r.add_post("/openai/deployments/{deployment}/images/edits", self._openai_images)
         # Amazon Bedrock's runtime (the proxy's /bedrock upstream): InvokeModel for Claude, SigV4 checked.
         r.add_post("/model/{model:.+}/invoke", self._bedrock_invoke)
         r.add_post("/model/{model:.+}/invoke-with-response-stream", self._bedrock_stream)
