@@ -65,6 +65,12 @@ class ServerConfig:
     #: ``GET /calls/{request_id}`` on the admin port keeps records this long, at most this many.
     calls_window_s: float = 300.0
     calls_max: int = 10000
+    #: A second listener serving the same proxy over TLS (HTTPS and WSS) when ``tls_cert_file`` is
+    #: set: a PEM certificate chain, its key in ``tls_key_file`` (empty: in the chain's file).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: Its port (0: any free port, logged); the plain-HTTP ``port`` keeps serving beside it.
+    tls_port: int = 8788
 
     @property
     def head_limits(self) -> HeadLimits:
@@ -589,7 +595,7 @@ def _coerce(tp: Any, value: Any, source: str, path: tuple[str, ...]) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {_describe(value)}")
         if value < 0:
             raise ConfigError(f"{where}: must not be negative, got {value}")
-        if path[-1] == "port" and not 0 <= value <= 65535:
+        if path[-1] in ("port", "tls_port") and not 0 <= value <= 65535:
             raise ConfigError(f"{where}: port must be 0-65535, got {value}")
         return value
     if tp is float:
@@ -620,6 +626,9 @@ def _coerce(tp: Any, value: Any, source: str, path: tuple[str, ...]) -> Any:
             raise ConfigError(f"{where}: use one of {', '.join(AZURE_DEPLOYMENT_TYPES)}, got {value!r}")
         if path == ("upstreams", "ca_file") and value:
             _check_ca_file(value, where)
+        tls_file = path[:1] == ("server",) and path[-1] in ("tls_cert_file", "tls_key_file")
+        if tls_file and value and not os.path.isfile(value):
+            raise ConfigError(f"{where}: no such file: {value!r}")
         if path[:2] == ("sinks", "webhook") and path[-1] == "url" and value:
             _check_url(value, where)
         if path == ("sinks", "postgres", "dsn") and value:

@@ -126,6 +126,12 @@ async def serve_configured(config: Config, config_path: str | None = None) -> No
         build_platforms(config)
     except PlatformConfigError as exc:
         raise StartupError(str(exc)) from None
+    from llmtally.proxy.tls import TlsConfigError, server_tls_context
+
+    try:
+        server_tls_context(config.server)
+    except TlsConfigError as exc:
+        raise StartupError(str(exc)) from None
     main = supervise if config.server.workers else serve
     if not config.upstreams.fake:
         await main(config, config_path=config_path)
@@ -175,6 +181,8 @@ def _ports_of(server: ServerConfig) -> list[tuple[str, int, str]]:
     ports = [(server.host, server.port, "proxy port")]
     if server.admin_port:
         ports.append((server.admin_host, server.admin_port, "admin port"))
+    if server.tls_cert_file:
+        ports.append((server.host, server.tls_port, "TLS port"))
     return ports
 
 

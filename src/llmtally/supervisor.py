@@ -49,6 +49,7 @@ from llmtally.proxy.lifecycle import (
     start_admin_listener,
     stop_on_signals,
 )
+from llmtally.proxy.tls import TlsConfigError, server_tls_context
 from llmtally.proxy.worker import WorkerSpec
 
 log = logging.getLogger("llmtally.server")
@@ -83,6 +84,8 @@ class Workers:
     gate_path: str | None = None
     #: The config file, which workers pricing cost headers watch for price changes.
     config_path: str | None = None
+    #: The TLS port, resolved (None: no TLS listener).
+    tls_port: int | None = None
     processes: dict[int, asyncio.subprocess.Process] = field(default_factory=dict)
     exited: dict[int, asyncio.Event] = field(default_factory=dict)
     ready: dict[int, WorkerReady] = field(default_factory=dict)
@@ -104,6 +107,7 @@ class Workers:
             self.journal_dir,
             self.run,
             self.gate_path,
+            tls_port=self.tls_port,
         )
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -209,7 +213,18 @@ async def supervise(
     stop_on_signals(stop)  # from the start: a stop while starting is orderly too
     pipeline = build_pipeline(config)
     meter = LocalMeter(config, pipeline)
+    try:
+        tls = server_tls_context(config.server)  # refused here, not by each worker at its start
+    except TlsConfigError as exc:
+        raise StartupError(str(exc)) from None
     placeholder, port = _reserve_port(config.server.host, config.server.port)
+    tls_placeholder, tls_port = None, None
+    if tls is not None:
+        try:
+            tls_placeholder, tls_port = _reserve_port(config.server.host, config.server.tls_port)
+        except OSError:
+            placeholder.close()
+            raise
     link: LinkServer | None = None
     journal = None
     if config.pipeline.journal:
@@ -219,6 +234,8 @@ async def supervise(
             await journal.scan(replay_now=False)  # the runners deliver it first, before new traffic
         except JournalInUse as exc:
             placeholder.close()
+            if tls_placeholder is not None:
+                tls_placeholder.close()
             raise StartupError(str(exc)) from None
         except OSError as exc:  # e.g. an unusable spill dir: traffic and records still flow, unjournaled
             log.error(
@@ -241,6 +258,7 @@ async def supervise(
         journal.run if journal else "",
         str(runtime / "gate.sock") if meter.budgets is not None else None,
         config_path,
+        tls_port=tls_port,
     )
     gate = GateServer(meter.budgets) if meter.budgets is not None else None
     if gate is not None and config.budgets.store == "memory":
@@ -286,6 +304,8 @@ async def supervise(
             "llmtally listening on http://%s:%d (%d proxy worker%s)",
             config.server.host, port, config.server.workers, "" if config.server.workers == 1 else "s",
         )  # fmt: skip
+        if tls_port is not None:
+            log.info("llmtally listening on https://%s:%d (TLS)", config.server.host, tls_port)
         reload_on_sighup(reloader, workers.hang_up)
         await announce(ready, port)
         await stop.wait()
@@ -306,6 +326,8 @@ async def supervise(
             journal.close()
         await admin_runner.cleanup()
         placeholder.close()
+        if tls_placeholder is not None:
+            tls_placeholder.close()
         shutil.rmtree(runtime, ignore_errors=True)
     stats = pipeline.stats
     log.info(

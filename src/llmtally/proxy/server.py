@@ -26,6 +26,7 @@ from llmtally.proxy.lifecycle import (
     start_admin_listener,
     stop_on_signals,
 )
+from llmtally.proxy.tls import server_tls_context
 
 if TYPE_CHECKING:
     from llmtally.budgets import LocalGate
@@ -43,6 +44,7 @@ async def serve(
 
     SIGHUP (or a change of the config or prices file) reloads prices.
     """
+    tls = server_tls_context(config.server)  # refused before anything starts
     pipeline = build_pipeline(config)
     meter = LocalMeter(config, pipeline)
     pipeline.start()
@@ -57,6 +59,12 @@ async def serve(
     port = _bound_port(runner) or config.server.port
     meter.start(port)
     log.info("llmtally listening on http://%s:%d", config.server.host, port)
+    if tls is not None:
+        tls_site = web.TCPSite(
+            runner, config.server.host, config.server.tls_port, ssl_context=tls, reuse_address=True
+        )
+        await tls_site.start()
+        log.info("llmtally listening on https://%s:%d (TLS)", config.server.host, site_port(tls_site))
     admin_runner = None
     if config.server.admin_port:
         admin_runner = web.AppRunner(admin_app_of(app), access_log=None, handle_signals=False)
@@ -86,6 +94,15 @@ def local_gate(meter: LocalMeter) -> LocalGate | None:
     from llmtally.budgets import LocalGate
 
     return LocalGate(meter.budgets) if meter.budgets is not None else None
+
+
+def site_port(site: web.TCPSite) -> int:
+    """The port ``site`` listens on (its configured one resolved when that was 0)."""
+    server = site._server  # aiohttp keeps the asyncio server private; the port is in its sockets
+    sockets = getattr(server, "sockets", None) or ()
+    for sock in sockets:
+        return int(sock.getsockname()[1])
+    return site._port
 
 
 def _bound_port(runner: web.AppRunner) -> int | None:

@@ -24,6 +24,7 @@ from llmtally.pipeline.journal import JournalWriter
 from llmtally.pipeline.link import LinkClient
 from llmtally.proxy.app import create_app
 from llmtally.proxy.fastpath import proxy_runner
+from llmtally.proxy.tls import server_tls_context
 
 log = logging.getLogger("llmtally.worker")
 
@@ -43,6 +44,8 @@ class WorkerSpec:
     gate_path: str | None = None
     #: The config file (its prices are reloaded here too when this worker prices cost headers).
     config_path: str | None = None
+    #: The TLS port, already resolved (None: no ``[server] tls_cert_file``).
+    tls_port: int | None = None
 
 
 def main() -> None:
@@ -102,6 +105,12 @@ async def serve_worker(spec: WorkerSpec) -> None:
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, spec.port, reuse_address=True, reuse_port=True)
     await site.start()
+    tls = server_tls_context(config.server)
+    if tls is not None and spec.tls_port is not None:
+        tls_site = web.TCPSite(
+            runner, config.server.host, spec.tls_port, ssl_context=tls, reuse_address=True, reuse_port=True
+        )
+        await tls_site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
