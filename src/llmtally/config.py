@@ -204,6 +204,8 @@ class RateOverride:
     output_audio: Decimal | None = None
     input_image: Decimal | None = None
     output_image: Decimal | None = None
+    #: Audio read from the prompt cache (OpenAI Realtime); default: ``cache_read``.
+    cache_read_audio: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +230,8 @@ class ModelPrice:
     output_audio: Decimal | None = None
     input_image: Decimal | None = None
     output_image: Decimal | None = None
+    #: Audio read from the prompt cache (OpenAI Realtime); default: ``cache_read``.
+    cache_read_audio: Decimal | None = None
     tiers: list[PriceTier] = field(default_factory=list)
     #: ``batch``, ``flex``, ``priority``, …: rates for calls made in that service tier.
     service_tiers: dict[str, RateOverride] = field(default_factory=dict)

@@ -62,6 +62,8 @@ class Exchange:
     #: A batch result's batch (or result file) and the client's id for its request.
     batch_id: str | None = None
     custom_id: str | None = None
+    #: The WebSocket session (OpenAI Realtime, Gemini Live) the record is one response of.
+    session_id: str | None = None
 
 
 class Meter(Protocol):

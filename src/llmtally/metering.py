@@ -156,6 +156,7 @@ def build_record(
         budget_exceeded=exchange.budget_exceeded,
         batch_id=exchange.batch_id,
         custom_id=exchange.custom_id,
+        session_id=exchange.session_id,
     )
 
 
@@ -209,6 +210,7 @@ def safe_build_record(
             budget_exceeded=exchange.budget_exceeded,
             batch_id=exchange.batch_id,
             custom_id=exchange.custom_id,
+            session_id=exchange.session_id,
         )
 
 

@@ -44,6 +44,9 @@ class TokenUsage:
     input_image_tokens: int = 0
     #: Part of ``output_tokens`` that is image (generated images: gpt-image-*, Gemini image models).
     output_image_tokens: int = 0
+    #: Part of ``cache_read_tokens`` (and of ``input_audio_tokens``) that is audio read from the cache
+    #: (OpenAI Realtime ``cached_tokens_details.audio_tokens``): priced at the cached-audio rate.
+    cache_read_audio_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -131,6 +134,8 @@ class UsageRecord:
     #: A batch result's batch (OpenAI: its output file), and the id the client gave its request.
     batch_id: str | None = None
     custom_id: str | None = None
+    #: A WebSocket session's id (OpenAI Realtime, Gemini Live), shared by all its records.
+    session_id: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The record as the JSON log line's object (costs stay Decimal; the sink encodes them)."""
@@ -157,6 +162,7 @@ class UsageRecord:
             "output_audio_tokens": usage.output_audio_tokens,
             "input_image_tokens": usage.input_image_tokens,
             "output_image_tokens": usage.output_image_tokens,
+            "cache_read_audio_tokens": usage.cache_read_audio_tokens,
             "total_tokens": usage.total_tokens,
             "usage_source": self.usage_source,
             "estimated_input_tokens": self.estimated_input_tokens,
@@ -179,6 +185,7 @@ class UsageRecord:
             "upstream_request_id": self.upstream_request_id,
             "batch_id": self.batch_id,
             "custom_id": self.custom_id,
+            "session_id": self.session_id,
             "error": self.error,
             "budget_exceeded": self.budget_exceeded,
         }

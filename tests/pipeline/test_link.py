@@ -14,6 +14,8 @@ from llmtally.pipeline.link import (
     WorkerReady,
     exchange_from_wire,
     exchange_to_wire,
+    summary_from_wire,
+    summary_to_wire,
 )
 from llmtally.providers import ADAPTERS
 from llmtally.providers.base import ResponseSummary
@@ -66,14 +68,14 @@ def test_wire_form_round_trips_every_field() -> None:
 
 def test_a_wire_tuple_from_before_platforms_reads_as_direct() -> None:
     # Journal segments outlive an upgrade: a frame written without the platform is a direct call.
-    old = exchange_to_wire(_exchange())[:-7]
+    old = exchange_to_wire(_exchange())[:-8]
     back = exchange_from_wire(old)
     assert back.platform == "direct" and back.request_id == "id-0" and back.count_input is True
     assert back.usage_headers is None and back.budget_exceeded is None
 
 
 def test_a_wire_tuple_from_before_usage_headers_keeps_its_platform() -> None:
-    old = exchange_to_wire(_exchange())[:-4]
+    old = exchange_to_wire(_exchange())[:-5]
     back = exchange_from_wire(old)
     assert back.platform == "azure" and back.usage_headers is None
 
@@ -82,7 +84,7 @@ def test_a_wire_tuple_from_before_budgets_keeps_its_usage_headers() -> None:
     exchange = _exchange()
     exchange.budget_exceeded = "per-tenant"
     assert exchange_from_wire(exchange_to_wire(exchange)).budget_exceeded == "per-tenant"
-    back = exchange_from_wire(exchange_to_wire(exchange)[:-3])
+    back = exchange_from_wire(exchange_to_wire(exchange)[:-4])
     assert back.usage_headers == exchange.usage_headers and back.budget_exceeded is None
 
 
@@ -90,8 +92,25 @@ def test_a_wire_tuple_from_before_batches_has_no_batch_ids() -> None:
     exchange = _exchange()
     exchange.batch_id, exchange.custom_id = "msgbatch_01", "req-1"
     assert exchange_from_wire(exchange_to_wire(exchange)) == exchange
-    back = exchange_from_wire(exchange_to_wire(exchange)[:-2])
+    back = exchange_from_wire(exchange_to_wire(exchange)[:-3])
     assert back.platform == "azure" and back.batch_id is None and back.custom_id is None
+
+
+def test_a_wire_tuple_from_before_sessions_has_no_session_id() -> None:
+    exchange = _exchange()
+    exchange.session_id, exchange.custom_id = "c1481ed3f52c1d9b3897000000000007", "req-1"
+    assert exchange_from_wire(exchange_to_wire(exchange)) == exchange
+    back = exchange_from_wire(exchange_to_wire(exchange)[:-1])
+    assert back.custom_id == "req-1" and back.session_id is None
+
+
+def test_a_summary_from_before_cached_audio_has_none() -> None:
+    summary = ResponseSummary(usage=TokenUsage(10, 5, 4, input_audio_tokens=6, cache_read_audio_tokens=3))
+    wire = summary_to_wire(summary)
+    assert wire is not None and summary_from_wire(wire) == summary
+    usage = wire[1]
+    back = summary_from_wire((wire[0], usage[:-1], *wire[2:]))
+    assert back is not None and back.usage == TokenUsage(10, 5, 4, input_audio_tokens=6)
 
 
 def test_wire_form_keeps_an_unparsable_request_as_it_was() -> None:

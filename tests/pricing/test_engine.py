@@ -148,6 +148,69 @@ def test_rate_sheets_equal_genai_prices_maths(
     assert (ours.input_cost, ours.output_cost) == (reference.input_price, reference.output_price)
 
 
+_AUDIO_MODELS = [
+    (provider_obj, info)
+    for provider_obj, info in _MODELS
+    if any(
+        getattr(info.get_prices(datetime(2026, 11, 1, tzinfo=UTC)), key, None) is not None
+        for key in ("input_audio_mtok", "cache_audio_read_mtok", "output_audio_mtok")
+    )
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(range(len(_AUDIO_MODELS))),
+    st.integers(0, 100_000),
+    st.integers(0, 20_000),
+    st.floats(0, 1),
+    st.floats(0, 1),
+    st.floats(0, 1),
+    st.floats(0, 1),
+)
+def test_audio_and_cached_audio_price_as_genai_prices_does(
+    index: int, inp: int, out: int, audio: float, read: float, read_audio: float, out_audio: float
+) -> None:
+    """Realtime usage: audio input includes its cached part, cache reads include cached audio, and
+    each part is priced at its own rate (cached audio at ``cache_audio_read_mtok``)."""
+    provider_obj, info = _AUDIO_MODELS[index]
+    when = datetime(2026, 11, 1, tzinfo=UTC)
+    audio_in = int(inp * audio)
+    cached_audio = int(audio_in * read_audio)
+    cache_read = int((inp - audio_in) * read) + cached_audio  # cached text + cached audio
+    audio_out = int(out * out_audio)
+    usage = TokenUsage(
+        inp, out, cache_read, input_audio_tokens=audio_in, output_audio_tokens=audio_out,
+        cache_read_audio_tokens=cached_audio,
+    )  # fmt: skip
+    genai_usage = GenaiUsage(
+        input_tokens=inp, output_tokens=out, cache_read_tokens=cache_read, input_audio_tokens=audio_in,
+        cache_audio_read_tokens=cached_audio, output_audio_tokens=audio_out,
+    )  # fmt: skip
+    try:
+        reference = info.calc_price(genai_usage, provider_obj, genai_request_timestamp=when)
+    except ValueError:
+        return  # genai-prices refuses this usage shape for the model
+    sheet = sheet_from_genai(info.get_prices(when))
+    if sheet is None:
+        return
+    ours = cost(sheet, usage)
+    assert (ours.input_cost, ours.output_cost) == (reference.input_price, reference.output_price)
+
+
+def test_cached_audio_of_gpt_realtime_is_priced_at_the_cached_audio_rate() -> None:
+    _, info = next((p, i) for p, i in _AUDIO_MODELS if i.id == "gpt-realtime")
+    sheet = sheet_from_genai(info.get_prices(datetime(2026, 11, 1, tzinfo=UTC)))
+    assert sheet is not None and sheet.base.cache_read_audio == Decimal("0.4")
+    # 1,000 input: 300 text (100 cached), 700 audio (400 cached); 200 output: 50 text, 150 audio.
+    usage = TokenUsage(
+        1000, 200, 500, input_audio_tokens=700, output_audio_tokens=150, cache_read_audio_tokens=400
+    )
+    priced = cost(sheet, usage)
+    assert priced.input_cost == (200 * 4 + 300 * 32 + 100 * Decimal("0.4") + 400 * Decimal("0.4")) / 1_000_000
+    assert priced.output_cost == (50 * 16 + 150 * 64) / Decimal(1_000_000)
+
+
 # ---- overrides, files, rules ----------------------------------------------------------------------
 
 

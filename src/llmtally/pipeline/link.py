@@ -73,6 +73,7 @@ def summary_to_wire(summary: ResponseSummary | None) -> tuple[Any, ...] | None:
             u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens,
             u.cache_write_1h_tokens, u.reasoning_tokens, u.input_audio_tokens, u.output_audio_tokens,
             u.input_image_tokens, u.output_image_tokens,
+            u.cache_read_audio_tokens,
         )  # fmt: skip
     return (
         summary.model, usage, summary.output_text, summary.upstream_request_id, summary.service_tier,
@@ -116,13 +117,13 @@ def exchange_to_wire(ex: Exchange) -> tuple[Any, ...]:
         ex.response_stream, ex.status,
         ex.latency_ms, ex.ttfb_ms, ex.client_disconnected, ex.tags, ex.error, ex.upstream_request_id,
         ex.count_input, ex.platform, ex.price_model, ex.pricing_note, ex.usage_headers, ex.budget_exceeded,
-        ex.batch_id, ex.custom_id,
+        ex.batch_id, ex.custom_id, ex.session_id,
     )  # fmt: skip
 
 
 #: Fields added to the wire tuple since it was first journaled, with the value an older frame means.
-_ADDED_FIELDS: tuple[Any, ...] = ("direct", None, None, None, None, None, None)  # platform … custom_id
-_FIELDS = 36
+_ADDED_FIELDS: tuple[Any, ...] = ("direct", None, None, None, None, None, None, None)  # platform … session_id
+_FIELDS = 37
 
 
 def exchange_from_wire(t: tuple[Any, ...]) -> Exchange:
@@ -136,7 +137,7 @@ def exchange_from_wire(t: tuple[Any, ...]) -> Exchange:
         summary, response_body, response_chunks, response_encoding, response_stream, status,
         latency_ms, ttfb_ms, client_disconnected, tags, error, upstream_request_id,
         count_input, platform, price_model, pricing_note, usage_headers, budget_exceeded,
-        batch_id, custom_id,
+        batch_id, custom_id, session_id,
     ) = t  # fmt: skip
     request = MeteredRequest(
         endpoint=Endpoint(e_provider, e_name, e_url_model, e_always_stream),
@@ -175,6 +176,7 @@ def exchange_from_wire(t: tuple[Any, ...]) -> Exchange:
         budget_exceeded=budget_exceeded,
         batch_id=batch_id,
         custom_id=custom_id,
+        session_id=session_id,
     )
 
 

@@ -130,7 +130,7 @@ class OTelSink:
         }
         if cost is not None:
             span_attrs["llmtally.cost.usd"] = float(cost)
-        for key in ("batch_id", "custom_id"):
+        for key in ("batch_id", "custom_id", "session_id"):
             if record.get(key) is not None:
                 span_attrs[f"llmtally.{key}"] = str(record[key])
         span.set_attributes(span_attrs)

@@ -119,6 +119,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         f"ALTER TABLE {TABLE} ADD COLUMN input_image_tokens bigint NOT NULL DEFAULT 0,"
         " ADD COLUMN output_image_tokens bigint NOT NULL DEFAULT 0",
     ),
+    Migration(
+        5,
+        "WebSocket sessions and cached audio",
+        f"ALTER TABLE {TABLE} ADD COLUMN cache_read_audio_tokens bigint NOT NULL DEFAULT 0,"
+        " ADD COLUMN session_id text",
+    ),
 )
 
 
@@ -286,6 +292,7 @@ def _columns() -> tuple[Column, ...]:
         Column("output_audio_tokens", "bigint", i64, 0),
         Column("input_image_tokens", "bigint", i64, 0),
         Column("output_image_tokens", "bigint", i64, 0),
+        Column("cache_read_audio_tokens", "bigint", i64, 0),
         Column("total_tokens", "bigint", i64),
         Column("usage_source", "text", _text),
         Column("estimated_input_tokens", "bigint", i64, None, nullable=True),
@@ -308,6 +315,7 @@ def _columns() -> tuple[Column, ...]:
         text_or_null("upstream_request_id"),
         text_or_null("batch_id"),
         text_or_null("custom_id"),
+        text_or_null("session_id"),
         text_or_null("error"),
         text_or_null("budget_exceeded"),
     )

@@ -20,12 +20,12 @@ from llmtally.pipeline.threads import SerialThread
 NANO = Decimal("1e-9")
 _OPTIONAL = ("reasoning_tokens", "ttfb_ms", "error", "estimated_input_tokens", "upstream_request_id",
              "service_tier", "priced_model", "pricing_note", "inference_geo", "batch_id",
-             "custom_id")  # fmt: skip
+             "custom_id", "session_id")  # fmt: skip
 _PLAIN = ("request_id", "provider", "endpoint", "request_model", "model", "stream", "input_tokens",
           "output_tokens", "cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "total_tokens",
           "usage_source", "price_source", "price_version", "latency_ms", "client_disconnected",
           "input_audio_tokens", "output_audio_tokens", "input_image_tokens", "output_image_tokens",
-          "fake_upstream", "platform")  # fmt: skip
+          "cache_read_audio_tokens", "fake_upstream", "platform")  # fmt: skip
 
 
 def money(value: Any, currency: str = "USD") -> pb.Money:

@@ -5,9 +5,10 @@ long-context tiers. Crossing a tier's threshold prices the *whole* request at th
 Pro and long-context Claude/OpenAI bill. Rates are USD per 1M tokens.
 
 Fallbacks for rates a price does not list: cache read, cache write, input audio and input image are
-charged at the input rate, 1-hour cache writes at the 5-minute write rate, output audio and output
-image at the output rate (the same decomposition genai-prices applies: its leaf units, with cache,
-audio and image tokens disjoint parts of the input).
+charged at the input rate, cached audio at the cache read rate (else the input audio rate), 1-hour
+cache writes at the 5-minute write rate, output audio and output image at the output rate (the same
+decomposition genai-prices applies: its leaf units, with cache, audio and image tokens disjoint parts
+of the input, except cached audio, which is part of both the cache reads and the audio input).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ PER_MILLION = Decimal(1_000_000)
 RATE_KEYS = (
     "input", "output", "cache_read", "cache_write", "cache_write_1h", "input_audio", "output_audio",
     "input_image", "output_image",
+    "cache_read_audio",
 )  # fmt: skip
 #: genai-prices' price keys for our rate keys.
 GENAI_KEYS = {
@@ -35,6 +37,7 @@ GENAI_KEYS = {
     "output_audio": "output_audio_mtok",
     "input_image": "input_image_mtok",
     "output_image": "output_image_mtok",
+    "cache_read_audio": "cache_audio_read_mtok",
 }
 
 
@@ -49,6 +52,7 @@ class Rates:
     output_audio: Decimal | None = None
     input_image: Decimal | None = None
     output_image: Decimal | None = None
+    cache_read_audio: Decimal | None = None
 
     def overridden(self, override: RateOverride | PriceTier) -> Rates:
         changes = {k: getattr(override, k) for k in RATE_KEYS if getattr(override, k) is not None}
@@ -79,15 +83,20 @@ def cost(sheet: RateSheet, usage: TokenUsage) -> Cost:
     write_1h = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
     audio_in = min(usage.input_audio_tokens, usage.input_tokens)
     image_in = min(usage.input_image_tokens, usage.input_tokens - audio_in)
+    # Cached audio is part of both the cache reads and the audio input (genai-prices' hierarchy).
+    cached_audio = min(usage.cache_read_audio_tokens, audio_in, usage.cache_read_tokens)
+    fresh_audio = audio_in - cached_audio
     uncached = max(
-        usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens - audio_in - image_in, 0
+        usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens - fresh_audio - image_in, 0
     )
     write_rate = r.cache_write if r.cache_write is not None else r.input
+    read_rate = r.cache_read if r.cache_read is not None else r.input
     input_cost = (
         uncached * r.input
-        + audio_in * (r.input_audio if r.input_audio is not None else r.input)
+        + fresh_audio * (r.input_audio if r.input_audio is not None else r.input)
         + image_in * (r.input_image if r.input_image is not None else r.input)
-        + usage.cache_read_tokens * (r.cache_read if r.cache_read is not None else r.input)
+        + (usage.cache_read_tokens - cached_audio) * read_rate
+        + cached_audio * _cached_audio_rate(r)
         + (usage.cache_write_tokens - write_1h) * write_rate
         + write_1h * (r.cache_write_1h if r.cache_write_1h is not None else write_rate)
     )
@@ -99,6 +108,16 @@ def cost(sheet: RateSheet, usage: TokenUsage) -> Cost:
         + image_out * (r.output_image if r.output_image is not None else r.output)
     )
     return Cost(input_cost=input_cost / PER_MILLION, output_cost=output_cost / PER_MILLION)
+
+
+def _cached_audio_rate(r: Rates) -> Decimal:
+    """Cached audio's rate: its own, else the cache read rate, else the audio input rate, else input
+    (genai-prices' join; where it finds cache read and audio rates but no cached-audio one it refuses
+    to choose, and llmtally takes the cache read rate: the cache discount applies)."""
+    for rate in (r.cache_read_audio, r.cache_read, r.input_audio):
+        if rate is not None:
+            return rate
+    return r.input
 
 
 def scaled(sheet: RateSheet, factor: Decimal) -> RateSheet:
