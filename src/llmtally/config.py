@@ -406,6 +406,18 @@ class BudgetsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RealtimeConfig:
+    """WebSocket sessions (OpenAI Realtime, Gemini Live), each proxy process's own limits."""
+
+    #: Largest message either side may send (aiohttp closes the session with 1009 past it).
+    max_message_mb: int = 16
+    #: A session with no message either way for this long is closed (1001, both sides). 0: never.
+    idle_timeout_s: float = 600.0
+    #: Sessions one proxy process holds at once; more are answered 503 before the upgrade. 0: no cap.
+    max_sessions: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstreams: UpstreamsConfig = field(default_factory=UpstreamsConfig)
@@ -418,6 +430,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     sinks: SinksConfig = field(default_factory=SinksConfig)
     budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
+    realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
 
 
 #: Environment variables that are not ``<SECTION>_<KEY>`` of a section.

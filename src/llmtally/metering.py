@@ -170,8 +170,8 @@ def _refused(exchange: Exchange) -> bool:
 def _worth_estimating(exchange: Exchange) -> bool:
     """Estimate when the call went through (or was cut off) but no usage came back."""
     status = exchange.status
-    if exchange.client_disconnected:
-        return True
+    if exchange.client_disconnected or exchange.session_id is not None:
+        return True  # cut off, or a WebSocket session's response (101) that ended before its usage
     return status is not None and 200 <= status < 300
 
 

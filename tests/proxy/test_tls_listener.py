@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import httpx2
+import openai
 import orjson
 import pytest
 import trustme
@@ -17,6 +18,8 @@ from openai import AsyncOpenAI
 
 from llmtally.testing import FakeUpstream
 from tests.conftest import API_KEY
+from tests.proxy.realtime_upstream import MODEL as REALTIME_MODEL
+from tests.proxy.realtime_upstream import RealtimeUpstream, usage
 from tests.proxy.test_server import serving, stop_serve
 
 PROMPT = [{"role": "user", "content": "Hi"}]
@@ -98,11 +101,9 @@ async def test_an_explicit_verify_context_works_and_an_untrusting_client_is_refu
             # A passthrough call: its connection is handed to aiohttp's protocol, TLS and all.
             assert (await client.models.list()).data is not None
         async with AsyncOpenAI(api_key=API_KEY, base_url=tls_url, max_retries=0) as client:
-            with pytest.raises(Exception) as refused:  # the system roots do not know the private CA
+            # The system roots do not know the private CA: the handshake fails, nothing is sent.
+            with pytest.raises(openai.APIConnectionError):
                 await _chat(client)
-        assert "certificate verify failed" in repr(refused.value.__cause__ or refused.value) or isinstance(
-            refused.value.__cause__, ssl.SSLCertVerificationError
-        )
         stdout, _ = await stop_serve(process)
     assert len(stdout.splitlines()) == 1  # only the trusted call reached the upstream
 
@@ -138,3 +139,32 @@ async def test_a_missing_certificate_file_is_refused_when_the_config_loads(
     )
     code, stderr = await _failed_serve(config)
     assert code != 0 and "tls_cert_file: no such file" in stderr, stderr
+
+
+async def test_a_realtime_session_over_wss_on_the_tls_port_is_metered(
+    ca: trustme.CA, tmp_path: Path, unused_tcp_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The openai SDK's Realtime client (the websockets library) through the TLS listener: wss://."""
+    fake = RealtimeUpstream()
+    await fake.start()
+    try:
+        ca_file, cert, key = _tls_files(ca, tmp_path)
+        config = tmp_path / "config.toml"
+        config.write_text(
+            f'[upstreams]\nopenai = "{fake.url}"\n'
+            f'[server]\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"\ntls_port = {unused_tcp_port}\n'
+        )
+        async with serving(config, {}, "--workers", "1") as (process, _):
+            monkeypatch.setenv("SSL_CERT_FILE", ca_file)  # OpenSSL's default paths read it
+            client = AsyncOpenAI(api_key=API_KEY, base_url=f"https://localhost:{unused_tcp_port}/openai/v1")
+            async with client.realtime.connect(model=REALTIME_MODEL) as conn:
+                await conn.response.create()
+                async for event in conn:
+                    if event.type == "response.done":
+                        break
+            stdout, _ = await stop_serve(process)
+    finally:
+        await fake.stop()
+    (record,) = [orjson.loads(line) for line in stdout.splitlines()]
+    assert record["endpoint"] == "realtime" and record["usage_source"] == "provider"
+    assert record["input_tokens"] == usage(1)["input_tokens"] and record["session_id"]

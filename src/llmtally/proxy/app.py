@@ -36,6 +36,7 @@ from llmtally.providers import ADAPTERS, MeteredRequest, ProviderAdapter
 from llmtally.providers.base import Refusal, read_usage
 from llmtally.providers.batch import BatchDownload
 from llmtally.providers.encoding import DECODABLE
+from llmtally.providers.realtime import session_reader
 from llmtally.proxy.aiohttp_guard import body_deadline_s, guard_client_connector
 from llmtally.proxy.batch_copy import BatchCopy
 from llmtally.proxy.eager import start_eagerly
@@ -140,6 +141,8 @@ class ProxyState:
     gate: Gate | None = None
     #: The price book for ``x-llmtally-cost`` on non-streamed answers (None: ``cost_header`` is off).
     prices: Callable[[], PriceBook] | None = None
+    #: WebSocket sessions open in this process (``[realtime] max_sessions``).
+    ws_sessions: int = 0
 
     def origin_of(self, upstream: URL) -> Origin:
         origin = self.origins.get(upstream)
@@ -461,6 +464,12 @@ async def _proxy(platform: Platform, request: web.Request) -> web.StreamResponse
     route = platform.route(request.method, request.match_info["tail"], request.query)
     if route is None:
         return _json_error(400, "bad_path", BAD_PATH)
+    if route.sign is None and request.headers.get("Upgrade", "").strip().lower() == "websocket":
+        reader = session_reader(route.dialect, request.match_info["tail"], request.query)
+        if reader is not None:  # a metered WebSocket API (OpenAI Realtime, …)
+            from llmtally.proxy.websocket import proxy_session
+
+            return await proxy_session(state, request, route, reader)
     if route.endpoint is None:
         upstream_url = _upstream_url(route.upstream, request.raw_path, route.prefix)
         if upstream_url is None:
