@@ -47,17 +47,17 @@ def usage_from_gemini(meta: Any, embedding: bool = False) -> TokenUsage | None:
         output_tokens=output,
         cache_read_tokens=as_int(meta.get("cachedContentTokenCount")),
         reasoning_tokens=None if embedding else thoughts,
-        input_audio_tokens=_modality(meta.get("promptTokensDetails"), "AUDIO"),
-        output_audio_tokens=0 if embedding else _modality(meta.get("candidatesTokensDetails"), "AUDIO"),
+        input_audio_tokens=modality_tokens(meta.get("promptTokensDetails"), "AUDIO"),
+        output_audio_tokens=0 if embedding else modality_tokens(meta.get("candidatesTokensDetails"), "AUDIO"),
         # A document's pages are billed as images (genai-prices maps DOCUMENT to image tokens too).
-        input_image_tokens=_modality(meta.get("promptTokensDetails"), "IMAGE", "DOCUMENT"),
+        input_image_tokens=modality_tokens(meta.get("promptTokensDetails"), "IMAGE", "DOCUMENT"),
         output_image_tokens=0
         if embedding
-        else _modality(meta.get("candidatesTokensDetails"), "IMAGE", "DOCUMENT"),
+        else modality_tokens(meta.get("candidatesTokensDetails"), "IMAGE", "DOCUMENT"),
     )
 
 
-def _modality(details: Any, *modalities: str) -> int:
+def modality_tokens(details: Any, *modalities: str) -> int:
     """Tokens of some modalities in a ``[{"modality": "AUDIO", "tokenCount": n}, …]`` list."""
     if not isinstance(details, list):
         return 0

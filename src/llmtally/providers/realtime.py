@@ -35,6 +35,8 @@ class SessionReader(Protocol):
     model: str | None
     #: Messages that were not JSON (or not an event): forwarded, not metered.
     malformed: int
+    #: The API sends its events in binary frames too (Gemini Live): they are read as text ones.
+    binary_events: bool
 
     def server_message(self, data: str | bytes, now: float) -> list[SessionResponse]:
         """A message from the upstream; the responses it completed."""
@@ -55,9 +57,9 @@ ReaderFactory = Callable[[str, Mapping[str, str]], SessionReader | None]
 
 
 def _readers() -> dict[Provider, ReaderFactory]:
-    from llmtally.providers import realtime_openai
+    from llmtally.providers import live_gemini, realtime_openai
 
-    return {"openai": realtime_openai.reader_for}
+    return {"openai": realtime_openai.reader_for, "gemini": live_gemini.reader_for}
 
 
 _READERS: dict[Provider, ReaderFactory] | None = None

@@ -70,6 +70,7 @@ class OpenAIRealtimeReader:
     __slots__ = ("_open", "malformed", "model")
 
     endpoint = REALTIME
+    binary_events = False  # the Realtime API's events are text frames; binary ones are not read
 
     def __init__(self, model: str | None) -> None:
         self.model = model

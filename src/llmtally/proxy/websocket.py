@@ -221,6 +221,11 @@ async def _pump(session: _Session, src: Any, dst: Any, read: Any, *, from_client
                 log.exception("WebSocket session %s: metering failed on a message", session.session_id)
         elif kind is WSMsgType.BINARY:
             await dst.send_frame(msg.data, WSMsgType.BINARY)
+            if session.reader.binary_events:  # Gemini Live sends its JSON events in binary frames
+                try:
+                    read(msg.data, now)
+                except Exception:
+                    log.exception("WebSocket session %s: metering failed on a message", session.session_id)
         elif kind is WSMsgType.PING:
             await dst.ping(msg.data)
         elif kind is WSMsgType.PONG:
