@@ -39,7 +39,7 @@ def start(
     name: str, port: int, upstream: str, workers: int, work: Path, store: str | None
 ) -> subprocess.Popen[bytes]:
     config = work / f"{name}.toml"
-    text = (HERE.parent / "config.toml").read_text()
+    text = without_budgets((HERE.parent / "config.toml").read_text())
     if store is not None:
         text += f'\n[budgets]\nstore = "{store}"\n{RULE}'
     config.write_text(text)
@@ -58,6 +58,18 @@ def start(
     log.close()
     wait_for(port)
     return proc
+
+
+def without_budgets(text: str) -> str:
+    """config.toml without its [budgets] tables (each target gets its own)."""
+    kept, inside = [], False
+    for line in text.splitlines(keepends=True):
+        head = line.strip()
+        if head.startswith("["):
+            inside = head.startswith(("[budgets]", "[budgets.", "[[budgets."))
+        if not inside:
+            kept.append(line)
+    return "".join(kept)
 
 
 def tagged(request: bytes) -> bytes:

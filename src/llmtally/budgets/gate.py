@@ -23,6 +23,7 @@ import collections
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -328,6 +329,10 @@ class Budgets:
         self._pending_file: Path | None = None
         #: Told of new rules or prices (the workers' gates, through the gate socket).
         self.on_change: list[Callable[[], None]] = []
+        #: Settlements from the thread that builds records, not yet on the loop.
+        self._incoming: list[tuple[str, CallFacts, datetime, int]] = []
+        self._incoming_lock = threading.Lock()
+        self._handing_over = False
 
     @property
     def store_ok(self) -> bool:
@@ -347,6 +352,7 @@ class Budgets:
 
     async def close(self, within_s: float = 5.0) -> None:
         """Settle what is queued (up to ``within_s``), save the rest for the next start."""
+        self._take_incoming()
         deadline = time.monotonic() + within_s
         while self._pending and self.health.ok and time.monotonic() < deadline:
             self._kick()
@@ -426,17 +432,28 @@ class Budgets:
         loop = self._loop
         if loop is None:
             return
+        with self._incoming_lock:
+            self._incoming.append(item)
+            if self._handing_over:
+                return  # the loop takes it with the others already handed over
+            self._handing_over = True
         try:
-            loop.call_soon_threadsafe(self._queue, item)
+            # One wake-up of the loop per batch of records, not one per record (each is a write to
+            # the loop's self-pipe and a turn of the loop).
+            loop.call_soon_threadsafe(self._take_incoming)
         except RuntimeError:  # the loop is closed: the process is stopping
-            self._pending.append(item)
+            self._take_incoming()
 
-    def _queue(self, item: tuple[str, CallFacts, datetime, int]) -> None:
-        if len(self._pending) >= MAX_PENDING:
-            lost = self._pending.popleft()
-            self.stats.settlements_lost += 1
-            log.error("budget settlement of %s lost: %d waiting for the store", lost[0], MAX_PENDING)
-        self._pending.append(item)
+    def _take_incoming(self) -> None:
+        with self._incoming_lock:
+            items, self._incoming = self._incoming, []
+            self._handing_over = False
+        for item in items:
+            if len(self._pending) >= MAX_PENDING:
+                lost = self._pending.popleft()
+                self.stats.settlements_lost += 1
+                log.error("budget settlement of %s lost: %d waiting for the store", lost[0], MAX_PENDING)
+            self._pending.append(item)
         self._kick()
 
     def _kick(self) -> None:

@@ -175,6 +175,10 @@ class LeanRedis:
             return
         self._connecting = asyncio.ensure_future(self._connect())
 
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and self._conn.transport is not None
+
     async def connect(self) -> None:
         """Connect now (raises when Redis cannot be reached)."""
         await self._connect(raise_errors=True)
