@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmtally.budgets.gate import REFUSED
+from llmtally.budgets.gate import refused
 from llmtally.counters import TokenCount, TokenCounter, build_counters
 from llmtally.exchange import Exchange
 from llmtally.platforms import stream_parser
@@ -124,6 +124,8 @@ def build_record(
     service_tier = summary.service_tier or request.service_tier
     geo = summary.inference_geo or request.inference_geo
     quote = quote_call(exchange, summary, usage, prices)
+    # A call refused by a spend limit never went upstream: it cost nothing, and says so.
+    nothing = _NOTHING if refused(exchange.status, exchange.error) else None
     return UsageRecord(
         timestamp=_rfc3339(exchange.started_at),
         request_id=exchange.request_id,
@@ -136,8 +138,7 @@ def build_record(
         status=exchange.status,
         usage=usage,
         usage_source=source,
-        # A call refused by a spend limit never went upstream: it cost nothing, and says so.
-        cost=quote.cost if source != "none" else (_NOTHING if _refused(exchange) else None),
+        cost=quote.cost if source != "none" else nothing,
         price_source=quote.price_source,
         price_version=quote.price_version,
         priced_model=quote.priced_as,
@@ -161,10 +162,6 @@ def build_record(
 
 
 _NOTHING = Cost(Decimal(0), Decimal(0))
-
-
-def _refused(exchange: Exchange) -> bool:
-    return exchange.status == 429 and exchange.error == REFUSED
 
 
 def _worth_estimating(exchange: Exchange) -> bool:
@@ -312,7 +309,7 @@ class LocalMeter:
         if self.budgets is not None:
             self.budgets.settle_record(record, exchange.started_at)
         if record.endpoint != BATCH:  # no client can ask for a batch result by its id: keep the room
-            self.recent.add(record.to_dict())
+            self.recent.add(record)
         return record
 
     def submit(self, exchange: Exchange) -> None:

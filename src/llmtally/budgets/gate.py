@@ -48,6 +48,14 @@ log = logging.getLogger("llmtally.budgets")
 
 #: The error a refused call's record carries.
 REFUSED = "budget_exceeded"
+
+
+def refused(status: int | None, error: str | None) -> bool:
+    """A call a spend limit refused before anything went upstream (its exchange's or record's
+    status and error): nothing reserved, nothing to settle, cost 0."""
+    return status == 429 and error == REFUSED
+
+
 #: Store errors are logged at most this often.
 LOG_EVERY_S = 60.0
 #: Settlements sent to the store together (one round trip), after waiting this long for company.
@@ -420,8 +428,8 @@ class Budgets:
 
     def settle_record(self, record: UsageRecord, started_at: datetime) -> None:
         """Queue a built record's settlement (thread-safe: records are built off the loop)."""
-        if record.status == 429 and record.error == REFUSED:
-            return  # refused before anything was reserved
+        if refused(record.status, record.error):
+            return  # nothing was reserved
         cost = record.cost.total_cost if record.cost is not None else None
         item = (
             record.request_id,

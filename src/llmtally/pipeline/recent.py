@@ -11,24 +11,29 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmtally.record import UsageRecord
 
 
 class RecentCalls:
     def __init__(self, window_s: float, max_calls: int) -> None:
         self.window_s = window_s
         self.max_calls = max_calls
-        self._calls: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        #: The records themselves: turned into a dict only when one is asked for (the pipeline
+        #: makes its own dict of every record; a second one each would be work for nothing).
+        self._calls: OrderedDict[str, tuple[float, UsageRecord]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: UsageRecord) -> None:
         if self.max_calls <= 0 or self.window_s <= 0:
             return
         now = time.monotonic()
         with self._lock:
             calls = self._calls
-            calls[str(record["request_id"])] = (now, record)
-            calls.move_to_end(str(record["request_id"]))
+            calls[record.request_id] = (now, record)
+            calls.move_to_end(record.request_id)
             while len(calls) > self.max_calls:
                 calls.popitem(last=False)
             self._expire(now)
@@ -38,7 +43,7 @@ class RecentCalls:
         with self._lock:
             self._expire(now)
             found = self._calls.get(request_id)
-        return found[1] if found is not None else None
+        return found[1].to_dict() if found is not None else None
 
     def _expire(self, now: float) -> None:
         calls = self._calls
