@@ -545,7 +545,7 @@ def new_metered_call(
         pricing_note=pricing_note,
     )
     call = MeteredCall(state, down, adapter, metered, exchange, origin, path_qs, headers, t0)
-    call.refusal = route.refusal or adapter.refusal
+    call.refusal = route.refusal
     return call
 
 
@@ -651,8 +651,8 @@ class MeteredCall:
         self.finished = False
         #: The spend-limit answer, while the call waits for it.
         self.admission: Waiting | None = None
-        #: The error shape of a refusal (the route's platform's, else the dialect's).
-        self.refusal: Callable[[int, str], Refusal] = adapter.refusal
+        #: The platform's error shape for a refusal, if it has its own (else the dialect's is used).
+        self.refusal: Callable[[int, str], Refusal] | None = None
         #: What the call's budgets have left, as its check found them (``x-llmtally-budget-remaining``).
         self.remaining: str | None = None
 
@@ -697,7 +697,7 @@ class MeteredCall:
         if admission.verdict == "go":
             return True
         status = 429 if admission.verdict == "refuse" else 503
-        refusal = self.refusal(status, admission.message)
+        refusal = (self.refusal or self.adapter.refusal)(status, admission.message)
         headers = list(refusal.headers)
         if admission.retry_after_s is not None:
             headers.append(("Retry-After", str(admission.retry_after_s)))
