@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import orjson
 
 from llmtally.budgets.rules import BudgetKey, CallFacts, from_nano, keys_for, to_nano
-from llmtally.budgets.store import BudgetStore, KeyState, Reserved, open_store
+from llmtally.budgets.store import BudgetStore, KeyState, Reserved, open_store, settle_timeout_s
 from llmtally.config import BudgetRule, BudgetsConfig
 from llmtally.providers.base import MeteredRequest
 from llmtally.record import TokenUsage
@@ -494,7 +494,9 @@ class Budgets:
         if not calls:
             return True
         try:
-            await asyncio.wait_for(self.store.settle_many(calls), self.config.store_timeout_s * 4)
+            await asyncio.wait_for(
+                self.store.settle_many(calls), settle_timeout_s(self.config.store_timeout_s)
+            )
         except Exception as exc:  # settling again later is harmless: idempotent by request id
             self.health.failed("settle", exc)
             return False

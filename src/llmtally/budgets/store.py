@@ -303,7 +303,8 @@ class RedisStore:
         from llmtally.budgets.wire import LeanRedis
 
         if self._lean is None:
-            self._lean = LeanRedis(self.url, self._timeout_s)
+            # Nobody waits on a settlement: a busy Redis or machine gets time, not a dropped connection.
+            self._lean = LeanRedis(self.url, settle_timeout_s(self._timeout_s))
             self._settle_sha = self._lean.script(_SETTLE)
         lean = self._lean
         if not lean.connected:
@@ -386,6 +387,11 @@ def _settle_args(request_id: str, keys: Sequence[BudgetKey], cost: int) -> tuple
         rule, value, end, limit = _meta(key)
         argv += [limit, _expire_at(key), rule, value, end]
     return [SETTLED_PREFIX + request_id, *(k.key for k in keys)], argv
+
+
+def settle_timeout_s(store_timeout_s: float) -> float:
+    """How long a batch of settlements may take: no call waits on it, so far longer than a check."""
+    return max(4 * store_timeout_s, 5.0)
 
 
 def open_store(url: str, timeout_s: float) -> BudgetStore:
